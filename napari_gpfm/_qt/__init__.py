@@ -1,0 +1,1 @@
+"""Qt dock widgets. Each is thin over the headless modules it drives."""

@@ -1,0 +1,88 @@
+"""What every backend provides: level geometry, metadata and native-tile decoding."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Physical pixel sizes outside this range (µm/px) are treated as not recorded.
+PLAUSIBLE_MPP = (0.02, 100.0)
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    downsample: float
+
+    @property
+    def tiles_x(self) -> int:
+        return -(-self.width // self.tile_width)
+
+    @property
+    def tiles_y(self) -> int:
+        return -(-self.height // self.tile_height)
+
+
+class SlideBackend(ABC):
+    """A whole-slide file seen as pyramid levels of native tiles.
+
+    ``read_tile`` returns the tile clipped to the level bounds, as uint8 RGB (h, w, 3).
+    Implementations must be safe to call from several threads.
+    """
+
+    name: str = "base"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.vendor: str = "unknown"
+        self.levels: list[LevelInfo] = []
+        self.properties: dict[str, str] = {}
+        self.mpp: float | None = None
+        self.objective_power: float | None = None
+
+    @abstractmethod
+    def read_tile(self, level: int, tx: int, ty: int) -> np.ndarray: ...
+
+    @property
+    def associated_names(self) -> list[str]:
+        return []
+
+    def associated_image(self, name: str) -> np.ndarray:
+        raise KeyError(f"{self.path}: no associated image {name!r}")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def plausible_mpp(value: object) -> float | None:
+    """A recorded µm/px value as float, or None when absent, unparsable or implausible."""
+    try:
+        mpp = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not (PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
+        return None
+    return mpp
+
+
+def to_rgb(array: np.ndarray) -> np.ndarray:
+    """Any 2-D/3-D image array as uint8 RGB (h, w, 3)."""
+    a = np.asarray(array)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.shape[2] == 4:
+        a = a[..., :3]
+    elif a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.integer) and a.max(initial=0) > 255:
+            a = (a / 256).astype(np.uint8)
+        else:
+            a = np.clip(a, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)

@@ -1,0 +1,373 @@
+"""``Slide``: one whole-slide image as pyramid levels, read by native tiles through a shared cache.
+
+Coordinates follow OpenSlide's convention: ``x, y`` are level-0 pixels (top-left), sizes are in
+pixels of the level being read. ``mpp`` is microns per level-0 pixel, or ``None`` when the file
+does not record it (never guessed).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .backends.base import LevelInfo, SlideBackend
+from .cache import TileCache
+from .errors import MissingMppError, SlideReadWarning, TileReadError
+
+# Levels of a slide without a pyramid are added down to this size, computed from level 0.
+VIRTUAL_LEVEL_MIN_SIDE = 2048
+VIRTUAL_TILE = 512
+BACKGROUND = 255
+
+_shared_cache = TileCache()
+_uid_lock = threading.Lock()
+_next_uid = 0
+
+
+def shared_tile_cache() -> TileCache:
+    """The process-wide native-tile cache used by every open slide."""
+    return _shared_cache
+
+
+def _new_uid() -> int:
+    global _next_uid
+    with _uid_lock:
+        _next_uid += 1
+        return _next_uid
+
+
+@dataclass(frozen=True)
+class _Level:
+    info: LevelInfo
+    source: int | None = None  # for a virtual level: the real level it is computed from
+
+
+class Slide:
+    """A whole-slide image. Create it with :func:`napari_gpfm.slide.open_slide`."""
+
+    def __init__(
+        self,
+        backend: SlideBackend,
+        mpp: float | None = None,
+        cache: TileCache | None = None,
+        _uid: int | None = None,
+    ):
+        self.backend = backend
+        self.path = backend.path
+        self.name = backend.path.name.split(".")[0] if backend.path.is_file() else backend.path.name
+        self.vendor = backend.vendor
+        self.objective_power = backend.objective_power
+        self.properties = dict(backend.properties)
+        if mpp is not None:
+            self.mpp: float | None = float(mpp)
+            self.mpp_source: str | None = "user"
+        else:
+            self.mpp = backend.mpp
+            self.mpp_source = "file" if backend.mpp is not None else None
+        self._cache = cache if cache is not None else _shared_cache
+        self._uid = _uid if _uid is not None else _new_uid()
+        self._levels = [_Level(info) for info in backend.levels]
+        self.has_native_pyramid = len(self._levels) > 1
+        if not self.has_native_pyramid:
+            self._add_virtual_levels()
+
+    # ------------------------------------------------------------------ geometry
+    def _add_virtual_levels(self) -> None:
+        base = self._levels[0].info
+        ds = 2
+        while max(base.width, base.height) / ds >= VIRTUAL_LEVEL_MIN_SIDE:
+            w, h = math.ceil(base.width / ds), math.ceil(base.height / ds)
+            info = LevelInfo(w, h, VIRTUAL_TILE, VIRTUAL_TILE, base.width / w)
+            self._levels.append(_Level(info, source=0))
+            ds *= 2
+
+    @property
+    def level_count(self) -> int:
+        return len(self._levels)
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(lv.info.width, lv.info.height) for lv in self._levels]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [lv.info.downsample for lv in self._levels]
+
+    @property
+    def level_tile_sizes(self) -> list[tuple[int, int]]:
+        return [(lv.info.tile_width, lv.info.tile_height) for lv in self._levels]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The smallest level whose downsample does not exceed ``downsample`` (0.1 % tolerance)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.001:
+                best = i if ds >= self.level_downsamples[best] else best
+        return best
+
+    # ------------------------------------------------------------------ mpp
+    def with_mpp(self, mpp: float) -> Slide:
+        """The same slide with a user-given pixel size (µm/px at level 0)."""
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"{self.path}: mpp must be a positive number, got {mpp!r}")
+        return Slide(self.backend, mpp=mpp, cache=self._cache, _uid=self._uid)
+
+    def require_mpp(self, action: str = "this operation") -> float:
+        if self.mpp is None:
+            raise MissingMppError(self.path, action)
+        return self.mpp
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def associated_names(self) -> list[str]:
+        return self.backend.associated_names
+
+    def associated_image(self, name: str) -> np.ndarray:
+        return self.backend.associated_image(name)
+
+    def metadata(self) -> dict:
+        """Plain-data description, stored as napari layer metadata and in artefacts."""
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "vendor": self.vendor,
+            "backend": self.backend.name,
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+            "level_count": self.level_count,
+            "level_dimensions": self.level_dimensions,
+            "level_downsamples": self.level_downsamples,
+            "native_pyramid": self.has_native_pyramid,
+            "associated_images": self.associated_names,
+            "properties": self.properties,
+        }
+
+    # ------------------------------------------------------------------ tiles
+    def read_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
+        """One native tile (clipped to the level), decoded once and then served from the cache."""
+        key = (self._uid, level, tx, ty)
+        tile = self._cache.get(key)
+        if tile is None:
+            lv = self._levels[level]
+            if lv.source is None:
+                tile = self.backend.read_tile(level, tx, ty)
+            else:
+                tile = self._virtual_tile(lv, tx, ty)
+            tile.setflags(write=False)
+            self._cache.put(key, tile)
+        return tile
+
+    def _virtual_tile(self, lv: _Level, tx: int, ty: int) -> np.ndarray:
+        info = lv.info
+        src = self._levels[lv.source].info
+        scale = info.downsample / src.downsample
+        x, y = tx * info.tile_width, ty * info.tile_height
+        w, h = min(info.tile_width, info.width - x), min(info.tile_height, info.height - y)
+        sx, sy = round(x * scale), round(y * scale)
+        sw = min(round(w * scale), src.width - sx)
+        sh = min(round(h * scale), src.height - sy)
+        region = self._read_level_region(lv.source, sx, sy, sw, sh)
+        return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
+
+    def _read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """A region in the coordinates of ``level`` itself; outside the image is background."""
+        info = self._levels[level].info
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, info.width), min(y + h, info.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = info.tile_width, info.tile_height
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self.read_tile(level, tx, ty)
+                ox, oy = tx * tw, ty * th
+                ax0, ay0 = max(x0, ox), max(y0, oy)
+                ax1, ay1 = min(x1, ox + tile.shape[1]), min(y1, oy + tile.shape[0])
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - oy : ay1 - oy, ax0 - ox : ax1 - ox]
+        return out
+
+    # ------------------------------------------------------------------ reading
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 pixel (x, y)."""
+        ds = self.level_downsamples[level]
+        return self._read_level_region(
+            level, math.floor(x / ds), math.floor(y / ds), int(width), int(height)
+        )
+
+    def read_patch(self, x: int, y: int, size0: int, out_size: int) -> np.ndarray:
+        """The level-0 square at (x, y) of side ``size0``, read from the best level, resized to
+        ``out_size`` (bicubic)."""
+        level = self.best_level_for_downsample(size0 / out_size)
+        ds = self.level_downsamples[level]
+        side = max(1, round(size0 / ds))
+        region = self.read_region(x, y, level, side, side)
+        if side != out_size:
+            region = np.asarray(
+                Image.fromarray(region).resize((out_size, out_size), Image.Resampling.BICUBIC)
+            )
+        return region
+
+    def read_patches(
+        self,
+        coords: Iterable[Sequence[int]],
+        size0: int,
+        out_size: int,
+        threads: int = 2,
+    ) -> np.ndarray:
+        """Many patches (N, out, out, 3); decoding runs on ``threads`` threads (the decoders
+        release the GIL), native tiles shared between neighbouring patches are decoded once."""
+        coords = [(int(c[0]), int(c[1])) for c in coords]
+        out = np.empty((len(coords), out_size, out_size, 3), np.uint8)
+
+        def one(i: int) -> None:
+            out[i] = self.read_patch(coords[i][0], coords[i][1], size0, out_size)
+
+        if threads <= 1 or len(coords) < 2:
+            for i in range(len(coords)):
+                one(i)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, range(len(coords))))
+        return out
+
+    def thumbnail_with_downsample(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """A whole-slide overview no larger than ``max_side``, and its exact downsample
+        (level-0 width / thumbnail width)."""
+        w0, h0 = self.dimensions
+        target = max(w0, h0) / max_side
+        level = self.best_level_for_downsample(max(target, 1.0))
+        lw, lh = self.level_dimensions[level]
+        image = self._read_level_region(level, 0, 0, lw, lh)
+        if max(lw, lh) > max_side:
+            scale = max_side / max(lw, lh)
+            tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))
+            image = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BOX))
+        return image, w0 / image.shape[1]
+
+    def thumbnail(self, max_side: int = 2048) -> np.ndarray:
+        return self.thumbnail_with_downsample(max_side)[0]
+
+    # ------------------------------------------------------------------ napari data
+    @property
+    def levels(self) -> list[LevelArray]:
+        """Lazy array-protocol views of every level, largest first (napari multiscale data)."""
+        return [LevelArray(self, i) for i in range(self.level_count)]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({self.path.name!r}, {w}x{h}, levels={self.level_count}, mpp={self.mpp})"
+
+
+class LevelArray:
+    """One pyramid level as a lazy (height, width, 3) uint8 array.
+
+    Indexing decodes only the native tiles it touches. With ``on_error="warn"`` (used for
+    viewing) a tile that fails to decode is drawn blank and a warning names the file and tile,
+    so the viewer keeps running; with ``"raise"`` the :class:`TileReadError` propagates.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, slide: Slide, level: int, on_error: str = "warn"):
+        self.slide = slide
+        self.level = level
+        self.on_error = on_error
+        w, h = slide.level_dimensions[level]
+        self.shape = (h, w, 3)
+        self._warned: set[tuple[int, int]] = set()
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] * 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (3 - len(key))
+        ys, xs, cs = key
+        squeeze = [isinstance(k, (int, np.integer)) for k in (ys, xs)]
+        ys = _as_slice(ys, self.shape[0])
+        xs = _as_slice(xs, self.shape[1])
+        y0, y1, ystep = ys.indices(self.shape[0])
+        x0, x1, xstep = xs.indices(self.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            block = np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)
+        else:
+            block = self._read(x0, y0, x1 - x0, y1 - y0)
+        block = block[::ystep, ::xstep]
+        block = block[:, :, cs]
+        if squeeze[0] and squeeze[1]:
+            return block[0, 0]
+        if squeeze[0]:
+            return block[0]
+        if squeeze[1]:
+            return block[:, 0]
+        return block
+
+    def _read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        try:
+            return self.slide._read_level_region(self.level, x, y, w, h)
+        except TileReadError as exc:
+            if self.on_error == "raise":
+                raise
+            return self._read_tolerant(x, y, w, h, exc)
+
+    def _read_tolerant(self, x: int, y: int, w: int, h: int, first: TileReadError) -> np.ndarray:
+        """Read tile by tile; failed tiles stay blank and are reported once each."""
+        slide, level = self.slide, self.level
+        tw, th = slide.level_tile_sizes[level]
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                ox, oy = tx * tw, ty * th
+                ax0, ay0 = max(x, ox), max(y, oy)
+                ax1, ay1 = min(x + w, ox + tw), min(y + h, oy + th)
+                try:
+                    part = slide._read_level_region(level, ax0, ay0, ax1 - ax0, ay1 - ay0)
+                except TileReadError as exc:
+                    if (tx, ty) not in self._warned:
+                        self._warned.add((tx, ty))
+                        warnings.warn(str(exc), SlideReadWarning, stacklevel=2)
+                    continue
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = part
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self[:, :, :]
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def __repr__(self) -> str:
+        return f"LevelArray({self.slide.path.name!r}, level={self.level}, shape={self.shape})"
+
+
+def _as_slice(k, n: int) -> slice:
+    if isinstance(k, slice):
+        return k
+    if isinstance(k, (int, np.integer)):
+        k = int(k) + (n if k < 0 else 0)
+        return slice(k, k + 1)
+    raise IndexError(f"unsupported index {k!r} for a slide level")

@@ -1,0 +1,126 @@
+"""Shared fixtures: real slides (the bundled sample and files derived from it) and bad inputs.
+
+Qt runs with the 'offscreen' platform; napari's canvas still needs an OpenGL context, which
+comes from a private Xvfb display when the machine has no screen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+if not os.environ.get("DISPLAY"):
+    from napari_gpfm._qt._display import ensure_display
+
+    ensure_display()
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_gpfm._resources import sample_slide_path
+
+SAMPLE_MPP = 0.499
+
+
+@pytest.fixture(scope="session")
+def sample_svs() -> Path:
+    return sample_slide_path()
+
+
+@pytest.fixture(scope="session")
+def sample_rgb(sample_svs) -> np.ndarray:
+    import tiffslide
+
+    with tiffslide.TiffSlide(str(sample_svs)) as ts:
+        return np.asarray(ts.read_region((0, 0), 0, ts.dimensions))[..., :3].copy()
+
+
+def _write_pyramid(path: Path, image: np.ndarray, levels: int, mpp: float | None, ome: bool = False):
+    """A tiled JPEG pyramid of real pixels: reduced levels as NewSubfileType=1 pages or OME SubIFDs."""
+    res = {}
+    if mpp is not None:
+        res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    pyramid = [image]
+    for _ in range(levels - 1):
+        prev = pyramid[-1]
+        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
+        pyramid.append(prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).astype(np.uint8))
+    opts = dict(tile=(256, 256), compression="jpeg", photometric="rgb")
+    with tifffile.TiffWriter(path, bigtiff=False, ome=ome) as tif:
+        if ome:
+            meta = {"axes": "YXS"}
+            if mpp is not None:
+                meta.update(PhysicalSizeX=mpp, PhysicalSizeY=mpp, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
+            tif.write(pyramid[0], subifds=levels - 1, metadata=meta, **opts)
+            for i, lvl in enumerate(pyramid[1:], 1):
+                tif.write(lvl, subfiletype=1, metadata=None, **opts)
+        else:
+            tif.write(pyramid[0], metadata=None, **res, **opts)
+            for i, lvl in enumerate(pyramid[1:], 1):
+                r = {}
+                if mpp is not None:
+                    r = dict(resolution=(1e4 / (mpp * 2**i),) * 2, resolutionunit="CENTIMETER")
+                tif.write(lvl, subfiletype=1, metadata=None, **r, **opts)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pyramid_tif(tmp_path_factory, sample_rgb) -> Path:
+    return _write_pyramid(tmp_path_factory.mktemp("pyr") / "pyramid.tif", sample_rgb, 3, SAMPLE_MPP)
+
+
+@pytest.fixture(scope="session")
+def ome_tiff(tmp_path_factory, sample_rgb) -> Path:
+    return _write_pyramid(tmp_path_factory.mktemp("ome") / "slide.ome.tif", sample_rgb, 3, SAMPLE_MPP, ome=True)
+
+
+@pytest.fixture(scope="session")
+def nompp_tif(tmp_path_factory, sample_rgb) -> Path:
+    return _write_pyramid(tmp_path_factory.mktemp("nompp") / "nompp.tif", sample_rgb, 2, None)
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(tmp_path_factory, sample_svs) -> Path:
+    from wsidicomizer import WsiDicomizer
+
+    out = tmp_path_factory.mktemp("dicom") / "CMU-1-Small-Region"
+    WsiDicomizer.convert(str(sample_svs), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def large_pyramid(tmp_path_factory) -> Path:
+    from napari_gpfm.slide.synthetic import make_large_pyramid
+
+    return make_large_pyramid(tmp_path_factory.mktemp("large") / "large.tif", 100_000, 100_000)
+
+
+# ---------------------------------------------------------------- bad inputs
+@pytest.fixture
+def bad_inputs(tmp_path, sample_svs, pyramid_tif) -> dict[str, Path]:
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(sample_svs.read_bytes()[:100_000])
+    random_bytes = tmp_path / "random.svs"
+    random_bytes.write_bytes(np.random.default_rng(0).integers(0, 256, 500_000, np.uint8).tobytes())
+    return {"empty": empty, "truncated": truncated, "random": random_bytes}
+
+
+@pytest.fixture
+def corrupt_tile_tif(tmp_path, pyramid_tif) -> tuple[Path, int, int]:
+    """A copy of the pyramid whose level-0 tile (column 2, row 1) holds zeros instead of JPEG."""
+    path = tmp_path / "corrupt.tif"
+    shutil.copy(pyramid_tif, path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tiles_x = -(-page.imagewidth // page.tilewidth)
+        index = 1 * tiles_x + 2
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * count)
+    return path, 2, 1
