@@ -49,6 +49,7 @@ def run_view(args: argparse.Namespace) -> int:
         data, kwargs, _ = slide_layer_data(open_slide(path, mpp=args.mpp))
         viewer.add_image(data, **kwargs)
     viewer.window.add_dock_widget(SlideInfoWidget(viewer), name="Slide info", area="right")
+    viewer.scale_bar.visible = True
     viewer.window._qt_window.resize(1400, 900)
     viewer.reset_view()
     screenshot = args.screenshot or (args.out / "screenshot.png" if args.headless else None)
