@@ -11,6 +11,7 @@ from . import __version__
 # Each module exposes register(subparsers); the sub-command's func(args) returns the exit code.
 COMMAND_MODULES = [
     "napari_gpfm._qt._cli",
+    "napari_gpfm.encoders._cli",
 ]
 
 
