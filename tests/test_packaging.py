@@ -75,3 +75,11 @@ def test_npe2_validate_passes_on_the_installed_wheel(wheel, tmp_path):
     assert "valid" in out.stdout.lower()
     manifest = yaml.safe_load((target / "napari_gpfm" / "napari.yaml").read_text())
     assert manifest["name"] == "napari-gpfm"
+
+
+def test_architecture_contracts_hold():
+    """Qt only in _qt, no napari in the core, one-way data flow (import-linter, pyproject.toml)."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    out = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "broken" not in out.stdout.lower() or "0 broken" in out.stdout.lower()
