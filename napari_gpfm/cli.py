@@ -12,6 +12,8 @@ from . import __version__
 COMMAND_MODULES = [
     "napari_gpfm._qt._cli",
     "napari_gpfm.encoders._cli",
+    "napari_gpfm.embeddings._cli",
+    "napari_gpfm.distill._cli",
 ]
 
 

@@ -1,0 +1,49 @@
+"""``napari-gpfm distill --config FILE [key=value ...]`` (also under ``torchrun``).
+
+``register(subparsers)`` adds the sub-command; ``python -m napari_gpfm.distill`` runs it alone,
+which is the form ``torchrun --nproc-per-node N -m napari_gpfm.distill ...`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "train a student with GPFM unified knowledge distillation"
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``distill`` sub-command to the ``napari-gpfm`` parser."""
+    parser = subparsers.add_parser("distill", help=HELP, description=HELP)
+    parser.add_argument(
+        "--config", default=None,
+        help="experiment YAML (overrides of configs/default.yaml) or a bundled experiment name",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value",
+        help="config overrides applied last, values parsed as YAML (e.g. train.steps=100)",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Merge the config, train, and print where the student went; returns the exit code."""
+    from .config import ConfigError, load_config
+    from .distributed import shutdown
+    from .train import NonFiniteLossError, run_distillation
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = run_distillation(cfg)
+    except (ConfigError, NonFiniteLossError) as exc:
+        print(f"napari-gpfm distill: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    if result.card_path is not None:
+        print(f"exported student card {result.card_path} and weights {result.weights_path}")
+    elif not result.finished:
+        print(f"stopped at step {result.next_step}/{result.total_steps}; checkpoint "
+              f"{result.checkpoint} (run again to resume)")
+    return 0

@@ -1,0 +1,308 @@
+"""The distillation loop, usable headless, from the CLI and under ``torchrun``.
+
+:func:`iter_distillation` is a generator yielding one :class:`StepRecord` per optimiser step (its
+cancel point) and returning a :class:`DistillResult`; :func:`run_distillation` drives it with an
+optional ``threading.Event`` for stopping and an ``on_log`` callback, which is what a napari
+widget runs in a worker thread. Everything random in step ``s`` on rank ``r`` is seeded from
+``(seed, s, r)``, so resuming from a checkpoint reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, save_config, scaled_lr
+from .data import DataLayout, build_loader, derive_seed
+from .distributed import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    env_from_environment,
+    init_distributed,
+)
+from .experts import build_experts
+from .export import export_student
+from .meta_arch import DistillMetaArch
+from .optim import apply_schedules, build_optimizer
+from .runlog import RunLogger
+from .schedules import Schedules, build_schedules
+from .sources import ImageSource, build_source
+
+INIT_STREAM = 0x696E6974  # "init": model and expert initialisation
+STEP_STREAM = 0x73746570  # "step": drop-path and other in-model randomness
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the run stopped without taking that optimiser step."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one optimiser step did (averaged over micro-batches and processes)."""
+
+    step: int
+    total_steps: int
+    losses: dict[str, float]
+    schedule: dict[str, float]
+    images_per_s: float
+    elapsed_s: float
+
+    def as_row(self) -> dict[str, Any]:
+        return {"step": self.step, **self.schedule, **self.losses,
+                "images_per_s": self.images_per_s, "elapsed_s": self.elapsed_s}
+
+
+@dataclass
+class DistillResult:
+    """Where a run ended and what it wrote."""
+
+    output_dir: Path
+    next_step: int
+    total_steps: int
+    finished: bool
+    checkpoint: Path | None = None
+    card_path: Path | None = None
+    weights_path: Path | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
+    """``train.device`` (auto: CUDA when available), pinned to LOCAL_RANK's GPU."""
+    choice = cfg["train"]["device"]
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device(choice)
+
+
+def hardware_description(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    return f"{world_size} x CPU process ({platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _sigint_sets(event: threading.Event) -> Iterator[None]:
+    """In the main thread, Ctrl-C sets ``event`` (the loop then saves and stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class TrainingRun:
+    """Everything a run holds (data source, model, optimizer, schedules, resume point).
+
+    :func:`iter_distillation` drives it; benchmarks call :meth:`train_step` directly.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.env = env_from_environment()
+        self.device = resolve_device(cfg, self.env)
+        init_distributed(self.device)
+        train = cfg["train"]
+        self.out_dir = Path(cfg["output"]["dir"]).expanduser()
+        torch.manual_seed(derive_seed(train["seed"], INIT_STREAM))
+        self.source: ImageSource = build_source(cfg)
+        experts, expert_weights = build_experts(cfg, self.device)
+        self.meta = DistillMetaArch(cfg, experts, expert_weights, len(self.source.classes))
+        self.meta.to(self.device).train()
+        self.layout = DataLayout(
+            train["batch_size"], train["accumulation_steps"], self.env.world_size, self.env.rank
+        )
+        freeze = cfg["schedules"]["freeze_last_layer_steps"]
+        if freeze is None:
+            freeze = math.ceil(len(self.source) / self.layout.global_batch)
+        self.schedules: Schedules = build_schedules(
+            cfg, scaled_lr(cfg, self.layout.global_batch), freeze
+        )
+        n_blocks = len(self.meta.student["backbone"].vit.blocks)
+        self.optimizer = build_optimizer(self.meta.student, cfg, n_blocks)
+        on_cuda = self.device.type == "cuda"
+        self.autocast = AUTOCAST_DTYPES.get(train["precision"]) if on_cuda else None
+        use_scaler = on_cuda and train["precision"] == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.start_step, self.wall_before = 0, 0.0
+        self.checkpoint = self._resume_from()
+        if self.checkpoint is not None:
+            self.start_step, extra = load_checkpoint(
+                self.checkpoint, self.meta, self.optimizer, self.scaler
+            )
+            self.wall_before = extra.get("wall_time_s", 0.0)
+        self.student = self.meta.student
+        if self.env.world_size > 1:
+            ids = [self.device.index] if on_cuda else None
+            self.student = DistributedDataParallel(self.meta.student, device_ids=ids)
+
+    def _resume_from(self) -> Path | None:
+        resume = self.cfg["train"]["resume"]
+        if isinstance(resume, str):
+            return Path(resume).expanduser()
+        return latest_checkpoint(self.out_dir) if resume else None
+
+    def save(self, next_step: int, wall: float) -> Path | None:
+        if not self.env.is_main:
+            return None
+        self.checkpoint = save_checkpoint(
+            self.out_dir, next_step, self.meta, self.optimizer, self.scaler, self.cfg,
+            self.cfg["train"]["keep_checkpoints"], {"wall_time_s": wall},
+        )
+        return self.checkpoint
+
+    def train_step(self, step: int, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimiser step over ``accumulation_steps`` micro-batches; returns mean losses."""
+        cfg, accum = self.cfg, self.layout.accumulation_steps
+        torch.manual_seed(derive_seed(cfg["train"]["seed"], STEP_STREAM, step, self.env.rank))
+        sched = self.schedules.at(step)
+        apply_schedules(
+            self.optimizer, sched["lr"], sched["weight_decay"], sched["last_layer_lr_factor"]
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = _to_device(next(batches), self.device)
+            sync = micro == accum - 1 or not isinstance(self.student, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.student.no_sync():
+                terms = self.meta.forward_backward(
+                    batch, sched["teacher_temp"], self.student, self.scaler, accum, self.autocast
+                )
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.float() / accum
+        keys = list(sums)
+        means = all_reduce_mean(torch.stack([sums[k] for k in keys])).tolist()
+        losses = dict(zip(keys, means))
+        if not math.isfinite(losses["total"]):
+            raise NonFiniteLossError(f"non-finite loss at step {step}: {losses}")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg["optim"]["clip_grad"] > 0:
+            params = self.meta.student.parameters()
+            torch.nn.utils.clip_grad_norm_(params, cfg["optim"]["clip_grad"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.meta.update_teacher(sched["momentum"])
+        return losses
+
+    def should_stop(self, requested: bool) -> bool:
+        """True on every process when any process was asked to stop."""
+        flag = torch.tensor([float(requested)], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def provenance(self, wall: float, last_losses: dict[str, float]) -> dict[str, Any]:
+        import timm
+
+        total = self.cfg["train"]["steps"]
+        return {
+            "method": "GPFM unified knowledge distillation (napari_gpfm.distill)",
+            "data": self.source.describe(),
+            "steps": total,
+            "images_seen": total * self.layout.global_batch,
+            "global_batch": self.layout.global_batch,
+            "experts": sorted(self.meta.experts.keys()),
+            "wall_time_s": round(wall, 1),
+            "hardware": hardware_description(self.device, self.env.world_size),
+            "precision": self.cfg["train"]["precision"] if self.autocast else "fp32",
+            "final_losses": {k: round(v, 6) for k, v in last_losses.items()},
+            "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
+        }
+
+
+def iter_distillation(
+    cfg: Config, stop_event: threading.Event | None = None
+) -> Generator[StepRecord, None, DistillResult]:
+    """Train; yield a :class:`StepRecord` per step; return a :class:`DistillResult`.
+
+    Stops after the current step, saving a checkpoint, when ``stop_event`` is set or Ctrl-C is
+    pressed (main thread only). A checkpoint is written every ``train.checkpoint_every`` steps
+    and at exit; a run that completes ``train.steps`` exports the student to the models dir.
+    """
+    stop_event = stop_event or threading.Event()
+    run = TrainingRun(cfg)
+    total = cfg["train"]["steps"]
+    if run.env.is_main:
+        save_config(cfg, run.out_dir)
+    main = run.env.is_main
+    logger = RunLogger(run.out_dir, cfg["train"]["tensorboard"], run.start_step) if main else None
+    bar = tqdm(total=total, initial=run.start_step, disable=not (main and cfg["train"]["progress"]))
+    batches = iter(build_loader(cfg, run.source, run.meta.patch_size, run.layout, run.start_step))
+    t0, step, losses = time.perf_counter(), run.start_step, {}
+    with _sigint_sets(stop_event):
+        try:
+            while step < total:
+                tic = time.perf_counter()
+                losses = run.train_step(step, batches)
+                now = time.perf_counter()
+                record = StepRecord(
+                    step, total, losses, run.schedules.at(step),
+                    run.layout.global_batch / (now - tic), run.wall_before + now - t0,
+                )
+                step += 1
+                if logger is not None:
+                    logger.log(record.as_row())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['total']:.4f}")
+                yield record
+                stopping = run.should_stop(stop_event.is_set())
+                if stopping or step % cfg["train"]["checkpoint_every"] == 0 or step == total:
+                    run.save(step, run.wall_before + time.perf_counter() - t0)
+                if stopping:
+                    break
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+    wall = run.wall_before + time.perf_counter() - t0
+    result = DistillResult(
+        run.out_dir, step, total, finished=step >= total, checkpoint=run.checkpoint
+    )
+    if result.finished and main:
+        result.provenance = run.provenance(wall, losses)
+        result.card_path, result.weights_path = export_student(run.meta, cfg, result.provenance)
+    return result
+
+
+def run_distillation(
+    cfg: Config,
+    stop_event: threading.Event | None = None,
+    on_log: Callable[[StepRecord], None] | None = None,
+) -> DistillResult:
+    """Run :func:`iter_distillation` to the end, passing each record to ``on_log``."""
+    steps = iter_distillation(cfg, stop_event)
+    while True:
+        try:
+            record = next(steps)
+        except StopIteration as done:
+            return done.value
+        if on_log is not None:
+            on_log(record)

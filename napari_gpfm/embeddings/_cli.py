@@ -1,0 +1,202 @@
+"""``napari-gpfm embed``: slides → TRIDENT-compatible feature files, from the command line.
+
+Many slides per call; a slide that fails is reported (file and problem) and the others go on;
+the exit code is non-zero at the end if any failed. Under ``torchrun`` (environment ``RANK`` and
+``WORLD_SIZE``) each rank embeds its share ``slides[rank::world_size]`` on ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_spec", "main", "rank_and_world", "register", "run_embed", "shard"]
+
+EPILOG = """\
+tiling:
+  The patch field is PATCH_SIZE pixels at TARGET_MPP microns/pixel, computed from the slide's
+  exact mpp (no 20x/40x bucketing). --magnification M is shorthand for --target-mpp 10/M
+  (20 -> 0.5 um/px, 40 -> 0.25 um/px). Presets: gpfm-20x-224 (224 px at 0.5 um/px, TRIDENT's
+  GPFM setting), gpfm-40x-512to224 (512 px at 0.25 um/px = 128 um, resized to 224: GPFM
+  authors' setting). Default: the model card's recommended tiling, else gpfm-20x-224.
+
+output:
+  OUT/features_<model>/<slide>.h5, resumable: rerunning continues an interrupted slide and
+  skips finished ones (unless --overwrite).
+
+multi-GPU:
+  torchrun --nproc_per_node=4 -m napari_gpfm.embeddings._cli SLIDES... --out DIR
+  (or `napari-gpfm embed` under torchrun): rank r embeds slides[r::world_size].
+"""
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``embed`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
+    from napari_gpfm.tiles.grid import PRESETS
+
+    p = subparsers.add_parser(
+        "embed",
+        help="embed whole-slide images into TRIDENT-compatible feature files",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (or DICOM folders)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--model", default=None, help="model card name (default: GPFM if available)")
+    p.add_argument("--weights", type=Path, default=None, help="weights file for the model")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="level-0 microns/pixel, for slides that lack (or misreport) it")
+    tgt = p.add_mutually_exclusive_group()
+    tgt.add_argument("--target-mpp", type=float, default=None,
+                     help="microns/pixel at which patches are cut (0.5 = 20x)")
+    tgt.add_argument("--magnification", type=float, default=None,
+                     help="target magnification M, converted to target mpp 10/M")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tile preset")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side in px at target mpp")
+    p.add_argument("--overlap", type=int, default=None, help="overlap in px at target mpp")
+    p.add_argument("--min-tissue", type=float, default=None,
+                   help="minimum tissue fraction of a patch (default 0.5; 0 keeps all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="patch-reading processes (default min(2, CPUs); 0 = main process)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="re-embed finished slides")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="use a random network if no weights are found (tests, benchmarks)")
+    p.set_defaults(func=run_embed)
+    return p
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` from the environment (torchrun), else ``(0, 1)``."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    if world < 1 or not 0 <= rank < world:
+        return 0, 1
+    return rank, world
+
+
+def shard(items: list[Any], rank: int, world: int) -> list[Any]:
+    """This rank's share: ``items[rank::world]``."""
+    return list(items[rank::world])
+
+
+def build_spec(args: argparse.Namespace, encoder: Any) -> Any:
+    """GridSpec from ``--preset`` (else the card's tiling) with the explicit options applied."""
+    from napari_gpfm.embeddings.run import default_spec
+    from napari_gpfm.tiles.grid import get_preset, magnification_to_mpp
+
+    base = get_preset(args.preset) if args.preset else default_spec(encoder)
+    target = args.target_mpp
+    if args.magnification is not None:
+        target = magnification_to_mpp(args.magnification)
+    return base.replace(
+        target_mpp=target,
+        patch_size=args.patch_size,
+        overlap=args.overlap,
+        min_tissue=args.min_tissue,
+    )
+
+
+def _device_for_rank(device: str) -> str:
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
+    return device
+
+
+def _describe_failure(path: str, exc: BaseException) -> str:
+    """``<file>: <problem> (<error type>)``, without naming the file twice."""
+    msg = str(exc) or type(exc).__name__
+    if Path(path).name not in msg:
+        msg = f"{path}: {msg}"
+    return f"{msg} [{type(exc).__name__}]"
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Run ``embed`` for parsed ``args``; returns the exit code (0 ok, 1 a slide failed,
+    2 bad setup such as missing weights)."""
+    from tqdm import tqdm
+
+    from napari_gpfm.embeddings.run import embed_slide, resolve_device
+    from napari_gpfm.encoders import default_model_name, load_encoder
+
+    rank, world = rank_and_world()
+    slides = shard(list(args.slides), rank, world)
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    if world > 1:
+        print(f"{tag}{len(slides)} of {len(args.slides)} slides", file=sys.stderr)
+
+    try:
+        device = resolve_device(_device_for_rank(args.device))
+        name = args.model or default_model_name()
+        encoder = load_encoder(
+            name, weights=args.weights, device=device, allow_random=args.allow_random_weights
+        )
+        spec = build_spec(args, encoder)
+    except Exception as exc:  # setup problems concern every slide: stop here
+        print(f"{tag}error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(encoder.card, "is_gpfm", True) is False:
+        print(f"{tag}note: model '{encoder.card.name}' is not GPFM", file=sys.stderr)
+
+    failed: list[tuple[str, str]] = []
+    for path in slides:
+        bar = tqdm(desc=f"{tag}{Path(path).name}", unit="patch", file=sys.stderr, leave=True,
+                   dynamic_ncols=True)
+        try:
+            last = None
+            for progress in embed_slide(
+                path, encoder, spec, args.out,
+                batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                overwrite=args.overwrite, mpp=args.mpp,
+            ):
+                bar.total = progress.total
+                bar.n = progress.done
+                bar.refresh()
+                last = progress
+            bar.close()
+            if last is not None:
+                verb = "skipped (already done)" if last.status == "skipped" else "done"
+                print(f"{tag}{verb}: {path} -> {last.path} ({last.total} patches)")
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"{tag}interrupted: {path} (rerun to resume)", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            bar.close()
+            problem = _describe_failure(path, exc)
+            failed.append((str(path), problem))
+            tqdm.write(f"{tag}FAILED: {problem}", file=sys.stderr)
+
+    done = len(slides) - len(failed)
+    print(f"{tag}{done} of {len(slides)} slides embedded into {args.out}", file=sys.stderr)
+    if failed:
+        print(f"{tag}{len(failed)} failed:", file=sys.stderr)
+        for _, problem in failed:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m napari_gpfm.embeddings._cli``)."""
+    parser = argparse.ArgumentParser(prog="napari-gpfm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["embed", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Embed one slide into a feature file: slide → tissue → grid → loader → encoder → store.
+
+:func:`embed_slide` is a generator yielding an :class:`EmbedProgress` record after every batch;
+that ``yield`` is its cancel point. Closing the generator (or an exception, or a killed process)
+leaves a resumable ``.partial`` store; the next call with the same recipe continues from the
+last finished batch and produces features identical to an uninterrupted run.
+:func:`embed` is the blocking convenience wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_gpfm.slide.errors import MissingMppError
+from napari_gpfm.tiles.grid import PRESETS, GridSpec, level0_size, make_grid
+from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_workers, iter_batches
+from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
+
+from .recipe import EmbeddingRecipe, current_versions
+from .store import (
+    FeatureStore,
+    RecipeMismatchError,
+    StoreError,
+    StoreWriter,
+    open_store,
+    store_path,
+)
+
+__all__ = ["EmbedProgress", "default_spec", "embed", "embed_slide", "make_recipe", "resolve_device"]
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class EmbedProgress:
+    """Progress of one slide.
+
+    Attributes:
+        slide: slide name.
+        done: patches embedded so far (including those from a resumed run).
+        total: patches in the grid.
+        rate: patches per second in this run.
+        eta_s: seconds left at the current rate (``None`` before the first batch).
+        elapsed_s: seconds since this run started.
+        status: ``"started"`` (before the first batch; ``done`` > 0 when resuming),
+            ``"running"`` (after a batch), ``"done"`` (store finished), ``"skipped"`` (a
+            finished store with the same recipe already existed).
+        path: final store path.
+    """
+
+    slide: str
+    done: int
+    total: int
+    rate: float
+    eta_s: float | None
+    elapsed_s: float
+    status: str
+    path: Path
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA if available, else CPU; a CUDA request without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu"
+        )
+    return dev
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, nothing (fp32) elsewhere."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def precision_name(device: torch.device) -> str:
+    """Name of the compute precision :func:`embed_slide` uses on ``device``."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def cpu_threads_for(num_workers: int) -> int:
+    """Torch intra-op threads on CPU: every available core.
+
+    Loader workers sleep most of the time (decoding a patch costs a few percent of a ViT
+    forward), so reserving whole cores for them would cost more than the small overlap.
+    Workers themselves run single-threaded.
+    """
+    return available_cpus()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _encoder_input_size(encoder: Any) -> int | None:
+    inp = getattr(getattr(encoder, "card", None), "input", None)
+    size = getattr(inp, "size", None)
+    if size is None and isinstance(inp, dict):
+        size = inp.get("size")
+    return int(size) if size else None
+
+
+def _model_device(encoder: Any) -> torch.device | None:
+    model = getattr(encoder, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+def default_spec(encoder: Any | None = None) -> GridSpec:
+    """The encoder card's recommended tiling, else the ``gpfm-20x-224`` preset."""
+    rec = getattr(getattr(encoder, "card", None), "recommended_tiles", None)
+    if rec is not None and getattr(rec, "target_mpp", None) and getattr(rec, "patch_size", None):
+        return GridSpec(target_mpp=float(rec.target_mpp), patch_size=int(rec.patch_size))
+    return PRESETS["gpfm-20x-224"]
+
+
+def make_recipe(
+    encoder: Any, slide: Any, spec: GridSpec, tissue_params: TissueParams
+) -> EmbeddingRecipe:
+    """The recipe embedding ``slide`` with ``encoder`` under ``spec`` would have."""
+    mpp = slide.mpp
+    if mpp is None:
+        raise MissingMppError(slide.path, "embedding at an exact physical patch size")
+    in_size = spec.out_size(_encoder_input_size(encoder))
+    return EmbeddingRecipe(
+        model=str(encoder.card.name),
+        weights_sha256=getattr(encoder, "weights_sha256", None),
+        mpp=float(mpp),
+        mpp_source=getattr(slide, "mpp_source", None),
+        target_mpp=float(spec.target_mpp),
+        patch_size=int(spec.patch_size),
+        input_size=int(in_size),
+        patch_size_level0=level0_size(spec.patch_size, spec.target_mpp, float(mpp)),
+        overlap=int(spec.overlap),
+        min_tissue=float(spec.min_tissue),
+        tissue_params=tissue_params.to_dict(),
+        versions=current_versions(),
+    )
+
+
+def _open(slide_or_path: Any, mpp: float | None, opener: Callable[..., Any] | None) -> Any:
+    if isinstance(slide_or_path, (str, Path)):
+        if opener is not None:
+            return opener(slide_or_path, mpp)
+        from napari_gpfm.slide import open_slide
+
+        return open_slide(slide_or_path, mpp=mpp)
+    slide = slide_or_path
+    if mpp is not None:
+        slide = slide.with_mpp(mpp)
+    return slide
+
+
+def _check_existing(final: Path, recipe: EmbeddingRecipe) -> FeatureStore:
+    """The finished store at ``final`` if it matches ``recipe``; raise otherwise."""
+    store = open_store(final)
+    if store.is_external:
+        raise StoreError(
+            final,
+            f"already exists and was not written by napari-gpfm ({store.kind} file); "
+            "use --overwrite (overwrite=True) to replace it or choose another output folder",
+        )
+    assert store.recipe is not None
+    if store.recipe.key() != recipe.key():
+        raise RecipeMismatchError(final, store.recipe.diff(recipe))
+    return store
+
+
+def embed_slide(
+    slide_or_path: Any,
+    encoder: Any,
+    spec: GridSpec | None = None,
+    out_dir: str | Path = ".",
+    *,
+    tissue_params: TissueParams | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_workers: int | None = None,
+    device: str | torch.device = "auto",
+    overwrite: bool = False,
+    mpp: float | None = None,
+    opener: Callable[..., Any] | None = None,
+    torch_threads: int | None = None,
+) -> Generator[EmbedProgress, None, Path]:
+    """Embed a slide into ``<out_dir>/features_<model>/<slide>.h5``, yielding progress.
+
+    Args:
+        slide_or_path: a :class:`~napari_gpfm.slide.Slide` or a path to open.
+        encoder: from :func:`napari_gpfm.encoders.load_encoder`.
+        spec: tiling; ``None`` uses :func:`default_spec`.
+        out_dir: output root.
+        tissue_params: tissue detection parameters (defaults: :class:`TissueParams`).
+        batch_size: patches per forward pass and per store chunk.
+        num_workers: patch-reading processes (``None``: ``min(2, CPUs)``; 0: main process).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        overwrite: re-embed even if a finished store exists (a different recipe too); the
+            old file is replaced only when the new one is complete.
+        mpp: level-0 µm/px override for slides that lack (or misreport) it.
+        opener: ``opener(path, mpp) -> Slide`` used for paths and by workers (picklable).
+        torch_threads: CPU intra-op threads during the run (``None``: :func:`cpu_threads_for`).
+
+    Yields:
+        :class:`EmbedProgress` records; the generator's return value is the store path.
+
+    Raises:
+        MissingMppError: the slide has no mpp and none was given.
+        NoTissueError: no tissue, or no patch reaches ``spec.min_tissue`` (no store written).
+        RecipeMismatchError: a finished store with another recipe exists (use ``overwrite``).
+    """
+    t_start = time.perf_counter()
+    slide = _open(slide_or_path, mpp, opener)
+    owns_slide = isinstance(slide_or_path, (str, Path))
+    try:
+        return (
+            yield from _embed_open_slide(
+                slide, encoder, spec, Path(out_dir), t_start,
+                tissue_params=tissue_params, batch_size=batch_size, num_workers=num_workers,
+                device=device, overwrite=overwrite, opener=opener, torch_threads=torch_threads,
+            )
+        )
+    finally:
+        if owns_slide and hasattr(slide, "close"):
+            slide.close()
+
+
+def _embed_open_slide(
+    slide: Any,
+    encoder: Any,
+    spec: GridSpec | None,
+    out_dir: Path,
+    t_start: float,
+    *,
+    tissue_params: TissueParams | None,
+    batch_size: int,
+    num_workers: int | None,
+    device: str | torch.device,
+    overwrite: bool,
+    opener: Callable[..., Any] | None,
+    torch_threads: int | None,
+) -> Generator[EmbedProgress, None, Path]:
+    """Body of :func:`embed_slide` once the slide is open."""
+    spec = spec or default_spec(encoder)
+    tissue_params = tissue_params or TissueParams()
+    recipe = make_recipe(encoder, slide, spec, tissue_params)
+    final = store_path(out_dir, recipe.model, slide.name)
+
+    if final.exists() and not overwrite:
+        existing = _check_existing(final, recipe)
+        n = existing.n_patches
+        yield EmbedProgress(slide.name, n, n, 0.0, 0.0, 0.0, "skipped", final)
+        return final
+
+    tissue = detect_tissue(slide, tissue_params)
+    if tissue.is_empty:
+        raise NoTissueError(no_tissue_message(slide.path, tissue_params))
+    grid = make_grid(slide, spec, tissue, encoder_input=_encoder_input_size(encoder))
+    if len(grid) == 0:
+        raise NoTissueError(
+            no_tissue_message(
+                slide.path,
+                tissue_params,
+                f"tissue covers {tissue.tissue_fraction:.1%} of the thumbnail but no "
+                f"{grid.patch_size_level0} px patch reaches min_tissue={spec.min_tissue}",
+            )
+        )
+
+    dev = resolve_device(device)
+    model = getattr(encoder, "model", None)
+    if isinstance(model, torch.nn.Module):
+        if _model_device(encoder) not in (None, dev):
+            model.to(dev)
+        model.eval()
+    embed_dim = int(encoder.embed_dim)
+
+    # A partial file with the same recipe holds exactly the features this run would compute,
+    # so it is resumed even under ``overwrite``; anything else is started afresh.
+    writer = StoreWriter.resume(final, recipe=recipe, coords=grid.coords, embed_dim=embed_dim)
+    if writer is None:
+        writer = StoreWriter.create(
+            final,
+            recipe=recipe,
+            coords=grid.coords,
+            embed_dim=embed_dim,
+            slide_name=slide.name,
+            level0_width=grid.level0_width,
+            level0_height=grid.level0_height,
+            tissue_fraction=grid.tissue_fraction,
+        )
+    total = len(grid)
+    start = writer.n_done
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    user_mpp = slide.mpp if getattr(slide, "mpp_source", None) == "user" else None
+    dataset = PatchDataset(
+        slide.path,
+        grid.coords[start:],
+        grid.patch_size_level0,
+        grid.out_size,
+        mpp=user_mpp,
+        opener=opener,
+        slide=slide if workers == 0 else None,
+    )
+    threads = torch_threads
+    if threads is None and dev.type == "cpu":
+        threads = cpu_threads_for(workers)
+    # Fork the loader workers while the store is closed, so that no worker inherits the HDF5
+    # file (and its lock, which an orphaned worker would keep after the parent is killed).
+    writer.close()
+    batches = iter_batches(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda"
+    )
+    try:
+        writer.reopen()
+    except BaseException:
+        batches.close()
+        raise
+
+    t_run = time.perf_counter()
+    done = start
+    try:
+        yield EmbedProgress(slide.name, done, total, 0.0, None, t_run - t_start, "started", final)
+        with _torch_threads(threads):
+            for patches, _ in batches:
+                feats = _forward(encoder, patches, dev)
+                done = writer.write(feats)
+                elapsed = time.perf_counter() - t_run
+                rate = (done - start) / elapsed if elapsed > 0 else 0.0
+                eta = (total - done) / rate if rate > 0 else None
+                yield EmbedProgress(
+                    slide.name, done, total, rate, eta, time.perf_counter() - t_start,
+                    "running", final,
+                )
+            path = writer.finish()
+    finally:
+        batches.close()
+        writer.close()
+    elapsed = time.perf_counter() - t_run
+    rate = (total - start) / elapsed if elapsed > 0 else 0.0
+    yield EmbedProgress(
+        slide.name, total, total, rate, 0.0, time.perf_counter() - t_start, "done", path
+    )
+    return path
+
+
+def _forward(encoder: Any, patches: torch.Tensor, device: torch.device) -> np.ndarray:
+    """uint8 (B, H, W, 3) → float32 (B, D) numpy, no grad, autocast on CUDA."""
+    with torch.inference_mode():
+        x = patches.to(device, non_blocking=True)
+        x = encoder.preprocess(x)
+        if isinstance(x, torch.Tensor) and x.device != device:
+            x = x.to(device)
+        with _autocast(device):
+            f = encoder.embed(x)
+        return f.float().cpu().numpy()
+
+
+def embed(
+    slide_or_path: Any,
+    encoder: Any,
+    spec: GridSpec | None = None,
+    out_dir: str | Path = ".",
+    **kwargs: Any,
+) -> Path:
+    """Blocking :func:`embed_slide`; returns the finished store path."""
+    gen = embed_slide(slide_or_path, encoder, spec, out_dir, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

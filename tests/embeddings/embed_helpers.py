@@ -1,0 +1,68 @@
+"""Helpers for the embeddings tests: a tiny model card, TIFF writer, failing encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
+TINY = "tiny-test"
+
+TINY_CARD = """\
+name: tiny-test
+display_name: Tiny random ViT for tests
+is_gpfm: false
+architecture:
+  timm_name: vit_small_patch14_dinov2
+  kwargs: {img_size: 56, embed_dim: 48, depth: 2, num_heads: 2, num_classes: 0}
+checkpoint_layout: timm
+input: {size: 56, interpolation: bicubic, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
+embed_dim: 48
+weights: {file: null, env: null, default_path: null, hf_hub: null, url: null, sha256: null}
+license: Apache-2.0
+gated: false
+recommended_tiles: {target_mpp: 0.5, patch_size: 224}
+provenance: {}
+"""
+
+
+def write_card_dir(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tiny-test.yaml").write_text(TINY_CARD)
+    return directory
+
+
+def write_tiff(path: Path, rgb: np.ndarray, mpp: float | None = 0.5) -> Path:
+    """Tiled RGB TIFF, with resolution tags (µm/px) when ``mpp`` is given."""
+    import tifffile
+
+    kw = {}
+    if mpp is not None:
+        kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kw)
+    return path
+
+
+class FailingEncoder:
+    """Wraps an encoder; ``embed`` raises after ``fail_after`` successful batches."""
+
+    def __init__(self, inner: Any, fail_after: int) -> None:
+        self.inner = inner
+        self.fail_after = fail_after
+        self.calls = 0
+        self.card = inner.card
+        self.model = inner.model
+        self.weights_sha256 = inner.weights_sha256
+        self.embed_dim = inner.embed_dim
+
+    def preprocess(self, x: Any) -> Any:
+        return self.inner.preprocess(x)
+
+    def embed(self, x: Any) -> Any:
+        if self.calls >= self.fail_after:
+            raise RuntimeError("injected failure (simulated crash)")
+        self.calls += 1
+        return self.inner.embed(x)
