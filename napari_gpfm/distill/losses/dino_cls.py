@@ -13,41 +13,12 @@ the centre follows c ← m·c + (1 - m)·mean_batch g_t(x), averaged over all pr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..distributed import all_reduce_sum, world_size
+from .centering import CenteredTeacherLoss, cross_entropy_soft
 
 
-def cross_entropy_soft(
-    teacher_probs: torch.Tensor, student_logits: torch.Tensor, temp: float
-) -> torch.Tensor:
-    """Per-row H(p_t, softmax(s / τ_s)) = -Σ_k p_t,k log softmax(s / τ_s)_k."""
-    return -(teacher_probs * F.log_softmax(student_logits / temp, dim=-1)).sum(dim=-1)
-
-
-class DINOClsLoss(nn.Module):
+class DINOClsLoss(CenteredTeacherLoss):
     """Cross-view cross-entropy between student and centred, sharpened teacher CLS prototypes."""
-
-    center: torch.Tensor
-
-    def __init__(self, n_prototypes: int, student_temp: float, center_momentum: float) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, n_prototypes))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """softmax((t - c) / τ_t), computed before :meth:`update_center` sees this batch."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the batch mean of the teacher logits over all processes."""
-        total = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-        batch_center = total / (len(teacher_logits) * world_size())
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def forward(
         self,
