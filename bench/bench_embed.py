@@ -6,10 +6,10 @@ Measures, in one run:
    ``napari_gpfm.embeddings.embed_slide`` with loader worker processes) against model-only
    patches/s (the same encoder, ``preprocess`` + ``embed`` on the same patches pre-loaded in
    memory, same batch size and threads). Goal: steady-state ratio ≥ 0.9.
-2. **Peak RSS** (main process + loader workers) while embedding a large synthetic pyramid
-   (``napari_gpfm.slide.synthetic.make_large_pyramid``); the run is cancelled after a few
-   batches: what is measured is that tissue detection, the grid and the store do not scale
-   memory with the slide.
+2. **Peak memory** (main process + loader workers, PSS) while embedding a whole large synthetic
+   pyramid (``napari_gpfm.slide.synthetic.make_large_pyramid``, 100,000² px, tens of thousands
+   of tissue patches) with a tiny model, sampled along the run: it must stay flat as patches
+   accumulate (goal: peak < 3 GB). ``--large-batches N`` stops after N batches instead.
 3. **GPU** (only when CUDA is available): the same comparison with autocast.
 
 Random weights (no download). Prints a markdown table. Example::
@@ -229,13 +229,17 @@ def rss_section(args, models_dir: Path, rows: list[tuple[str, str]]) -> None:
             t = time.perf_counter()
             gen = embed_slide(path, encoder, PRESETS["gpfm-20x-224"], Path(tmp) / "out",
                               batch_size=64, num_workers=args.num_workers, device="cpu")
-            batches, total, t_start = 0, 0, None
+            batches, total, t_start, done = 0, 0, None, 0
+            marks: dict[int, float] = {}  # percent of patches done -> peak memory so far (MiB)
             for rec in gen:
                 if rec.status == "started":
                     t_start, total = time.perf_counter() - t, rec.total
                 elif rec.status == "running":
-                    batches += 1
-                    if batches >= args.large_batches:
+                    batches, done = batches + 1, rec.done
+                    for pct in (10, 50, 100):
+                        if pct not in marks and done * 100 >= pct * total:
+                            marks[pct] = sampler.peak / 2**20
+                    if args.large_batches and batches >= args.large_batches:
                         break
             gen.close()
             t_run = time.perf_counter() - t
@@ -244,7 +248,10 @@ def rss_section(args, models_dir: Path, rows: list[tuple[str, str]]) -> None:
         ("large slide", f"{side}×{side} px synthetic pyramid (written in {t_make:.1f} s), "
                         f"{total} tissue patches in the grid"),
         ("large slide: tissue + grid + store setup", f"{t_start:.1f} s"),
-        ("large slide: embedded before cancel", f"{batches * 64} patches ({t_run:.1f} s total)"),
+        ("large slide: patches embedded", f"{done} of {total} ({t_run:.1f} s, "
+                                          f"{done / max(t_run, 1e-9):.0f} patches/s)"),
+        ("peak memory after 10% / 50% / 100% of the patches",
+         " / ".join(f"{marks[p]:.0f} MiB" if p in marks else "-" for p in (10, 50, 100))),
         ("peak memory main + workers (PSS)", f"{sampler.peak / 2**20:.0f} MiB "
                                              f"(main before the run {base / 2**20:.0f} MiB)"),
         ("peak RSS of the largest worker", f"{children_max:.0f} MiB"),
@@ -269,7 +276,7 @@ def main() -> int:
                    help="loader workers (default: the embed default, min(2, CPUs))")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--large-side", type=int, default=100_000)
-    p.add_argument("--large-batches", type=int, default=3)
+    p.add_argument("--large-batches", type=int, default=0, help="stop after N batches (0: all)")
     p.add_argument("--skip-large", action="store_true")
     args = p.parse_args()
     from napari_gpfm.tiles.loader import default_num_workers

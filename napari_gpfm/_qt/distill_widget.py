@@ -1,0 +1,228 @@
+"""'Finetune (distillation)' dock: launch a distillation run on the open slides, in the background.
+
+The run itself is ``napari_gpfm.distill.iter_distillation`` (the same loop as
+``napari-gpfm distill``); this widget only gathers the inputs, shows progress and loss, and asks
+the run to stop (it saves a checkpoint; starting again resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from qtpy.QtCore import QPointF, Qt
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..layers.reader import layer_slide
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "distill" / "configs" / "experiments"
+
+
+def run_overrides(slides: list[str], tiles: str, out_dir: str, steps: int, extra: str) -> list[str]:
+    """The ``key=value`` overrides a run from this dock adds to its experiment config."""
+    overrides = [f"data.slides={json.dumps(slides)}", f"output.dir={json.dumps(out_dir)}"]
+    if tiles:
+        overrides.append(f"data.tiles={json.dumps([tiles])}")
+    if steps > 0:
+        overrides.append(f"train.steps={steps}")
+    overrides += extra.split()
+    return overrides
+
+
+class LossPlot(QWidget):
+    """A small line plot of the total loss per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: list[float] = []
+        self.setMinimumHeight(90)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        self.update()
+
+    def clear(self) -> None:
+        self.values = []
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt name
+        if len(self.values) < 2:
+            return
+        lo, hi = min(self.values), max(self.values)
+        span = (hi - lo) or 1.0
+        w, h = self.width() - 4, self.height() - 4
+        n = len(self.values) - 1
+        points = QPolygonF(
+            [QPointF(2 + w * i / n, 2 + h * (1 - (v - lo) / span)) for i, v in enumerate(self.values)]
+        )
+        painter = QPainter(self)
+        painter.setPen(QPen(QColor("#4fc3f7"), 1.5))
+        painter.drawPolyline(points)
+        painter.setPen(QColor("#aaaaaa"))
+        painter.drawText(4, 14, f"{hi:.3f}")
+        painter.drawText(4, self.height() - 4, f"{lo:.3f}")
+        painter.end()
+
+
+class DistillWidget(QWidget):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = None
+        self.stop_event = threading.Event()
+        self.result = None
+
+        self.config_combo = QComboBox()
+        self.config_combo.addItems(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+        self.config_combo.setEditable(True)
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse_config)
+        self.slide_list = QListWidget()
+        self.tiles_edit = QLineEdit()
+        self.tiles_edit.setPlaceholderText("optional folder of image tiles")
+        self.out_edit = QLineEdit(str(Path.home() / "napari-gpfm-runs" / "finetune"))
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(0, 10_000_000)
+        self.steps_spin.setSpecialValueText("from config")
+        self.extra_edit = QLineEdit()
+        self.extra_edit.setPlaceholderText("more overrides, e.g. train.batch_size=8")
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.status = QLabel("Pick slides and a config, then Start.")
+        self.status.setWordWrap(True)
+        self.plot = LossPlot()
+
+        config_row = QHBoxLayout()
+        config_row.addWidget(self.config_combo, 1)
+        config_row.addWidget(browse)
+        form = QFormLayout()
+        form.addRow("Config", config_row)
+        form.addRow("Slides", self.slide_list)
+        form.addRow("Tiles", self.tiles_edit)
+        form.addRow("Output", self.out_edit)
+        form.addRow("Steps", self.steps_spin)
+        form.addRow("Overrides", self.extra_edit)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plot)
+
+        self.start_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.viewer.layers.events.inserted.connect(self._update_slides)
+        self.viewer.layers.events.removed.connect(self._update_slides)
+        self._update_slides()
+
+    # ------------------------------------------------------------------ inputs
+    def _browse_config(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Distillation config", "", "YAML (*.yaml *.yml)")
+        if path:
+            self.config_combo.setEditText(path)
+
+    def _update_slides(self, event=None) -> None:
+        checked = set(self.selected_slides())
+        self.slide_list.clear()
+        for layer in self.viewer.layers:
+            slide = layer_slide(layer)
+            if slide is None:
+                continue
+            item = QListWidgetItem(layer.name)
+            item.setData(Qt.ItemDataRole.UserRole, str(slide.path))
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            state = str(slide.path) in checked or not checked
+            item.setCheckState(Qt.CheckState.Checked if state else Qt.CheckState.Unchecked)
+            self.slide_list.addItem(item)
+
+    def selected_slides(self) -> list[str]:
+        items = (self.slide_list.item(i) for i in range(self.slide_list.count()))
+        return [it.data(Qt.ItemDataRole.UserRole) for it in items if it.checkState() == Qt.CheckState.Checked]
+
+    # ------------------------------------------------------------------ run
+    def start(self) -> None:
+        from napari.qt.threading import create_worker
+
+        from ._torch_guard import import_torch_stack
+
+        import_torch_stack()
+        from ..distill import iter_distillation, load_config
+
+        overrides = run_overrides(
+            self.selected_slides(),
+            self.tiles_edit.text().strip(),
+            self.out_edit.text().strip(),
+            self.steps_spin.value(),
+            self.extra_edit.text(),
+        )
+        cfg = load_config(self.config_combo.currentText(), overrides)
+        if not cfg["data"]["slides"] and not cfg["data"]["tiles"]:
+            self.status.setText("No data: tick at least one open slide or give a tiles folder.")
+            return
+        self.stop_event = threading.Event()
+        self.result = None
+        self.plot.clear()
+        self.progress.setRange(0, int(cfg["train"]["steps"]))
+        self.status.setText("Starting (building the model and data)…")
+        self.worker = create_worker(iter_distillation, cfg, self.stop_event, _start_thread=False)
+        self.worker.yielded.connect(self._on_step)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.start_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.worker.start()
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current step; it saves a checkpoint to resume from."""
+        self.stop_event.set()
+        self.stop_button.setEnabled(False)
+        self.status.setText("Stopping after this step (a checkpoint is saved)…")
+
+    def _on_step(self, record) -> None:
+        self.progress.setValue(record.step + 1)
+        self.plot.add(record.losses["total"])
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in record.losses.items() if k != "total")
+        self.status.setText(
+            f"step {record.step + 1}/{record.total_steps}: loss {record.losses['total']:.4f} "
+            f"({terms}); {record.images_per_s:.1f} images/s"
+        )
+
+    def _on_done(self, result) -> None:
+        self.result = result
+        if result.finished and result.card_path is not None:
+            self.status.setText(f"Done: student saved as model '{Path(result.card_path).stem}' ({result.card_path}).")
+        else:
+            self.status.setText(
+                f"Stopped at step {result.next_step}/{result.total_steps}; checkpoint in "
+                f"{result.output_dir}. Start again to resume."
+            )
+
+    def _on_error(self, exc: Exception) -> None:
+        self.status.setText(f"The run failed: {exc}")
+
+    def _on_finished(self) -> None:
+        self.start_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+        self.worker = None

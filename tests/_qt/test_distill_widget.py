@@ -1,0 +1,56 @@
+"""The finetune dock runs a real (tiny) distillation in the background, shows loss, and stops."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_gpfm._qt.distill_widget import DistillWidget, run_overrides
+
+
+def test_overrides_carry_the_users_choices():
+    out = run_overrides(["/a b.svs"], "/tiles", "/runs/x", 50, "train.batch_size=8")
+    assert out[0] == 'data.slides=["/a b.svs"]'
+    assert "train.steps=50" in out and "train.batch_size=8" in out
+    assert 'data.tiles=["/tiles"]' in out
+    assert not any(o.startswith("train.steps") for o in run_overrides([], "", "/r", 0, ""))
+
+
+@pytest.fixture
+def widget(make_napari_viewer, sample_svs, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_GPFM_MODELS_DIR", str(tmp_path / "models"))
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_svs), plugin="napari-gpfm")
+    w = DistillWidget(viewer)
+    w.config_combo.setCurrentText("tiny_cpu")
+    w.out_edit.setText(str(tmp_path / "run"))
+    w.extra_edit.setText("train.progress=false data.num_workers=0 train.batch_size=4 crops.local_number=2")
+    return w
+
+
+def test_run_to_the_end_exports_a_student(widget, qtbot, tmp_path):
+    assert widget.selected_slides() == [str(widget.viewer.layers[0].metadata["napari_gpfm"]["path"])]
+    widget.steps_spin.setValue(3)
+    widget.start_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.result is not None and widget.result.finished
+    assert widget.progress.value() == 3
+    assert len(widget.plot.values) == 3
+    assert "student saved" in widget.status.text()
+    card = widget.result.card_path
+    assert card.exists() and card.parent == tmp_path / "models"
+
+
+def test_stop_saves_a_checkpoint_and_start_resumes(widget, qtbot):
+    widget.steps_spin.setValue(40)
+    widget.start_button.click()
+    qtbot.waitUntil(lambda: len(widget.plot.values) >= 1, timeout=120_000)
+    widget.stop_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    first = widget.result
+    assert not first.finished and 1 <= first.next_step < 40
+    assert "Start again to resume" in widget.status.text()
+    widget.stop_event.set()  # the next run stops at once too: it must resume, not restart
+    widget.start_button.click()
+    widget.stop_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.result.next_step >= first.next_step
