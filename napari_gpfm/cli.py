@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "napari_gpfm.encoders._cli",
     "napari_gpfm.embeddings._cli",
     "napari_gpfm.distill._cli",
+    "napari_gpfm.analyses._cli",
+    "napari_gpfm.analyses.pathotune_cli",
 ]
 
 

@@ -18,10 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job on the bundled sample slide (no GPU, network or weights needed)",
+        help="the main job on the bundled sample slide: embeddings, clusters, heatmaps, similarity",
     )
     _viewer_options(demo)
-    demo.set_defaults(func=run_view, slides=[])
+    from .demo import add_arguments
+
+    add_arguments(demo)
+    demo.set_defaults(func=_run_demo, slides=[], out=None)
 
 
 def _viewer_options(p: argparse.ArgumentParser) -> None:
@@ -29,6 +32,12 @@ def _viewer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headless", action="store_true", help="render off-screen; write a screenshot and exit")
     p.add_argument("--screenshot", type=Path, help="write a PNG of the viewer to this path")
     p.add_argument("--out", type=Path, default=Path("napari_gpfm_out"), help="output folder (headless)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
 
 
 def run_view(args: argparse.Namespace) -> int:

@@ -164,10 +164,10 @@ class DistillWidget(QWidget):
     def start(self) -> None:
         from napari.qt.threading import create_worker
 
-        from ._torch_guard import import_torch_stack
-
-        import_torch_stack()
         from ..distill import iter_distillation, load_config
+        from ._workers import avoid_llvm_clash
+
+        avoid_llvm_clash()  # before torch/timm load Triton (see its docstring)
 
         overrides = run_overrides(
             self.selected_slides(),

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 #: Above this many patches :func:`kmeans` switches to MiniBatchKMeans.
+MINIBATCH_FIT_SIZE = 25_000  # rows the mini-batch fit sees; all rows are then assigned
 MINIBATCH_THRESHOLD = 20_000
 
 Normalise = Literal["l2", "standard"] | None
@@ -64,6 +65,16 @@ class ClusterResult:
     normalise: str | None
 
 
+def nearest_centre(x: np.ndarray, centres: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Index of the nearest centre (Euclidean) for every row, in chunks of ``chunk`` rows:
+    argmin |x − c|² = argmax (x·c − |c|²/2)."""
+    half_sq = 0.5 * np.einsum("ij,ij->i", centres, centres)
+    out = np.empty(len(x), np.int64)
+    for start in range(0, len(x), chunk):
+        out[start : start + chunk] = np.argmax(x[start : start + chunk] @ centres.T - half_sq, axis=1)
+    return out
+
+
 def kmeans(
     features: np.ndarray,
     n_clusters: int,
@@ -75,9 +86,12 @@ def kmeans(
     """Seeded k-means of patch embeddings.
 
     ``method="auto"`` uses sklearn ``KMeans`` up to ``minibatch_threshold`` patches and
-    ``MiniBatchKMeans`` above it (about an order of magnitude faster at 100,000 patches, with
-    nearly the same partition). Clusters are renumbered by decreasing size (0 = largest), so
-    labels are stable across runs and methods.
+    ``MiniBatchKMeans`` above it. The mini-batch fit sees a seeded random subsample of at most
+    ``MINIBATCH_FIT_SIZE`` patches (plenty to place k centres), then every patch is assigned to
+    its nearest centre in one matrix product: at 100,000 patches this is several times faster
+    than iterating mini-batches over all of them, with the same partition on clustered data.
+    Clusters are renumbered by decreasing size (0 = largest), so labels are stable across runs
+    and methods.
     """
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
@@ -101,7 +115,12 @@ def kmeans(
         )
     else:
         raise ValueError(f"method must be 'auto', 'full' or 'minibatch', got {method!r}")
-    raw = model.fit_predict(x)
+    if method == "minibatch" and n > MINIBATCH_FIT_SIZE:
+        subsample = np.random.default_rng(seed).choice(n, MINIBATCH_FIT_SIZE, replace=False)
+        model.fit(x[np.sort(subsample)])
+        raw = nearest_centre(x, model.cluster_centers_.astype(np.float32))
+    else:
+        raw = model.fit_predict(x)
     centres = model.cluster_centers_.astype(np.float32)
     # renumber by decreasing size, ties by old id
     sizes = np.bincount(raw, minlength=n_clusters)

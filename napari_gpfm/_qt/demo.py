@@ -1,0 +1,219 @@
+"""``napari-gpfm demo``: the main job on the bundled sample slide, driven through the docks.
+
+Opens napari with the sample slide, the "GPFM" dock and the embedding plot, then: computes the
+embeddings with the default model (``default_model_name()``), clusters them (k = 4), shows the
+cluster map, the distance-to-centre heatmap and a similarity query from the most typical
+patch of the largest cluster, and plots the PCA of the embeddings. ``--headless`` renders on a
+private Xvfb display, writes a screenshot and the feature store into ``--out``, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEMO_TIMEOUT_S = 600
+
+
+class DemoFlow:
+    """Chains embed → cluster → heatmaps → similarity → plot on the main thread via signals."""
+
+    def __init__(self, viewer, dock, plot, k: int = 4):
+        self.viewer, self.dock, self.plot, self.k = viewer, dock, plot, k
+        self.done = False
+        self.error: str | None = None
+        self.timings: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self.dock.run_finished.connect(self._embedded)
+        if self.dock.compute() is None:
+            self._fail(self.dock.status.text())
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.done = True
+
+    def _mark(self, step: str) -> None:
+        self.timings[step] = time.perf_counter() - self._t0
+
+    def _embedded(self, outcome: str) -> None:
+        self.dock.run_finished.disconnect(self._embedded)
+        if outcome not in ("done", "loaded"):
+            return self._fail(self.dock.status.text())
+        self._mark("embeddings")
+        worker = self.dock.cluster(self.k)
+        worker.returned.connect(lambda _res: self._clustered())
+        worker.errored.connect(lambda e: self._fail(f"clustering failed: {e}"))
+
+    def _clustered(self) -> None:
+        self._mark("clusters")
+        dock, s = self.dock, self.dock.session()
+        dock.show_heatmap("distance_to_centre").visible = False
+        # query: the most typical patch (closest to its centre) of the largest cluster
+        labels, dist = s.clusters.labels, s.clusters.distances
+        query = int(np.flatnonzero(labels == 0)[np.argmin(dist[labels == 0])])
+        dock.handle_click(s.centre(query))
+        self._mark("similarity")
+        clusters = self.viewer.layers[f"{s.name} clusters"]
+        clusters.opacity = 0.45
+        clusters.visible = False
+        self.viewer.layers.selection.active = self.viewer.layers[f"{s.name} similarity"]
+        worker = self.plot.compute("pca")
+        worker.returned.connect(lambda _xy: self._plotted())
+        worker.errored.connect(lambda e: self._fail(f"PCA failed: {e}"))
+
+    def _plotted(self) -> None:
+        self._mark("plot")
+        bar = self.dock.scroll.verticalScrollBar()
+        bar.setValue(min(bar.maximum(), self.dock.cluster_box.y()))
+        self.done = True
+
+
+def build(viewer, model: str, allow_random: bool = False, out: Path | None = None,
+          slide_paths: list[Path] | None = None, mpp: float | None = None):  # fmt: skip
+    """Add the sample slide and both docks to ``viewer``; returns ``(dock, plot)``."""
+    from .._resources import sample_slide_path
+    from ..layers.reader import slide_layer_data
+    from ..slide import open_slide
+    from .gpfm_widget import GPFMWidget
+    from .plot_widget import EmbeddingPlotWidget
+
+    for path in slide_paths or [sample_slide_path()]:
+        data, kwargs, _ = slide_layer_data(open_slide(path, mpp=mpp))
+        viewer.add_image(data, **kwargs)
+    dock = GPFMWidget(viewer, allow_random=allow_random)
+    dock.set_model(model)
+    if out is not None:
+        dock.out_edit.setText(str(out))
+    plot = EmbeddingPlotWidget(viewer)
+    dw1 = viewer.window.add_dock_widget(dock, name="GPFM", area="right")
+    dw2 = viewer.window.add_dock_widget(plot, name="Embedding plot", area="right")
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resizeDocks([dw1, dw2], [620, 360], Qt.Orientation.Vertical)
+    viewer.window._qt_window.resizeDocks([dw1], [460], Qt.Orientation.Horizontal)
+    viewer.scale_bar.visible = True
+    return dock, plot
+
+
+def run_flow(flow: DemoFlow, timeout_s: float = DEMO_TIMEOUT_S) -> None:
+    """Start the flow and process events until it ends (headless use)."""
+    from qtpy.QtWidgets import QApplication
+
+    flow.start()
+    t_end = time.perf_counter() + timeout_s
+    while not flow.done and time.perf_counter() < t_end:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    if not flow.done:
+        flow._fail(f"the demo did not finish within {timeout_s:.0f} s")
+    for _ in range(5):  # let the last layers and the plot draw
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def write_doc_images(viewer, dock, out_dir: Path) -> list[Path]:
+    """``demo.png`` (the whole flow), ``heatmap_zoom.png`` (a corner where four patches meet,
+    the similarity heatmap half transparent over the tissue) and ``heatmap_pixel_zoom.png``
+    (the same corner zoomed until slide pixels show, the first pixel of the lower-right patch
+    marked), so cell edges can be checked against the tissue and the pixel grid."""
+    from qtpy.QtWidgets import QApplication
+
+    from ..layers.convert import camera_for_patch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = out_dir / "demo.png"
+    viewer.screenshot(str(first), canvas_only=False)
+    s = dock.session()
+    heat = viewer.layers[f"{s.name} similarity"]
+    heat.opacity = 0.45
+    viewer.layers[f"{s.name} top hits"].visible = False
+    # the corner shared by four patches whose similarities differ most
+    where = {tuple(c): j for j, c in enumerate(s.coords.tolist())}
+    P = s.patch_size_level0
+    sim = s.values["similarity"]
+    best, i = -1.0, 0
+    for j, (x, y) in enumerate(s.coords.tolist()):
+        quad = [where.get(c) for c in ((x + P, y), (x, y + P), (x + P, y + P))]
+        if None not in quad and float(np.std(sim[[j, *quad]])) > best:
+            best, i = float(np.std(sim[[j, *quad]])), j
+    x, y = s.coords[i]
+    cam = viewer.scene.camera
+    cam.center = ((y + P - 0.5) * s.mpp, (x + P - 0.5) * s.mpp)  # the shared corner
+
+    def shot(path: Path, patches_across: float) -> Path:
+        cam.zoom = camera_for_patch(s.coords[i], P, s.mpp, tuple(viewer.canvas.size),
+                                    patches_across)[1]  # fmt: skip
+        for _ in range(20):
+            QApplication.processEvents()
+            time.sleep(0.05)
+        viewer.screenshot(str(path), canvas_only=False)
+        return path
+
+    second = shot(out_dir / "heatmap_zoom.png", 1.6)
+    # the first slide pixel of the lower-right patch, marked: the cells' shared corner must be
+    # its top-left corner (pixel-centre convention, ARCHITECTURE.md)
+    viewer.add_points([((y + P) * s.mpp, (x + P) * s.mpp)], name="pixel (x+P, y+P)", size=0.12,
+                      face_color="cyan", border_width=0, units="micrometer")  # fmt: skip
+    viewer.layers.selection.active = heat
+    third = shot(out_dir / "heatmap_pixel_zoom.png", 0.12)
+    return [first, second, third]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Entry point of ``napari-gpfm demo``."""
+    if args.headless:
+        from ._display import ensure_display
+
+        ensure_display()
+    from ..encoders import EncoderError, default_model_name
+
+    try:
+        model = args.model or default_model_name()
+    except EncoderError as e:
+        print(f"napari-gpfm demo: {e}")
+        return 2
+    import napari
+
+    from ._workers import avoid_llvm_clash
+
+    avoid_llvm_clash()  # before the first GL context draws
+    headless = bool(args.headless)
+    out = args.out if args.out is not None else (Path("napari_gpfm_out") if headless else None)
+    viewer = napari.Viewer(title="napari-gpfm demo", show=not headless)
+    viewer.window._qt_window.resize(1600, 1000)
+    dock, plot = build(viewer, model, allow_random=args.random_weights, out=out,
+                       slide_paths=[Path(s) for s in getattr(args, "slides", []) or []],
+                       mpp=args.mpp)  # fmt: skip
+    flow = DemoFlow(viewer, dock, plot, k=args.k)
+    if not headless:
+        flow.start()
+        napari.run()
+        return 0
+    t0 = time.perf_counter()
+    run_flow(flow)
+    if flow.error:
+        print(f"napari-gpfm demo: {flow.error}")
+    screenshot = args.screenshot or out / "screenshot.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(screenshot), canvas_only=False)
+    if args.docs_images is not None and not flow.error:
+        print("docs images:", *write_doc_images(viewer, dock, args.docs_images))
+    store = dock.session().store.path if dock.session() is not None else None
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in flow.timings.items())
+    print(f"model: {model}\nstore: {store}\nscreenshot: {screenshot}\n"
+          f"timings (cumulative): {steps}; total {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    viewer.close()
+    return 1 if flow.error else 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registry model name (default: default_model_name())")
+    p.add_argument("--k", type=int, default=4, help="number of k-means clusters (default 4)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="testing only: use a randomly initialised model when weights are missing")
+    p.add_argument("--docs-images", type=Path, help=argparse.SUPPRESS)  # docs/images refresh

@@ -1,0 +1,260 @@
+"""Embedding plot dock: PCA (always) or UMAP (with umap-learn) of a slide's patch embeddings.
+
+Drawn with vispy, which napari already depends on (no matplotlib or pyqtgraph needed): one
+``Markers`` visual holds every point on the GPU, so pan/zoom stays smooth at 100,000 points.
+Points are coloured by cluster with the palette of the cluster Labels layer. Box or lasso
+selection (``skimage.measure.points_in_poly``, a napari dependency) highlights the selected
+patches on the slide; the patch under the mouse on the slide is ringed in the plot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..layers import convert
+from ..layers.session import explorer_for
+from . import _workers
+
+MODES = ("pan/zoom", "box select", "lasso select")
+GREY = np.array([0.75, 0.75, 0.75, 1.0])
+
+
+class EmbeddingPlotWidget(QWidget):
+    """Dock widget; ``napari_viewer`` is injected by napari."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        from vispy import scene
+
+        _workers.avoid_llvm_clash()
+        self.viewer = napari_viewer
+        self.explorer = explorer_for(napari_viewer)
+        self.name: str | None = None
+        self.xy: np.ndarray | None = None
+        self.hover_index = -1
+        self._drag: list[np.ndarray] = []
+        self._busy: list[Any] = []
+
+        self.slide_combo = QComboBox()
+        self.method_combo = QComboBox()
+        self.method_combo.addItem("PCA", "pca")
+        from ..analyses.clusters import umap_available
+
+        if umap_available():
+            self.method_combo.addItem("UMAP (fit on 5,000, applied to all)", "umap")
+        self.plot_button = QPushButton("Plot")
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(MODES)
+        self.clear_button = QPushButton("Clear selection")
+        self.status = QLabel("Compute embeddings in the GPFM dock, then Plot.")
+        self.status.setWordWrap(True)
+
+        self.canvas = scene.SceneCanvas(keys=None, show=False, bgcolor="#262930", size=(360, 360))
+        self.view = self.canvas.central_widget.add_view()
+        self.view.camera = scene.PanZoomCamera(aspect=1)
+        self.markers = scene.visuals.Markers(parent=self.view.scene)
+        self.selected = scene.visuals.Markers(parent=self.view.scene)
+        self.hover = scene.visuals.Markers(parent=self.view.scene)
+        self.path = scene.visuals.Line(parent=self.view.scene, color="yellow", width=1.5)
+        self.selected.order, self.hover.order, self.path.order = -1, -2, -3
+        origin = np.zeros((2, 2), np.float32)  # vispy visuals need data before bounds work
+        for vis in (self.markers, self.selected, self.hover):
+            vis.set_data(origin[:1], size=1)
+        self.path.set_data(origin)
+        for vis in (self.selected, self.hover, self.path):
+            vis.visible = False
+
+        top = QHBoxLayout()
+        top.addWidget(self.slide_combo, 2)
+        top.addWidget(self.method_combo, 2)
+        top.addWidget(self.plot_button, 1)
+        mid = QHBoxLayout()
+        mid.addWidget(QLabel("Mouse"))
+        mid.addWidget(self.mode_combo, 2)
+        mid.addWidget(self.clear_button, 1)
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addLayout(mid)
+        lay.addWidget(self.canvas.native, 1)
+        lay.addWidget(self.status)
+
+        self.plot_button.clicked.connect(lambda: self.compute())
+        self.clear_button.clicked.connect(lambda: self.select_indices([]))
+        self.mode_combo.currentTextChanged.connect(self._mode_changed)
+        self.slide_combo.currentTextChanged.connect(self._slide_changed)
+        self.canvas.events.mouse_press.connect(self._on_press)
+        self.canvas.events.mouse_move.connect(self._on_move)
+        self.canvas.events.mouse_release.connect(self._on_release)
+        ev = self.explorer.events
+        ev.sessions.connect(self._sessions_changed)
+        ev.clusters.connect(self._clusters_changed)
+        ev.selection.connect(self._selection_changed)
+        ev.hover.connect(self._hover_changed)
+        self._sessions_changed()
+
+    # ================================================================== data
+    def _sessions_changed(self, event=None) -> None:
+        current = self.slide_combo.currentText()
+        names = list(self.explorer.sessions)
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems(names)
+        if current in names:
+            self.slide_combo.setCurrentText(current)
+        elif event is not None and event.value in names:
+            self.slide_combo.setCurrentText(event.value)
+        self.slide_combo.blockSignals(False)
+
+    def _slide_changed(self, name: str) -> None:
+        s = self.explorer.sessions.get(name)
+        if s is not None and s.projections:
+            method = next(iter(s.projections))
+            self.set_data(name, s.projections[method])
+
+    def compute(self, method: str | None = None) -> Any:
+        """Project the chosen slide's embeddings in a worker, then plot them."""
+        name = self.slide_combo.currentText()
+        s = self.explorer.sessions.get(name)
+        if s is None:
+            self.status.setText("No embeddings loaded: use Compute embeddings in the GPFM dock.")
+            return None
+        method = method or self.method_combo.currentData()
+        self.status.setText(f"{method.upper()} of {s.n:,} patches…")
+        w = _workers.start_function_worker(
+            s.project, method,
+            returned=lambda xy: self.set_data(name, xy),
+            errored=lambda e: self.status.setText(f"{method.upper()} failed: {e}"),
+        )  # fmt: skip
+        self._busy.append(w)
+        w.finished.connect(lambda: self._busy.remove(w) if w in self._busy else None)
+        return w
+
+    def colours(self) -> np.ndarray:
+        s = self.explorer.sessions.get(self.name)
+        n = 0 if self.xy is None else len(self.xy)
+        if s is None or s.clusters is None:
+            return np.tile(GREY, (n, 1))
+        k = int(s.clusters.labels.max()) + 1
+        return convert.cluster_colours(k)[s.clusters.labels]
+
+    def set_data(self, name: str, xy: np.ndarray) -> None:
+        """Show (N, 2) coordinates of slide ``name``'s patches (main thread)."""
+        self.name = name
+        self.xy = np.asarray(xy, dtype=np.float32)
+        size = 6 if len(self.xy) < 5_000 else 3
+        self.markers.set_data(self.xy, face_color=self.colours(), edge_width=0, size=size)
+        lo, hi = self.xy.min(0), self.xy.max(0)
+        pad = 0.05 * np.maximum(hi - lo, 1e-6)
+        self.view.camera.set_range(x=(lo[0] - pad[0], hi[0] + pad[0]),
+                                   y=(lo[1] - pad[1], hi[1] + pad[1]))  # fmt: skip
+        self._selection_changed()
+        self.status.setText(f"{name}: {len(self.xy):,} patches. Choose box or lasso select to "
+                            "highlight patches on the slide.")  # fmt: skip
+
+    def _clusters_changed(self, event=None) -> None:
+        if self.xy is not None and event is not None and event.value == self.name:
+            self.markers.set_data(self.xy, face_color=self.colours(), edge_width=0,
+                                  size=6 if len(self.xy) < 5_000 else 3)  # fmt: skip
+
+    # ================================================================== selection
+    def select_indices(self, indices) -> None:
+        """Select these patches of the plotted slide and highlight them on the slide."""
+        if self.name is None:
+            return
+        self.explorer.select(self.name, np.asarray(indices, dtype=np.int64))
+        self.explorer.show_selection(self.name)
+
+    def select_box(self, p0, p1) -> np.ndarray:
+        """Select the points inside the rectangle with corners ``p0``, ``p1`` (plot coords)."""
+        lo, hi = np.minimum(p0, p1), np.maximum(p0, p1)
+        inside = np.all((self.xy >= lo) & (self.xy <= hi), axis=1)
+        idx = np.flatnonzero(inside)
+        self.select_indices(idx)
+        return idx
+
+    def select_polygon(self, polygon) -> np.ndarray:
+        """Select the points inside a lasso polygon (M, 2) in plot coordinates."""
+        from skimage.measure import points_in_poly
+
+        poly = np.asarray(polygon, dtype=np.float64)
+        if len(poly) < 3:
+            return np.empty(0, np.int64)
+        lo, hi = poly.min(0), poly.max(0)
+        cand = np.flatnonzero(np.all((self.xy >= lo) & (self.xy <= hi), axis=1))
+        idx = cand[points_in_poly(self.xy[cand].astype(np.float64), poly)]
+        self.select_indices(idx)
+        return idx
+
+    def _selection_changed(self, event=None) -> None:
+        s = self.explorer.sessions.get(self.name)
+        if self.xy is None or s is None or len(s.selection) != len(self.xy):
+            self.selected.visible = False
+            return
+        idx = np.flatnonzero(s.selection)
+        self.selected.visible = bool(idx.size)
+        if idx.size:
+            self.selected.set_data(self.xy[idx], face_color=(1, 1, 0, 1), edge_color="black",
+                                   edge_width=0.5, size=7)  # fmt: skip
+        self.status.setText(f"{self.name}: {idx.size:,} of {len(self.xy):,} patches selected.")
+
+    # ================================================================== hover
+    def _hover_changed(self, event) -> None:
+        name, index = event.value
+        if self.xy is None or name != self.name or not 0 <= index < len(self.xy):
+            self.hover.visible = False
+            self.hover_index = -1
+        else:
+            self.hover_index = int(index)
+            self.hover.set_data(self.xy[index : index + 1], face_color=(0, 0, 0, 0),
+                                edge_color="white", edge_width=2, size=16)  # fmt: skip
+            self.hover.visible = True
+        self.canvas.update()
+
+    # ================================================================== mouse
+    def to_plot(self, pos) -> np.ndarray:
+        """Canvas pixel position -> plot coordinates."""
+        tr = self.canvas.scene.node_transform(self.view.scene)
+        return np.asarray(tr.map(np.asarray(pos, dtype=float)[:2]))[:2]
+
+    def _mode_changed(self, mode: str) -> None:
+        self.view.camera.interactive = mode == MODES[0]
+
+    def _on_press(self, event) -> None:
+        if self.xy is None or self.mode_combo.currentText() == MODES[0]:
+            return
+        self._drag = [self.to_plot(event.pos)]
+
+    def _on_move(self, event) -> None:
+        if not self._drag:  # only between a press and a release in a select mode
+            return
+        p = self.to_plot(event.pos)
+        if self.mode_combo.currentText() == MODES[1]:
+            a = self._drag[0]
+            self._drag = [a, p]
+            line = np.array([a, [p[0], a[1]], p, [a[0], p[1]], a])
+        else:
+            self._drag.append(p)
+            line = np.array(self._drag + [self._drag[0]])
+        self.path.set_data(line.astype(np.float32))
+        self.path.visible = True
+
+    def _on_release(self, event) -> None:
+        if not self._drag:
+            return
+        drag, self._drag = self._drag, []
+        self.path.visible = False
+        if self.mode_combo.currentText() == MODES[1] and len(drag) == 2:
+            self.select_box(drag[0], drag[1])
+        elif len(drag) >= 3:
+            self.select_polygon(np.array(drag))
+        self.canvas.update()

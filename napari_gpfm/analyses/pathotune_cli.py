@@ -1,0 +1,261 @@
+"""``napari-gpfm pathotune train|predict``: PathoTune prompt tuning from the command line.
+
+Training data, either
+  * ``--tiles-csv labels.csv``: a folder of tiles, CSV columns ``file`` (relative to the CSV)
+    and ``label``; or
+  * ``--slide S --patch-labels P.csv``: per-patch labels on a slide grid, CSV columns ``x``,
+    ``y`` (level-0 top-left) and ``label``, with the patch side from ``--store`` (a feature file
+    of that slide) or ``--patch-size-level0``. (GeoJSON annotations become such labels with
+    :func:`napari_gpfm.annotations.labels_from_annotations`; the analyses package may not import
+    annotations, so that conversion belongs to the caller, e.g. ``train-classifier``.)
+
+Prediction: ``--slide S --store F.h5`` predicts every patch of the store's grid and writes a
+per-patch table (``x, y, class, p_<class>...``; ``.csv`` or ``.parquet``); ``--tiles-csv``
+predicts tiles (their ``file`` column is kept, ``label`` is ignored).
+
+Library entry points for other commands: :func:`train_tiles_csv`, :func:`train_patch_labels`
+(both return the :class:`~napari_gpfm.analyses.pathotune.train.TrainResult`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["read_tiles_csv", "register", "train_patch_labels", "train_tiles_csv"]
+
+
+def _print_progress(record: Any) -> None:
+    if record.status == "epoch":
+        val = "-" if record.val_bal_acc is None else f"{record.val_bal_acc:.3f}"
+        print(f"epoch {record.epoch}/{record.epochs}  loss {record.loss:.4f}  "
+              f"train acc {record.train_acc:.3f}  val bal acc {val}  "
+              f"{record.rate or 0:.1f} patches/s", file=sys.stderr)
+    elif record.status not in ("step", "reading", "running"):
+        print(record.message or record.status, file=sys.stderr)
+
+
+def read_tiles_csv(path: str | Path, size: int | None = None) -> tuple[np.ndarray, list[str],
+                                                                       list[str]]:
+    """(uint8 tiles (N, S, S, 3), labels, files) from a CSV with ``file`` and ``label``
+    columns; tiles are resized to ``size`` when given (they must share a size otherwise)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise SystemExit(f"napari-gpfm pathotune: cannot read {path}: {exc}") from exc
+    if not rows or "file" not in rows[0]:
+        raise SystemExit(f"napari-gpfm pathotune: {path}: needs a 'file' column (and 'label')")
+    images = []
+    for r in rows:
+        img = Image.open(path.parent / r["file"]).convert("RGB")
+        if size:
+            img = img.resize((size, size), Image.BILINEAR)
+        images.append(np.asarray(img))
+    return np.stack(images), [r.get("label", "") for r in rows], [r["file"] for r in rows]
+
+
+def _prompt_config(args: argparse.Namespace):
+    from .pathotune import PromptConfig
+
+    return PromptConfig(tvp=not args.no_tvp, n_tvp=args.n_tvp, ttp=not args.no_ttp,
+                        ivp=not args.no_ivp, n_ivp=args.n_ivp, head=args.head)
+
+
+def _template(args: argparse.Namespace):
+    from .pathotune import TextTemplate
+
+    kw = {k: getattr(args, k) for k in ("template", "stain", "tissue", "task")
+          if getattr(args, k) is not None}
+    return TextTemplate(**kw)
+
+
+def _train_config(args: argparse.Namespace):
+    from .pathotune import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
+                       device=args.device)
+
+
+def _classes(labels: list[str], given: str | None) -> list[str]:
+    if given:
+        return [c.strip() for c in given.split(",") if c.strip()]
+    return list(dict.fromkeys(lab for lab in labels if lab))
+
+
+def _encoder(args: argparse.Namespace):
+    from napari_gpfm.encoders import default_model_name, load_encoder
+
+    return load_encoder(args.model or default_model_name(), weights=args.weights,
+                        allow_random=args.allow_random_weights)
+
+
+def train_tiles_csv(encoder: Any, csv_path: str | Path, class_names: list[str] | None = None,
+                    prompt_config: Any = None, template: Any = None, train_config: Any = None,
+                    on_progress: Any = None) -> Any:
+    """Train on a folder of labelled tiles (see module docstring); returns the TrainResult."""
+    from .pathotune import run, train_from_arrays
+
+    images, labels, _ = read_tiles_csv(csv_path, int(encoder.card.input.size))
+    classes = class_names or _classes(labels, None)
+    return run(train_from_arrays(encoder, images, labels, classes, prompt_config, template,
+                                 train_config), on_progress)
+
+
+def train_patch_labels(encoder: Any, slide: str | Path, coords: np.ndarray,
+                       patch_size_level0: int, labels: Any, class_names: list[str],
+                       prompt_config: Any = None, template: Any = None, train_config: Any = None,
+                       mpp: float | None = None, on_progress: Any = None) -> Any:
+    """Train on per-patch labels of a slide grid; returns the TrainResult (None if cancelled)."""
+    from .pathotune import run, train_from_slide
+
+    return run(train_from_slide(encoder, slide, coords, patch_size_level0, labels, class_names,
+                                prompt_config, template, train_config, mpp=mpp), on_progress)
+
+
+def _read_patch_labels(path: Path) -> tuple[np.ndarray, list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"x", "y", "label"} <= set(rows[0]):
+        raise SystemExit(f"napari-gpfm pathotune: {path}: needs columns x, y, label")
+    coords = np.array([[int(float(r["x"])), int(float(r["y"]))] for r in rows], dtype=np.int64)
+    return coords, [r["label"] for r in rows]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .pathotune import save_classifier
+
+    enc = _encoder(args)
+    common = dict(prompt_config=_prompt_config(args), template=_template(args),
+                  train_config=_train_config(args), on_progress=_print_progress)
+    if args.tiles_csv:
+        result = train_tiles_csv(enc, args.tiles_csv, _classes([], args.classes) or None,
+                                 **common)
+    else:
+        if not (args.slide and args.patch_labels):
+            raise SystemExit("napari-gpfm pathotune train: give --tiles-csv, or --slide with "
+                             "--patch-labels")
+        coords, labels = _read_patch_labels(args.patch_labels)
+        size0 = args.patch_size_level0
+        if args.store:
+            from napari_gpfm.embeddings import open_store
+
+            size0 = open_store(args.store).patch_size_level0
+        if not size0:
+            raise SystemExit("napari-gpfm pathotune train: the patch side is unknown; give "
+                             "--store or --patch-size-level0")
+        result = train_patch_labels(enc, args.slide, coords, size0, labels,
+                                    _classes(labels, args.classes), mpp=args.mpp, **common)
+    if result is None or result.cancelled:
+        print("napari-gpfm pathotune: training cancelled; nothing written", file=sys.stderr)
+        return 1
+    path = save_classifier(result.classifier, args.out)
+    clf = result.classifier
+    print(f"{path}: {clf.config.label} on {enc.card.name}, {clf.model.n_trainable():,} "
+          f"trainable parameters; validation balanced accuracy "
+          f"{'n/a' if result.val_bal_acc is None else f'{result.val_bal_acc:.3f}'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from napari_gpfm.analyses.export import write_table
+
+    from .pathotune import load_classifier, predict_arrays, predict_store, run
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    clf = load_classifier(args.classifier, weights=args.weights, device=device)
+    if args.tiles_csv:
+        images, _, files = read_tiles_csv(args.tiles_csv, int(clf.encoder.card.input.size))
+        proba = predict_arrays(clf, images, args.batch_size)
+        coords = np.zeros((len(files), 2), np.int64)
+        extra = {"file": np.asarray(files)}
+    else:
+        if not (args.slide and args.store):
+            raise SystemExit("napari-gpfm pathotune predict: give --tiles-csv, or --slide with "
+                             "--store")
+        from napari_gpfm.embeddings import open_store
+
+        store = open_store(args.store)
+        result = run(predict_store(clf, store, args.slide, mpp=args.mpp,
+                                   batch_size=args.batch_size, num_workers=args.num_workers))
+        proba, coords, extra = result.proba, result.coords, {}
+    names = np.asarray(clf.class_names)
+    cols = {**extra, "class": names[proba.argmax(1)]}
+    cols.update({f"p_{n}": proba[:, i] for i, n in enumerate(clf.class_names)})
+    print(write_table(args.out, coords, cols))
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, default=None, help="backbone weights file")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
+    p.add_argument("--tiles-csv", type=Path, default=None,
+                   help="CSV with 'file' (relative to the CSV) and 'label' columns")
+    p.add_argument("--slide", type=Path, default=None, help="whole-slide image")
+    p.add_argument("--store", type=Path, default=None, help="feature file of the slide (grid)")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px override")
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser | Any) -> None:
+    """PathoTune's prompt, template and training options (shared with ``train-classifier``)."""
+    for name in ("tvp", "ttp", "ivp"):
+        p.add_argument(f"--no-{name}", action="store_true", help=f"switch {name.upper()} off")
+    p.add_argument("--n-tvp", type=int, default=8, help="visual prompt tokens per block")
+    p.add_argument("--n-ivp", type=int, default=4, help="instance prompt tokens")
+    p.add_argument("--head", choices=("cls", "cls+prompts"), default="cls")
+    p.add_argument("--template", default=None, help="text template ({stain} {tissue} {task} "
+                                                     "{classes})")
+    p.add_argument("--stain", default=None)
+    p.add_argument("--tissue", default=None)
+    p.add_argument("--task", default=None)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``pathotune`` with sub-commands ``train`` and ``predict`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "pathotune", help="PathoTune multi-modal prompt tuning (train / predict)",
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="pathotune_command", metavar="ACTION", required=True)
+
+    t = sub.add_parser("train", help="train a PathoTune classifier on labelled patches")
+    _add_common(t)
+    t.add_argument("--out", required=True, type=Path, help="classifier file (.safetensors)")
+    t.add_argument("--model", default=None, help="backbone model card (default: GPFM)")
+    t.add_argument("--allow-random-weights", action="store_true",
+                   help="use a seeded random backbone when weights are missing (tests only)")
+    t.add_argument("--patch-labels", type=Path, default=None,
+                   help="CSV with x, y (level-0 top-left) and label columns")
+    t.add_argument("--patch-size-level0", type=int, default=None)
+    t.add_argument("--classes", default=None, help="comma-separated class order")
+    add_prompt_arguments(t)
+    t.set_defaults(func=_cmd_train)
+
+    q = sub.add_parser("predict", help="predict patches with a PathoTune classifier")
+    _add_common(q)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--classifier", required=True, type=Path, help="classifier file")
+    q.add_argument("--out", required=True, type=Path, help="table (.csv or .parquet)")
+    q.add_argument("--num-workers", type=int, default=None, help="patch-decoding processes")
+    q.set_defaults(func=_cmd_predict)
+    return p

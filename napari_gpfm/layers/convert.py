@@ -1,0 +1,368 @@
+"""Analysis results -> napari LayerData tuples ``(data, kwargs, layer_type)``; no Qt here.
+
+Every raster layer is placed with the exact geometry of :mod:`napari_gpfm.analyses.heatmap`
+(``docs/ARCHITECTURE.md``, "layers"): a cell of one grid stride ``s`` whose first cell starts at
+level-0 ``x0`` gets ``scale = s·mpp`` and ``translate = (x0 + s/2 − 0.5)·mpp``, so a patch's cells
+cover exactly its level-0 footprint ``[(x − 0.5)·mpp, (x + P − 0.5)·mpp)`` in world µm.
+``offset`` (y, x) adds the slide layer's own ``translate`` when it has one.
+
+Heatmaps are float32 images with NaN off the patch grid; napari draws NaN with the colormap's
+``nan_color`` (transparent by default), so non-tissue stays see-through. Cluster maps are Labels
+layers whose colours come from :data:`CLUSTER_COLOURS`, the palette the embedding plot and
+the GeoJSON export use too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..analyses.heatmap import PatchGrid, Raster, labels_raster
+
+__all__ = [
+    "CLUSTER_COLOURS",
+    "LayerData",
+    "MICROMETRE",
+    "PIXEL",
+    "camera_for_patch",
+    "cluster_colours",
+    "contrast_limits_for",
+    "heatmap_layer_data",
+    "labels_layer_data",
+    "mask_layer_data",
+    "patch_boxes_world",
+    "patch_centre_world",
+    "patch_grid_layer_data",
+    "tissue_layer_data",
+    "top_hits_layer_data",
+    "upsert_layer",
+]
+
+LayerData = tuple  # (data, kwargs, layer_type)
+MICROMETRE = "micrometer"
+PIXEL = "pixel"
+META_KEY = "napari_gpfm"
+
+#: Cluster colours (RGB 0-1): Tableau 10 then its light variants (tab20 order), then repeats.
+_TAB20 = (
+    "1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f", "bcbd22",
+    "17becf", "aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5", "c49c94", "f7b6d2", "c7c7c7",
+    "dbdb8d", "9edae5",
+)  # fmt: skip
+CLUSTER_COLOURS = np.array([[int(h[i : i + 2], 16) / 255 for i in (0, 2, 4)] for h in _TAB20])
+
+
+def cluster_colours(k: int) -> np.ndarray:
+    """(k, 4) RGBA float colours of clusters 0..k-1 (the palette cycles after 20)."""
+    rgb = CLUSTER_COLOURS[np.arange(k) % len(CLUSTER_COLOURS)]
+    return np.hstack([rgb, np.ones((k, 1))])
+
+
+def _units(grid: PatchGrid) -> tuple[str, str]:
+    unit = MICROMETRE if grid.mpp is not None else PIXEL
+    return (unit, unit)
+
+
+def _placement(grid: PatchGrid, offset: Sequence[float]) -> dict[str, Any]:
+    oy, ox = (float(v) for v in offset)
+    ty, tx = grid.translate
+    return {"scale": grid.scale, "translate": (ty + oy, tx + ox), "units": _units(grid)}
+
+
+def _meta(kind: str, slide: str | None, extra: dict | None) -> dict:
+    # "slide_layer", not "slide": the reader keeps the live Slide under "slide", and
+    # layer_slide() must not mistake a result layer for a slide layer
+    meta = {"kind": kind, "slide_layer": slide}
+    meta.update(extra or {})
+    return {META_KEY: meta}
+
+
+def contrast_limits_for(data: np.ndarray) -> tuple[float, float]:
+    """Finite min/max of ``data`` (NaN ignored), widened when flat so napari accepts them."""
+    finite = np.asarray(data)[np.isfinite(data)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return (lo, hi)
+
+
+def heatmap_layer_data(
+    raster: Raster,
+    name: str,
+    *,
+    colormap: str = "viridis",
+    contrast_limits: tuple[float, float] | None = None,
+    opacity: float = 0.6,
+    offset: Sequence[float] = (0.0, 0.0),
+    slide: str | None = None,
+    metadata: dict | None = None,
+) -> LayerData:
+    """A float heatmap as an Image layer: NaN transparent, nearest-neighbour cells."""
+    data = np.asarray(raster.data, dtype=np.float32)
+    kwargs = {
+        "name": name,
+        "colormap": colormap,
+        "contrast_limits": contrast_limits or contrast_limits_for(data),
+        "opacity": float(opacity),
+        "blending": "translucent",
+        "interpolation2d": "nearest",
+        "metadata": _meta("heatmap", slide, metadata),
+        **_placement(raster.grid, offset),
+    }
+    return (data, kwargs, "image")
+
+
+def _label_colormap(colours: np.ndarray, shift: int = 1) -> dict:
+    cmap: dict = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    for i, c in enumerate(np.asarray(colours, dtype=float)):
+        rgba = tuple(c.tolist()) + ((1.0,) if len(c) == 3 else ())
+        cmap[i + shift] = rgba
+    return cmap
+
+
+def labels_layer_data(
+    raster: Raster,
+    name: str,
+    *,
+    colours: np.ndarray | None = None,
+    opacity: float = 0.5,
+    offset: Sequence[float] = (0.0, 0.0),
+    slide: str | None = None,
+    metadata: dict | None = None,
+) -> LayerData:
+    """A labels raster (0 = background, label ``l`` painted as ``l + 1``) as a Labels layer.
+
+    ``colours`` (k, 3|4) give label ``i`` (painted ``i + 1``) its colour; default: the cluster
+    palette for as many labels as the raster holds.
+    """
+    data = np.asarray(raster.data, dtype=np.int32)
+    if colours is None:
+        colours = cluster_colours(max(int(data.max()), 1))
+    kwargs = {
+        "name": name,
+        "colormap": _label_colormap(colours),
+        "opacity": float(opacity),
+        "blending": "translucent",
+        "metadata": _meta("labels", slide, metadata),
+        **_placement(raster.grid, offset),
+    }
+    return (data, kwargs, "labels")
+
+
+def mask_layer_data(
+    grid: PatchGrid,
+    mask: np.ndarray,
+    name: str,
+    *,
+    colour: Sequence[float] = (1.0, 1.0, 0.0, 1.0),
+    opacity: float = 0.6,
+    offset: Sequence[float] = (0.0, 0.0),
+    slide: str | None = None,
+    kind: str = "selection",
+) -> LayerData:
+    """Patches where ``mask`` is true painted in one colour (e.g. a plot selection)."""
+    m = np.asarray(mask, dtype=bool).reshape(-1)
+    lab = np.where(m, 0, -1)
+    raster = labels_raster(lab, grid)
+    data, kwargs, kind_ = labels_layer_data(
+        raster, name, colours=np.asarray([colour]), opacity=opacity, offset=offset, slide=slide
+    )
+    kwargs["metadata"][META_KEY]["kind"] = kind
+    kwargs["metadata"][META_KEY]["n_selected"] = int(m.sum())
+    return (data, kwargs, kind_)
+
+
+def patch_grid_layer_data(
+    grid: PatchGrid,
+    name: str,
+    *,
+    opacity: float = 0.35,
+    offset: Sequence[float] = (0.0, 0.0),
+    slide: str | None = None,
+) -> LayerData:
+    """The patches to embed as a checkerboard (neighbours alternate colours), so each patch
+    footprint is visible over the slide."""
+    checker = ((grid.rows // grid.k + grid.cols // grid.k) % 2).astype(np.int64)
+    raster = labels_raster(checker, grid)
+    colours = np.array([[0.1, 0.8, 1.0, 1.0], [1.0, 0.5, 0.0, 1.0]])
+    data, kwargs, kind = labels_layer_data(
+        raster, name, colours=colours, opacity=opacity, offset=offset, slide=slide
+    )
+    kwargs["metadata"][META_KEY]["kind"] = "patch-grid"
+    kwargs["metadata"][META_KEY]["n_patches"] = grid.n_patches
+    return (data, kwargs, kind)
+
+
+def tissue_layer_data(
+    mask: np.ndarray,
+    downsample: float,
+    mpp: float | None,
+    name: str,
+    *,
+    opacity: float = 0.4,
+    offset: Sequence[float] = (0.0, 0.0),
+    slide: str | None = None,
+) -> LayerData:
+    """A tissue mask of a thumbnail taken at ``downsample`` as a Labels layer on the slide.
+
+    Mask pixel ``j`` stands for level-0 pixels ``j·d … (j+1)·d − 1`` so, like a heatmap cell of
+    side ``d`` starting at 0: ``scale = d·mpp``, ``translate = (d/2 − 0.5)·mpp``.
+    """
+    m = 1.0 if mpp is None else float(mpp)
+    d = float(downsample)
+    oy, ox = (float(v) for v in offset)
+    unit = MICROMETRE if mpp is not None else PIXEL
+    kwargs = {
+        "name": name,
+        "colormap": _label_colormap(np.array([[0.0, 0.9, 0.3, 1.0]])),
+        "opacity": float(opacity),
+        "blending": "translucent",
+        "scale": (d * m, d * m),
+        "translate": ((d / 2 - 0.5) * m + oy, (d / 2 - 0.5) * m + ox),
+        "units": (unit, unit),
+        "metadata": _meta("tissue", slide, {"downsample": d}),
+    }
+    return (np.asarray(mask, dtype=bool).astype(np.int32), kwargs, "labels")
+
+
+def patch_boxes_world(
+    coords: np.ndarray, patch_size_level0: int, mpp: float | None, offset=(0.0, 0.0)
+) -> np.ndarray:
+    """(N, 4, 2) rectangles (y, x) in world units covering each patch's level-0 footprint."""
+    c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    m = 1.0 if mpp is None else float(mpp)
+    P = float(patch_size_level0)
+    y0 = (c[:, 1] - 0.5) * m + offset[0]
+    x0 = (c[:, 0] - 0.5) * m + offset[1]
+    y1, x1 = y0 + P * m, x0 + P * m
+    return np.stack(
+        [np.stack([y0, x0], 1), np.stack([y0, x1], 1), np.stack([y1, x1], 1),
+         np.stack([y1, x0], 1)], axis=1,
+    )  # fmt: skip
+
+
+def patch_centre_world(
+    coord: Sequence[int], patch_size_level0: int, mpp: float | None, offset=(0.0, 0.0)
+) -> tuple[float, float]:
+    """World (y, x) of the centre of the patch whose level-0 top-left is ``coord`` (x, y)."""
+    m = 1.0 if mpp is None else float(mpp)
+    half = patch_size_level0 / 2.0 - 0.5
+    return ((coord[1] + half) * m + offset[0], (coord[0] + half) * m + offset[1])
+
+
+def camera_for_patch(
+    coord: Sequence[int],
+    patch_size_level0: int,
+    mpp: float | None,
+    canvas_size: Sequence[int],
+    patches_across: float = 5.0,
+    offset=(0.0, 0.0),
+) -> tuple[tuple[float, float], float]:
+    """Camera ``(center, zoom)`` showing a patch in the middle with ``patches_across`` patch
+    widths across the smaller canvas side (napari zoom = screen pixels per world unit)."""
+    m = 1.0 if mpp is None else float(mpp)
+    side = max(1, min(int(s) for s in canvas_size))
+    zoom = side / (patches_across * patch_size_level0 * m)
+    return patch_centre_world(coord, patch_size_level0, mpp, offset), zoom
+
+
+def top_hits_layer_data(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    name: str,
+    *,
+    colour: str = "magenta",
+    edge_width: float = 0.06,
+    query_boxes: np.ndarray | None = None,
+    slide: str | None = None,
+    units: str = MICROMETRE,
+) -> LayerData:
+    """Top-k patches outlined by square markers covering their footprints, labelled with their
+    rank; query patches in cyan labelled "Q".
+
+    A Points layer rather than Shapes: napari updates it in place in a few milliseconds (a
+    Shapes layer has to be rebuilt), which keeps a similarity click interactive. ``boxes`` are
+    (M, 4, 2) world rectangles (:func:`patch_boxes_world`); ``edge_width`` is relative to the
+    patch side.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    label = [str(r) for r in range(1, len(boxes) + 1)]
+    edge = [colour] * len(boxes)
+    if query_boxes is not None and len(query_boxes):
+        q = np.asarray(query_boxes, dtype=np.float64).reshape(-1, 4, 2)
+        boxes = np.concatenate([boxes, q]) if len(boxes) else q
+        scores = np.concatenate([scores, np.ones(len(q))])
+        label += ["Q"] * len(q)
+        edge += ["cyan"] * len(q)
+    centres = boxes.mean(axis=1) if len(boxes) else np.empty((0, 2))
+    side = float(boxes[0, 2, 0] - boxes[0, 0, 0]) if len(boxes) else 1.0
+    kwargs = {
+        "name": name,
+        "symbol": "square",
+        "size": side,
+        "face_color": "transparent",
+        "border_color": edge if edge else colour,
+        "border_width": float(edge_width),
+        "border_width_is_relative": True,
+        "features": {"label": label, "score": scores},
+        "text": {"string": "{label}", "color": "white", "size": 10,
+                 "anchor": "upper_left"},  # fmt: skip
+        "metadata": _meta("top-hits", slide, None),
+        "units": (units, units),
+    }
+    return (centres, kwargs, "points")
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)))
+    except Exception:
+        return False
+
+
+def upsert_layer(viewer: Any, layer_data: LayerData) -> Any:
+    """Add the layer, or update the existing layer of that name and type in place.
+
+    Only what changed is set (every napari attribute change emits events and may redraw), so a
+    similarity click that updates a heatmap stays within a few tens of milliseconds. Used from
+    the main thread only.
+    """
+    data, kwargs, kind = layer_data
+    name = kwargs["name"]
+    existing = viewer.layers[name] if name in viewer.layers else None
+    if existing is not None and (
+        existing._type_string != kind or np.ndim(data) != np.ndim(existing.data)
+    ):
+        viewer.layers.remove(existing)
+        existing = None
+    if existing is None:
+        return getattr(viewer, f"add_{kind}")(data, **kwargs)
+    if kind == "points":
+        with existing.events.blocker_all():
+            existing.data = data
+            existing.features = kwargs["features"]
+        existing.border_color = kwargs["border_color"]
+        existing.size = kwargs["size"]
+        existing.text = kwargs["text"]
+        existing.refresh()
+        return existing
+    for key in ("scale", "translate"):
+        if not np.allclose(getattr(existing, key), kwargs[key]):
+            setattr(existing, key, kwargs[key])
+    if kind == "labels":
+        if not _same(list(existing.colormap.color_dict.keys()), list(kwargs["colormap"])):
+            existing.colormap = kwargs["colormap"]
+    elif existing.colormap.name != kwargs["colormap"]:
+        existing.colormap = kwargs["colormap"]
+    existing.metadata = kwargs["metadata"]
+    existing.data = data
+    if "contrast_limits" in kwargs:
+        existing.contrast_limits = kwargs["contrast_limits"]
+    if existing.opacity != kwargs["opacity"]:
+        existing.opacity = kwargs["opacity"]
+    return existing

@@ -1,0 +1,51 @@
+"""Shared pieces of the GPFM dock tests: a tiny random ViT card and the sample slide layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = "tiny-qt"
+TINY_CARD = """\
+name: tiny-qt
+display_name: Tiny random ViT for the dock tests
+is_gpfm: false
+architecture:
+  timm_name: vit_small_patch14_dinov2
+  kwargs: {img_size: 56, embed_dim: 48, depth: 2, num_heads: 2, num_classes: 0}
+checkpoint_layout: timm
+input: {size: 56, interpolation: bicubic, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
+embed_dim: 48
+weights: {file: null, env: null, default_path: null, hf_hub: null, url: null, sha256: null}
+license: Apache-2.0
+gated: false
+recommended_tiles: {target_mpp: 0.5, patch_size: 112}
+provenance: {}
+"""
+
+
+def write_tiny_card(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{TINY}.yaml").write_text(TINY_CARD)
+    return directory
+
+
+def add_slide(viewer, path, mpp=None):
+    from napari_gpfm.layers.reader import slide_layer_data
+    from napari_gpfm.slide import open_slide
+
+    data, kwargs, _ = slide_layer_data(open_slide(path, mpp=mpp))
+    return viewer.add_image(data, **kwargs)
+
+
+def make_widget(viewer, out_dir: Path, patch_size: int = 112, batch_size: int = 16):
+    """The dock on the tiny model, custom 112 px patches at 0.5 µm/px, output in ``out_dir``."""
+    from napari_gpfm._qt.gpfm_widget import GPFMWidget
+
+    w = GPFMWidget(viewer, allow_random=True)
+    w.set_model(TINY)
+    w.preset_combo.setCurrentText("custom")
+    w.mpp_spin.setValue(0.5)
+    w.size_spin.setValue(patch_size)
+    w.out_edit.setText(str(out_dir))
+    w.batch_size = batch_size
+    return w

@@ -1,0 +1,242 @@
+"""Classifiers from annotations on the sample slide: train, predict, outputs, recipe refusal, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+
+from napari_gpfm.analyses.classify import (
+    check_recipe,
+    labels_for_store,
+    live_steps,
+    load_classifier,
+    predict_store,
+    train_classifier,
+    write_outputs,
+)
+from napari_gpfm.analyses.probe import RecipeMismatchError, load_probe
+from napari_gpfm.annotations.geojson import Annotation, read_geojson, write_geojson
+
+TINY = "tiny-test"
+TINY_CARD = """\
+name: tiny-test
+display_name: Tiny random ViT for tests
+is_gpfm: false
+architecture:
+  timm_name: vit_small_patch14_dinov2
+  kwargs: {img_size: 56, embed_dim: 48, depth: 2, num_heads: 2, num_classes: 0}
+checkpoint_layout: timm
+input: {size: 56, interpolation: bicubic, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
+embed_dim: 48
+weights: {file: null, env: null, default_path: null, hf_hub: null, url: null, sha256: null}
+license: Apache-2.0
+gated: false
+recommended_tiles: {target_mpp: 0.5, patch_size: 112}
+provenance: {}
+"""
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    (d / "tiny-test.yaml").write_text(TINY_CARD)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_GPFM_MODELS_DIR", str(d))
+        yield d
+
+
+@pytest.fixture(scope="module")
+def store(models_dir, sample_svs, tmp_path_factory):
+    """A real feature store of the sample slide (tiny random ViT, 112 px at 0.5 µm/px)."""
+    import torch
+
+    from napari_gpfm.embeddings import embed, open_store
+    from napari_gpfm.encoders import load_encoder
+    from napari_gpfm.tiles import TissueParams
+
+    torch.set_num_threads(1)
+    enc = load_encoder(TINY, allow_random=True)
+    out = tmp_path_factory.mktemp("features")
+    path = embed(sample_svs, enc, None, out, tissue_params=TissueParams(thumbnail_max_side=512),
+                 num_workers=0, batch_size=64)
+    return open_store(path)
+
+
+def rect(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+
+
+def split_annotations(store, colours=True):
+    """Left third of the tissue = Tumor, right third = Stroma, a corner = Ignore*."""
+    c, P = store.coords, store.patch_size_level0
+    xs = np.sort(np.unique(c[:, 0]))
+    lo, hi = xs[len(xs) // 3], xs[2 * len(xs) // 3]
+    y0, y1 = c[:, 1].min(), c[:, 1].max() + P
+    return [
+        Annotation([[rect(c[:, 0].min(), y0, lo, y1)]], class_name="Tumor",
+                   color=(200, 0, 0) if colours else None),
+        Annotation([[rect(hi, y0, c[:, 0].max() + P, y1)]], class_name="Stroma",
+                   color=(150, 200, 150) if colours else None),
+        Annotation([[rect(lo, y0, lo + P, y0 + P)]], class_name="Ignore*", color=(180, 180, 180)),
+    ]
+
+
+def test_labels_train_predict_class_map_aligned_with_slide(store, tmp_path):
+    anns = split_annotations(store)
+    names = ["Tumor", "Stroma"]
+    labels = labels_for_store(anns, store, names)
+    assert labels.excluded_classes == ["Ignore*"]
+    c, P, mpp = store.coords, store.patch_size_level0, store.mpp
+    assert (labels.labels[c[:, 0] + P <= c[:, 0].min() + (P * 2)] == 0).all()
+    assert labels.counts["Tumor"] > 5 and labels.counts["Stroma"] > 5
+
+    res = train_classifier(anns, store, names, [(200, 0, 0), (150, 200, 150)], cv_folds=3)
+    assert res.report is not None and 0.0 <= res.report.balanced_accuracy <= 1.0
+    assert res.report.confusion.sum() == (labels.labels >= 0).sum()
+    assert res.probe.recipe["model"] == TINY and res.probe.recipe["patch_size"] == 112
+
+    pred = predict_store(res.probe, store)
+    assert pred.proba.shape == (store.n_patches, 2)
+    np.testing.assert_allclose(pred.proba.sum(1), 1, atol=1e-5)
+    # the probe fits its own training patches (near-separable 48-d features, 2 classes)
+    lab = labels.labels >= 0
+    assert (pred.labels[lab] == labels.labels[lab]).mean() > 0.8
+
+    ras = pred.class_raster()
+    g = ras.grid
+    assert g.cell == P and ras.data.shape == g.shape
+    assert ras.scale == pytest.approx((P * mpp, P * mpp))
+    assert ras.translate == pytest.approx(((c[:, 1].min() + P / 2 - 0.5) * mpp,
+                                           (c[:, 0].min() + P / 2 - 0.5) * mpp))
+    # every patch's world centre falls in the raster cell holding its class
+    centre_world = (c[:, ::-1] + P / 2 - 0.5) * mpp  # (y, x)
+    cell = np.floor((centre_world - np.array(ras.translate)) / np.array(ras.scale) + 0.5)
+    cell = cell.astype(int)
+    assert (ras.data[cell[:, 0], cell[:, 1]] == pred.labels + 1).all()
+    assert (ras.data > 0).sum() == store.n_patches
+    # the raster covers exactly the slide region of the patches
+    h, w = g.shape
+    assert (c[:, 0].max() + P - c[:, 0].min()) == w * P and (c[:, 1].max() + P - c[:, 1].min()) == h * P
+    prob = pred.probability_raster(0).data
+    assert np.isnan(prob[ras.data == 0]).all() and np.isfinite(prob[ras.data > 0]).all()
+
+    paths = write_outputs(pred, tmp_path / "out")
+    out = read_geojson(paths["geojson"])
+    assert {a.class_name for a in out} <= {"Tumor", "Stroma"}
+    total = sum(a.area for a in out)
+    assert total == pytest.approx(store.n_patches * P * P)
+    n = sum(a.properties["measurements"]["Num patches"] for a in out)
+    assert n == store.n_patches
+    a0 = out[0]
+    assert a0.properties["measurements"]["Area µm^2"] == pytest.approx(a0.area * mpp**2)
+    rows = paths["csv"].read_text().splitlines()
+    assert rows[0] == "x,y,class,class_name,prob_Tumor,prob_Stroma,uncertainty"
+    assert len(rows) == store.n_patches + 1
+    with h5py.File(paths["h5"]) as f:
+        assert f["probabilities"].shape == (store.n_patches, 2)
+        assert json.loads(f.attrs["class_names"]) == names
+        np.testing.assert_array_equal(f["coords"][()], c)
+
+    per = write_outputs(pred, tmp_path / "pp", per_patch=True, tables=())
+    dets = read_geojson(per["geojson"])
+    assert len(dets) == store.n_patches and dets[0].object_type == "detection"
+    assert set(dets[0].properties["measurements"]) == {"Prob Tumor", "Prob Stroma", "Uncertainty"}
+
+
+def test_classifier_file_refused_on_another_recipe(store, tmp_path):
+    res = train_classifier(split_annotations(store), store, ["Tumor", "Stroma"], cv_folds=0)
+    path = res.probe.save(tmp_path / "c.npz")
+    probe = load_classifier(path, store)  # same recipe: fine
+    assert probe.class_names == ["Tumor", "Stroma"] and probe.colours is None
+
+    other = dict(store.recipe.to_dict(), model="gpfm", weights_sha256="abc")
+    fake = SimpleNamespace(recipe=other, path=Path("other/slide.h5"), embed_dim=48)
+    with pytest.raises(RecipeMismatchError, match="model: classifier has 'tiny-test'"):
+        load_classifier(path, fake)
+    with pytest.raises(RecipeMismatchError, match="another recipe"):
+        load_probe(path, expected_recipe=other)
+    tiling = SimpleNamespace(recipe=dict(store.recipe.to_dict(), patch_size=224),
+                             path=Path("x.h5"), embed_dim=48)
+    with pytest.raises(RecipeMismatchError, match="patch_size"):
+        check_recipe(probe, tiling)
+
+
+def test_live_steps_yield_prediction_then_report(store):
+    anns = split_annotations(store)
+    steps = list(live_steps(anns[:1], store, ["Tumor", "Stroma"]))
+    assert [s.kind for s in steps] == ["status"] and "two classes" in steps[0].message
+    steps = list(live_steps(anns, store, ["Tumor", "Stroma"], cv_folds=3))
+    assert [s.kind for s in steps] == ["prediction", "report"]
+    assert set(steps[0].rasters) == {"classes", "entropy", "p:Tumor", "p:Stroma"}
+    assert steps[1].report.class_names == ["Tumor", "Stroma"]
+
+
+def _cli(argv):
+    from napari_gpfm.analyses._cli import register
+
+    parser = argparse.ArgumentParser(prog="napari-gpfm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_train_classifier_and_classify(store, sample_svs, tmp_path, capsys):
+    geo = tmp_path / "qupath.geojson"
+    write_geojson(geo, split_annotations(store))
+    clf = tmp_path / "clf" / "tumour.npz"
+    code = _cli(["train-classifier", "--annotations", str(geo), "--slide", str(sample_svs),
+                 "--out", str(clf), "--model", TINY, "--allow-random-weights", "--folds", "3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "balanced accuracy" in out and clf.exists()
+    assert (tmp_path / "clf" / "features_tiny-test" / "CMU-1-Small-Region.h5").exists()
+    assert (tmp_path / "clf" / "tumour.classes.json").exists()
+    probe = load_probe(clf)
+    assert probe.class_names == ["Tumor", "Stroma"] and probe.colours.tolist()[0] == [200, 0, 0]
+
+    res = tmp_path / "res"
+    code = _cli(["classify", "--classifier", str(clf), str(sample_svs), "--out", str(res),
+                 "--store-dir", str(tmp_path / "clf")])
+    assert code == 0, capsys.readouterr().err
+    assert {p.name for p in res.iterdir()} == {
+        "CMU-1-Small-Region.geojson", "CMU-1-Small-Region_patches.csv",
+        "CMU-1-Small-Region_patches.h5"}
+    polys = read_geojson(res / "CMU-1-Small-Region.geojson")
+    assert {a.class_name for a in polys} <= {"Tumor", "Stroma"}
+    assert polys[0].color in {(200, 0, 0), (150, 200, 150)}
+
+    # features of other encoder weights under the same model name: refused, naming the key
+    bad = dict(probe.recipe, weights_sha256="0" * 64)
+    probe.recipe = bad
+    probe.save(tmp_path / "bad.npz")
+    code = _cli(["classify", "--classifier", str(tmp_path / "bad.npz"), str(sample_svs),
+                 "--out", str(tmp_path / "res2"), "--store-dir", str(tmp_path / "clf")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "weights_sha256" in err and "another model or recipe" in err
+
+
+def test_cli_train_classifier_with_pathotune(store, sample_svs, tmp_path, capsys):
+    """`train-classifier --method pathotune`: same annotations, prompt-tuned backbone file."""
+    from napari_gpfm.analyses.pathotune import read_header
+
+    geo = tmp_path / "qupath.geojson"
+    write_geojson(geo, split_annotations(store))
+    out = tmp_path / "pt" / "tumour"
+    code = _cli(["train-classifier", "--method", "pathotune", "--annotations", str(geo),
+                 "--slide", str(sample_svs), "--out", str(out), "--model", TINY,
+                 "--allow-random-weights", "--store-dir", str(store.path.parent.parent),
+                 "--epochs", "1", "--no-ttp", "--n-tvp", "2", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    written = out.with_suffix(".safetensors")
+    assert written.exists() and "PathoTune classifier written" in printed
+    header = read_header(written)
+    assert header["class_names"] == ["Tumor", "Stroma"]
+    assert header["backbone"]["name"] == TINY
