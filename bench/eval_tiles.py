@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_TILES = Path(os.environ.get("GPFM_SHARED", "/work/shared")) / "data/tiles/crc-he"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TILES = Path(os.environ.get("GPFM_SHARED", REPO.parent / "shared")) / "data/tiles/crc-he"
 
 VITS14_CARD = """\
 name: vits14-random
@@ -104,11 +105,31 @@ def knn_loo(X: np.ndarray, y: np.ndarray, k: int) -> float:
     return float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
 
 
+def random_init_card(name: str) -> str:
+    """Register ``<name>-random-init``: the same card with no weights source, in a temporary
+    user models folder, so that ``load_encoder`` builds the architecture with random weights."""
+    from napari_gpfm.encoders import get_card
+
+    data = get_card(name).to_dict()
+    data["name"] = f"{name}-random-init"
+    data["display_name"] = f"{data.get('display_name', name)} (random weights)"
+    data["weights"] = {k: None for k in ("file", "env", "default_path", "hf_hub", "url", "sha256")}
+    data.pop("bundled_default", None)
+    folder = Path(tempfile.mkdtemp(prefix="eval-tiles-"))
+    import yaml
+
+    (folder / f"{data['name']}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ["NAPARI_GPFM_MODELS_DIR"] = str(folder)
+    return data["name"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model card (default: default_model_name())")
     ap.add_argument("--allow-random-weights", action="store_true")
+    ap.add_argument("--random-init", action="store_true",
+                    help="the model's architecture with seeded random weights (its baseline)")
     ap.add_argument("--tiles", type=Path, default=DEFAULT_TILES)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5, help="CV shuffles (seeds 0..R-1)")
@@ -124,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         from napari_gpfm.encoders import default_model_name
 
         model = default_model_name()
+    if args.random_init:
+        model = random_init_card(model)
+        args.allow_random_weights = True
     images, y, _ = load_tiles(args.tiles)
     t = time.perf_counter()
     X, enc = embed_tiles(model, images, args.allow_random_weights)
