@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TILES = Path("/work/shared/data/tiles/crc-he")
+TILES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiles" / "crc-he"
 TINY_NAME = "bench-vit-ti14-random"
 TINY_CARD = f"""\
 name: {TINY_NAME}

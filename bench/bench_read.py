@@ -11,7 +11,6 @@ the real sample) and reports time and memory. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -117,7 +116,6 @@ def main() -> None:
         print("|---|---:|---:|")
         for lib, dt, mb in opens:
             print(f"| {lib} | {dt:.3f} | {mb:.1f} |")
-    print(f"\nmedian check: {statistics.median([r[2] for r in rows]):,.0f} patches/s")
 
 
 if __name__ == "__main__":

@@ -162,7 +162,8 @@ def bench_clusters(viewer, app, n: int, dim: int, k: int, full: bool) -> dict:
 
     ex = explorer_for(viewer)
     session, side = synthetic_session(n, dim)
-    viewer.add_image(np.zeros((8, 8), np.uint8), name="big", scale=(side * 224 * MPP / 8,) * 2)
+    viewer.add_image(np.zeros((8, 8), np.uint8), name="big", scale=(side * 224 * MPP / 8,) * 2,
+                     units=("micrometer", "micrometer"))
     ex.sessions["big"] = session
     # napari JIT-compiles (numba) its label-colour kernels on the first Labels layer of a
     # session: a one-off cost, measured apart

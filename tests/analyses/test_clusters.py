@@ -1,7 +1,5 @@
 """k-means recovers planted tissue types; tables report counts and areas; projections work."""
 
-import os
-
 import numpy as np
 import pytest
 from analyses_synthetic import planted_clusters
@@ -81,12 +79,7 @@ def test_umap_missing_names_the_package_to_install(monkeypatch, planted):
         clusters.umap(planted[0])
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not clusters.umap_available(), reason="umap-learn not installed")
-@pytest.mark.skipif(
-    not os.environ.get("NAPARI_GPFM_SLOW"),
-    reason="~40 s of numba compilation; set NAPARI_GPFM_SLOW=1",
-)
+@pytest.mark.slow  # ~40 s, most of it numba compiling UMAP on first use
 def test_umap_fits_a_subsample_and_places_every_patch(planted):
     x, y = planted
     emb = clusters.umap(x, fit_size=300, seed=0)

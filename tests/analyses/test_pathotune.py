@@ -20,7 +20,8 @@ from PIL import Image
 from napari_gpfm.analyses import pathotune as pt
 from napari_gpfm.analyses.pathotune.train import augment_batch
 
-TILES = Path("/work/shared/data/tiles/crc-he")
+# shared/ sits beside the repository (see ../shared/data/SOURCES.md)
+TILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tiles" / "crc-he"
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
 ARCH = {"timm_name": "vit_small_patch14_dinov2",

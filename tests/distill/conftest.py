@@ -9,7 +9,8 @@ import pytest
 
 from napari_gpfm.distill.config import Config, load_config, merge, nest_dotted
 
-TILES = Path("/work/shared/data/tiles/crc-he/CRC-VAL-HE-7K")
+# shared/ sits beside the repository (see ../shared/data/SOURCES.md)
+TILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tiles" / "crc-he" / "CRC-VAL-HE-7K"
 
 TINY: dict[str, Any] = {
     "student": {
