@@ -41,8 +41,10 @@ def plot(make_napari_viewer, qtbot):
 def test_pca_plot_and_box_lasso_selection(plot, qtbot):
     viewer, w, ex = plot
     assert w.slide_combo.currentText() == "s"
-    with qtbot.waitSignal(w.compute("pca").returned, timeout=20_000):
-        pass
+    # the worker starts at once and can finish before a signal blocker connects: wait for the
+    # plotted data instead
+    assert w.compute("pca") is not None
+    qtbot.waitUntil(lambda: w.xy is not None and not w._busy, timeout=20_000)
     s = ex.sessions["s"]
     assert w.xy.shape == (s.n, 2)
     # points are coloured by cluster with the Labels palette
@@ -83,8 +85,10 @@ def test_pca_plot_and_box_lasso_selection(plot, qtbot):
 
 def test_hover_on_slide_rings_the_point(plot, qtbot):
     viewer, w, ex = plot
-    with qtbot.waitSignal(w.compute("pca").returned, timeout=20_000):
-        pass
+    # the worker starts at once and can finish before a signal blocker connects: wait for the
+    # plotted data instead
+    assert w.compute("pca") is not None
+    qtbot.waitUntil(lambda: w.xy is not None and not w._busy, timeout=20_000)
     s = ex.sessions["s"]
     ex.hover("s", 17)
     assert w.hover_index == 17 and w.hover.visible

@@ -22,24 +22,10 @@ from napari_gpfm.analyses.classify import (
 )
 from napari_gpfm.analyses.probe import RecipeMismatchError, load_probe
 from napari_gpfm.annotations.geojson import Annotation, read_geojson, write_geojson
+from tiny_models import tiny_card
 
 TINY = "tiny-test"
-TINY_CARD = """\
-name: tiny-test
-display_name: Tiny random ViT for tests
-is_gpfm: false
-architecture:
-  timm_name: vit_small_patch14_dinov2
-  kwargs: {img_size: 56, embed_dim: 48, depth: 2, num_heads: 2, num_classes: 0}
-checkpoint_layout: timm
-input: {size: 56, interpolation: bicubic, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
-embed_dim: 48
-weights: {file: null, env: null, default_path: null, hf_hub: null, url: null, sha256: null}
-license: Apache-2.0
-gated: false
-recommended_tiles: {target_mpp: 0.5, patch_size: 112}
-provenance: {}
-"""
+TINY_CARD = tiny_card(TINY, 112)
 
 
 @pytest.fixture(scope="module")
