@@ -78,6 +78,7 @@ class JobResult:
     prediction: Any  # PredictResult, or None (cancelled)
     classifier: Any
     n_labelled: int = 0
+    probe_val_bal_acc: float | None = None  # linear probe on the store, same validation split
 
 
 def _grid(job: PathoTuneJob, encoder: Any) -> tuple[np.ndarray, int]:
@@ -124,9 +125,25 @@ def pathotune_job(job: PathoTuneJob, stop: threading.Event) -> Generator[Any, No
         if train is None or train.cancelled:
             return JobResult(train, None, None if train is None else train.classifier, n_labelled)
         clf = train.classifier
+        probe_acc = _probe_on_same_split(job, labels, train)
     pred = yield from pt.predict_slide(clf, job.slide_path, coords, size0, mpp=job.mpp,
                                        stop_event=stop)
-    return JobResult(train, pred if pred.done else None, clf, n_labelled)
+    return JobResult(train, pred if pred.done else None, clf, n_labelled,
+                     None if job.classifier is not None else probe_acc)
+
+
+def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any) -> float | None:
+    """The linear probe's validation balanced accuracy on the slide's stored embeddings, fitted
+    and scored on exactly PathoTune's train/validation patches (None without a store)."""
+    if not job.store_path or train.val_indices is None:
+        return None
+    from ..analyses.probe import holdout_balanced_accuracy
+    from ..embeddings import open_store
+
+    keep = np.flatnonzero(labels.labels >= 0)
+    features = open_store(job.store_path).features[keep]
+    return holdout_balanced_accuracy(features, labels.labels[keep], train.train_indices,
+                                     train.val_indices, labels.class_names)
 
 
 class PathoTuneWidget(QWidget):
@@ -389,10 +406,12 @@ class PathoTuneWidget(QWidget):
         if train is not None:
             clf = train.classifier
             val = "n/a" if train.val_bal_acc is None else f"{train.val_bal_acc:.3f}"
+            probe = ("n/a (needs the slide's feature store)" if result.probe_val_bal_acc is None
+                     else f"{result.probe_val_bal_acc:.3f}")
             self.scores.setText(
                 f"{clf.config.label}: {result.n_labelled} labelled patches, validation balanced "
-                f"accuracy {val} (epoch {train.best_epoch}), "
-                f"{clf.model.n_trainable():,} trainable parameters"
+                f"accuracy {val} (epoch {train.best_epoch}); linear probe on the same split: "
+                f"{probe}; {clf.model.n_trainable():,} trainable parameters"
                 + (" — cancelled" if train.cancelled else ""))
         if result.prediction is not None:
             self._paint(result.prediction)

@@ -443,3 +443,24 @@ def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearPr
         recipe=recipe,
         n_train=int(header.get("n_train", 0)),
     )
+
+
+def holdout_balanced_accuracy(
+    X: np.ndarray,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    class_names: Sequence[str],
+) -> float | None:
+    """Balanced accuracy of a linear probe fitted on ``train_idx`` and scored on ``val_idx``:
+    lets another classifier's validation score be compared on exactly the same split.
+    None when the split has no validation patches or fewer than two training classes."""
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    y = np.asarray(y)
+    if val_idx.size == 0 or len(np.unique(y[train_idx])) < 2:
+        return None
+    probe = fit_probe(X[train_idx], y[train_idx], class_names)
+    pred = np.asarray(probe.predict(X[val_idx]))
+    truth = y[val_idx]
+    recalls = [np.mean(pred[truth == c] == c) for c in np.unique(truth)]
+    return float(np.mean(recalls))

@@ -74,6 +74,7 @@ def test_trains_in_a_worker_and_paints_the_slide(dock, qtbot, tmp_path):
     assert widget.last is not None and widget.last.prediction is not None
     assert widget.classifier is not None and widget.classifier.class_names == ["upper", "lower"]
     assert widget.last.n_labelled >= 4 and "validation balanced accuracy" in widget.scores.text()
+    assert "linear probe on the same split" in widget.scores.text()
     classes = viewer.layers["CMU-1-Small-Region PathoTune classes"]
     assert set(np.unique(classes.data)) <= {0, 1, 2} and classes.data.max() >= 1
     assert "CMU-1-Small-Region PathoTune P(upper)" in viewer.layers

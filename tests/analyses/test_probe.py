@@ -137,3 +137,18 @@ def test_warm_start_from_previous_probe_converges_to_the_same_answer(data):
     again = fit_probe(x, y, CLASSES, previous=first)
     cold = fit_probe(x, y, CLASSES)
     assert np.mean(again.predict(x) == cold.predict(x)) > 0.97
+
+
+def test_holdout_score_uses_exactly_the_given_split():
+    """The PathoTune dock compares against the probe on its own train/validation patches."""
+    from napari_gpfm.analyses.probe import holdout_balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    X = rng.normal(size=(60, 8)) + np.eye(3, 8)[y] * 6
+    train, val = np.arange(0, 60, 2), np.arange(1, 60, 2)
+    assert holdout_balanced_accuracy(X, y, train, val, ["a", "b", "c"]) == 1.0
+    y_bad = y.copy()
+    y_bad[val] = (y[val] + 1) % 3  # validation labels that the training patches contradict
+    assert holdout_balanced_accuracy(X, y_bad, train, val, ["a", "b", "c"]) == 0.0
+    assert holdout_balanced_accuracy(X, y, train, np.array([], int), ["a", "b", "c"]) is None
