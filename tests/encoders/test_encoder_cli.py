@@ -30,8 +30,10 @@ def test_table_lists_every_card_with_status(isolated_env, tmp_path: Path, monkey
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "GPFM", "DIM", "WEIGHTS", "LICENCE", "GATED", "PATH"]
-    rows = {line.split()[0]: line for line in lines[1:6]}
-    assert set(rows) == {"conch", "gpfm", "phikon", "student", "uni"}
+    rows = {line.split()[0]: line for line in lines[1:7]}
+    assert set(rows) == {"conch", "gpfm", "gpfm-demo-student-vit-ti14", "phikon", "student", "uni"}
+    assert rows["gpfm-demo-student-vit-ti14"].split()[:4] == [
+        "gpfm-demo-student-vit-ti14", "no", "192", "found"]  # bundled, labelled not GPFM
     assert rows["gpfm"].split()[:4] == ["gpfm", "yes", "1024", "found"]
     assert rows["gpfm"].endswith(str(weights))
     assert rows["conch"].split()[:4] == ["conch", "no", "512", "missing"]
@@ -44,8 +46,10 @@ def test_table_lists_every_card_with_status(isolated_env, tmp_path: Path, monkey
 def test_json_output(capsys):
     assert run(["models", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"conch", "gpfm", "phikon", "uni"}
+    assert set(rows) == {"conch", "gpfm", "gpfm-demo-student-vit-ti14", "phikon", "uni"}
     assert rows["gpfm"]["is_gpfm"] is True and rows["phikon"]["embed_dim"] == 768
+    student = rows["gpfm-demo-student-vit-ti14"]
+    assert student["is_gpfm"] is False and student["weights"] == "found"
     assert rows["gpfm"]["weights"] == "missing" and rows["gpfm"]["env"] == "GPFM_WEIGHTS"
     assert rows["conch"]["gated"] is True
 

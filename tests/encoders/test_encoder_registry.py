@@ -101,8 +101,8 @@ def test_default_falls_back_to_bundled_default_student(isolated_env: Path, tmp_p
         data["weights"] = {**data["weights"], "file": f"{name}.safetensors"}
         write_card(isolated_env, data)
     write_card(isolated_env, card_dict("unmarked"))  # no bundled_default: never the default
-    with pytest.raises(WeightsNotFoundError):
-        default_model_name()  # marked cards exist but none has its weights
+    # marked user cards without weights are skipped: the bundled demo student is the default
+    assert default_model_name() == "gpfm-demo-student-vit-ti14"
     (isolated_env / "unmarked.safetensors").write_bytes(b"x")
     (isolated_env / "alpha.safetensors").write_bytes(b"x")
     assert default_model_name() == "alpha"
@@ -111,7 +111,15 @@ def test_default_falls_back_to_bundled_default_student(isolated_env: Path, tmp_p
     assert default_model_name() == "beta"  # GPFM-trained first, then by name
 
 
-def test_no_default_explains_how_to_get_gpfm():
+def test_no_default_explains_how_to_get_gpfm(tmp_path: Path, monkeypatch):
+    """Without GPFM weights and without the bundled student (an incomplete install)."""
+    from napari_gpfm.encoders import registry
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    for name in ("gpfm", "uni", "phikon", "conch"):
+        (bundled / f"{name}.yaml").write_text((registry.bundled_models_dir() / f"{name}.yaml").read_text())
+    monkeypatch.setattr(registry, "bundled_models_dir", lambda: bundled)
     with pytest.raises(WeightsNotFoundError) as info:
         default_model_name()
     message = str(info.value)
