@@ -165,15 +165,39 @@ def labels_from_annotations(
         elif a.class_name in col:
             fractions[:, col[a.class_name]] += square_coverage(a.polygons, c, patch_size_level0)
     np.clip(fractions, 0.0, 1.0, out=fractions)
+    return labels_from_fractions(fractions, names, ignore_frac, min_fraction, on_conflict,
+                                 excluded, skipped)
+
+
+def labels_from_fractions(
+    fractions: np.ndarray,
+    class_names: Sequence[str],
+    ignore_frac: np.ndarray,
+    min_fraction: float,
+    on_conflict: str = "skip",
+    excluded_classes: Sequence[str] = (),
+    skipped: Sequence[str] = (),
+    trainable: np.ndarray | None = None,
+) -> PatchLabels:
+    """The patch-labelling rule, from each patch's covered fraction per class (N, C).
+
+    A patch takes the class that reaches ``min_fraction``; two or more reaching it is a
+    conflict (left unlabelled, or the largest with ``on_conflict="largest"``); a patch whose
+    ``Ignore*`` coverage reaches it is unlabelled and flagged. ``trainable`` (C,) bool masks
+    out columns that must never label a patch.
+    """
+    names = list(class_names)
     # tolerance so that an exactly representable 0.6 coverage is not lost to rounding
     reach = fractions >= min_fraction - 1e-9
+    if trainable is not None:
+        reach[:, ~np.asarray(trainable, bool)] = False
     n_reach = reach.sum(axis=1)
-    labels = np.full(n, -1, dtype=np.int64)
+    labels = np.full(len(fractions), -1, dtype=np.int64)
     single = n_reach == 1
     labels[single] = reach[single].argmax(axis=1)
     conflicts = np.nonzero(n_reach > 1)[0]
     if on_conflict == "largest":
-        labels[conflicts] = fractions[conflicts].argmax(axis=1)
+        labels[conflicts] = np.where(reach[conflicts], fractions[conflicts], -1).argmax(axis=1)
     elif on_conflict != "skip":
         raise ValueError(f"on_conflict must be 'skip' or 'largest', got {on_conflict!r}")
     ignored = ignore_frac >= min_fraction - 1e-9
@@ -185,6 +209,6 @@ def labels_from_annotations(
         conflicts=conflicts.astype(np.int64),
         conflict_classes=[[names[j] for j in np.nonzero(reach[i])[0]] for i in conflicts],
         ignored=ignored,
-        excluded_classes=excluded,
-        skipped=skipped,
+        excluded_classes=list(excluded_classes),
+        skipped=list(skipped),
     )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .geojson import Annotation
-from .labels import PatchLabels
+from .labels import PatchLabels, labels_from_fractions
 
 __all__ = [
     "LayerFrame",
@@ -360,22 +360,7 @@ def labels_from_mask(
             ignore_frac += frac
         else:
             fractions[:, i] = frac
-    reach = fractions >= min_fraction - 1e-9
-    reach[:, excl] = False
-    n_reach = reach.sum(axis=1)
-    labels = np.full(n, -1, dtype=np.int64)
-    single = n_reach == 1
-    labels[single] = reach[single].argmax(axis=1)
-    conflicts = np.nonzero(n_reach > 1)[0]
-    ignored = ignore_frac >= min_fraction - 1e-9
-    labels[ignored] = -1
-    return PatchLabels(
-        labels=labels,
-        fractions=fractions,
-        class_names=names,
-        conflicts=conflicts.astype(np.int64),
-        conflict_classes=[[names[j] for j in np.nonzero(reach[i])[0]] for i in conflicts],
-        ignored=ignored,
-        excluded_classes=[nm for nm, e in zip(names, excl) if e],
-        skipped=[],
+    return labels_from_fractions(
+        fractions, names, ignore_frac, min_fraction,
+        excluded_classes=[nm for nm, e in zip(names, excl) if e], trainable=~excl,
     )
