@@ -6,8 +6,7 @@ Pure numpy/scipy/scikit-learn: no napari, Qt or torch. Public names are re-expor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "heatmap": ("PatchGrid", "Raster", "patch_grid", "heatmap_raster", "labels_raster"),
@@ -19,16 +18,4 @@ _EXPORTS = {
     ),
     "export": ("write_table", "write_csv", "write_parquet", "apply_colormap", "write_heatmap_png"),
 }  # fmt: skip
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ No napari or Qt. Public names are re-exported lazily.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "geojson": (
@@ -16,16 +15,4 @@ _EXPORTS = {
     ),
     "labels": ("PatchLabels", "labels_from_annotations", "square_coverage"),
 }  # fmt: skip
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
