@@ -102,7 +102,9 @@ def knn_loo(X: np.ndarray, y: np.ndarray, k: int) -> float:
         winners = [c for c in classes if votes[c] == best]
         pred.append(next(y[j] for j in nn if y[j] in winners))  # tie -> nearest
     pred = np.array(pred)
-    return float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
+    from napari_gpfm.analyses.probe import balanced_accuracy
+
+    return balanced_accuracy(y, pred, classes)
 
 
 def random_init_card(name: str) -> str:

@@ -14,7 +14,7 @@ _EXPORTS = {
     "similarity": ("SimilarityIndex", "MultiStoreIndex", "ModelMismatchError"),
     "probe": (
         "LinearProbe", "CVReport", "fit_probe", "cv_report", "load_probe", "entropy",
-        "ProbeFileError", "RecipeMismatchError",
+        "ProbeFileError", "RecipeMismatchError", "balanced_accuracy",
     ),
     "export": ("write_table", "write_csv", "write_parquet", "apply_colormap", "write_heatmap_png"),
 }  # fmt: skip

@@ -363,7 +363,7 @@ def cv_report(
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, codes):
         pipe = _fit_arrays(X[train], codes[train], C, max_iter)
         pred[test] = pipe.predict(X[test])
-        fold_scores.append(_balanced_accuracy(codes[test], pred[test], present))
+        fold_scores.append(balanced_accuracy(codes[test], pred[test], present))
     n_cls = len(class_names)
     confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
     np.add.at(confusion, (codes, pred), 1)
@@ -389,9 +389,13 @@ def entropy(proba: np.ndarray, n_classes: int | None = None) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def _balanced_accuracy(true: np.ndarray, pred: np.ndarray, classes: np.ndarray) -> float:
+def balanced_accuracy(true: np.ndarray, pred: np.ndarray, classes: np.ndarray | None = None) -> float:
+    """Mean per-class recall over ``classes`` (default: those in ``true``) present in ``true``;
+    NaN when none is."""
+    true, pred = np.asarray(true), np.asarray(pred)
+    classes = np.unique(true) if classes is None else classes
     rec = [np.mean(pred[true == c] == c) for c in classes if np.any(true == c)]
-    return float(np.mean(rec))
+    return float(np.mean(rec)) if rec else float("nan")
 
 
 def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearProbe:
@@ -460,7 +464,4 @@ def holdout_balanced_accuracy(
     if val_idx.size == 0 or len(np.unique(y[train_idx])) < 2:
         return None
     probe = fit_probe(X[train_idx], y[train_idx], class_names)
-    pred = np.asarray(probe.predict(X[val_idx]))
-    truth = y[val_idx]
-    recalls = [np.mean(pred[truth == c] == c) for c in np.unique(truth)]
-    return float(np.mean(recalls))
+    return balanced_accuracy(y[val_idx], probe.predict(X[val_idx]))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..probe import balanced_accuracy
 from .model import PathoTuneClassifier, PromptConfig, build_classifier
 from .text import TextEncoder, TextTemplate
 
@@ -175,15 +176,6 @@ def stratified_split(
         return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     return cat(train), cat(val)
-
-
-def balanced_accuracy(true: np.ndarray, pred: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``true``."""
-    true, pred = np.asarray(true), np.asarray(pred)
-    classes = np.unique(true)
-    if classes.size == 0:
-        return float("nan")
-    return float(np.mean([np.mean(pred[true == c] == c) for c in classes]))
 
 
 def augment_batch(
