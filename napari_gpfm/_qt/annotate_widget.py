@@ -1,22 +1,36 @@
 """'Annotate & classify' dock: class palette, annotation layers, live linear probe, classifiers.
 
-Thin over ``annotations`` (palette, GeoJSON, shapes), ``layers.annotation_layers`` (layer data)
-and ``analyses.classify`` (training, prediction): the widget gathers inputs, runs
-:func:`~napari_gpfm.analyses.classify.live_steps` in a ``thread_worker`` and shows what it
-yields. Live mode retrains 300 ms after the last edit of the annotation (Shapes) or paint
-(Labels) layer; an edit arriving during a run cancels it at its next yield and starts again.
+Thin over the window's :class:`~napari_gpfm.layers.session.ViewerSession` (shared with every
+other dock) and :func:`napari_gpfm.jobs.probe_job`:
+
+- the class palette is the session's (PathoTune uses the same one); it is kept in the project
+  folder (the session's output folder) as ``classes.json`` (:func:`palette_path`);
+- slides are the session's; a slide's features are the store the session knows
+  (:meth:`~napari_gpfm.layers.session.ViewerSession.find_store`), so embeddings computed in the
+  GPFM dock show here at once (``store`` event), whichever dock was opened first;
+- every Shapes layer (this dock's, napari's own "new shapes layer", an imported GeoJSON) gives
+  newly drawn shapes the active class (:func:`attach_active_class`);
+- live mode retrains 300 ms after the last edit of the annotation (Shapes) or paint (Labels)
+  layer, in a :class:`~._jobs.JobPanel`; an edit arriving during a run cancels it and starts
+  again. The class map is painted as soon as the probe is fitted (before the
+  cross-validation) through :meth:`~napari_gpfm.layers.session.ViewerSession.set_prediction`,
+  aligned with the slide layer wherever it sits, and the probe becomes the session's
+  ``"probe"`` classifier.
+
+Annotation layers made here sit on their slide (its scale and translate; they move and are
+renamed with it); shapes are read relative to the current slide layer, so a slide placed
+anywhere in the world (``translate``) is labelled correctly.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -39,26 +53,32 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..analyses.classify import live_steps, load_classifier, predict_store
 from ..annotations.classes import ClassPalette, palette_path
 from ..annotations.geojson import read_geojson, write_geojson
-from ..embeddings import open_store
+from ..embeddings import StoreError
 from ..layers.annotation_layers import (
     annotation_layer_data,
     annotations_from_layer,
     apply_class_colours,
+    attach_active_class,
+    class_colormap,
     labels_from_paint_layer,
     paint_layer_data,
-    prediction_layer_data,
     set_class_of,
-    set_or_add_layer,
-    slide_mpp,
 )
-from ..layers.reader import layer_slide
-from ..layers.session import explorer_for
+from ..layers.convert import META_KEY
+from ..layers.session import result_name, session_for
+from ._jobs import JobPanel
+from .gpfm_widget import fill_slide_combo
+
+__all__ = ["AnnotateWidget", "relative_to_slide"]
 
 DEBOUNCE_MS = 300
 CV_FOLDS = 5
+SOURCE = "probe"  # the session's classifier / prediction key
+#: What the dock catches from the package and shows (never a bare ``Exception``).
+USER_ERRORS = (ValueError, LookupError, OSError, StoreError)
+NO_STORE = "{name}: no embeddings yet. Compute them in the GPFM dock (Plugins > napari-gpfm > GPFM)."
 
 
 def _swatch(rgb: tuple[int, int, int]) -> QIcon:
@@ -67,43 +87,106 @@ def _swatch(rgb: tuple[int, int, int]) -> QIcon:
     return QIcon(pix)
 
 
-class AnnotateWidget(QWidget):
-    """Annotate classes on a slide and train / apply a linear probe on its embeddings."""
+class _Shifted:
+    """A layer seen with another ``translate`` (every other attribute is the layer's)."""
 
-    def __init__(self, napari_viewer: Any, palette: ClassPalette | None = None):
+    def __init__(self, layer: Any, translate: np.ndarray):
+        self._layer = layer
+        self.translate = translate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._layer, name)
+
+
+def relative_to_slide(layer: Any, offset: tuple[float, float]) -> Any:
+    """``layer`` as the annotation readers expect it: placed relative to its slide layer.
+
+    The readers (:func:`annotations_from_layer`, :func:`labels_from_paint_layer`) take world
+    ``(0, 0)`` as the slide's level-0 origin; a slide layer moved to ``offset`` (its
+    ``translate``, world y x) is taken into account by subtracting it from the layer's own
+    ``translate``."""
+    off = np.asarray(offset, dtype=float)
+    if not np.any(off):
+        return layer
+    t = np.array(layer.translate, dtype=float)
+    t[-2:] -= off
+    return _Shifted(layer, t)
+
+
+def _is_paint(layer: Any) -> bool:
+    meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    return type(layer).__name__ == "Labels" and isinstance(meta, dict) \
+        and meta.get("kind") == "class-paint"  # fmt: skip
+
+
+def _teardown(palette: ClassPalette, palette_cb: Callable, disconnects: list[Callable],
+              detaches: dict[int, Callable]) -> Callable:  # fmt: skip
+    """A slot undoing the dock's connections to longer-lived objects (the session's palette
+    and events, the layer list, the Shapes layers) once the dock is deleted (a closure: the
+    widget itself is gone by then)."""
+
+    def run(*_: Any) -> None:
+        palette.disconnect(palette_cb)
+        for fn in disconnects + list(detaches.values()):
+            try:
+                fn()
+            except (RuntimeError, TypeError, ValueError):
+                pass  # the layer or viewer went first
+        detaches.clear()
+
+    return run
+
+
+class AnnotateWidget(QWidget):
+    """Annotate classes on a slide and train / apply a linear probe on its embeddings.
+
+    ``napari_viewer`` is injected by napari (each dock gets its own proxy of the viewer; the
+    session behind them is one).
+    """
+
+    #: (generation, slide uid, Progress) of a probe run, sent from the worker thread.
+    _record = Signal(object)
+
+    def __init__(self, napari_viewer: Any):
         super().__init__()
         self.viewer = napari_viewer
-        self.palette = palette or ClassPalette()
-        self.stores: dict[str, Any] = {}  # slide layer name -> FeatureStore
+        self.session = session_for(napari_viewer)
+        self.palette: ClassPalette = self.session.palette
         self.probe = None
         self.report = None
         self.labels = None
-        self.project_dir: Path | None = None
-        self._worker = None
         self._rerun = False
         self._generation = 0
-        self._connected: list[Any] = []
+        self._notes: list[str] = []  # the current run's notes on unusable shapes
+        self._shown_uid: int | None = None  # the slide whose store was looked up
+        self._watched: list[Any] = []  # emitters connected to _on_annotations_changed
+        self._detach: dict[int, Callable[[], None]] = {}  # Shapes layer uid -> detach
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._on_debounced)
         self._build()
-        self.palette.connect(self._on_palette_changed)
-        self.explorer = explorer_for(napari_viewer)  # stores shared with the GPFM dock
-        self.explorer.events.sessions.connect(self._on_session)
-        self.viewer.layers.events.inserted.connect(self._update_layer_lists)
-        self.viewer.layers.events.removed.connect(self._update_layer_lists)
-        self._update_layer_lists()
+        self._connect()
+        self._load_palette()
         self._fill_palette()
+        for layer in self.layers:
+            self._attach(layer)
+        self._update_layer_lists()
 
-    # ------------------------------------------------------------------ UI
+    @property
+    def layers(self) -> Any:
+        """The window's layer list (the real one, so that layers compare by identity)."""
+        return self.session.viewer.layers
+
+    # ================================================================== UI
     def _build(self) -> None:
         self.slide_combo = QComboBox()
-        self.store_edit = QLineEdit()
-        self.store_edit.setPlaceholderText("feature store (.h5) of the slide")
-        self.store_button = QPushButton("…")
         self.store_label = QLabel("-")
         self.store_label.setWordWrap(True)
+        self.store_button = QPushButton("Features file…")
+        self.store_button.setToolTip(
+            "Use a feature file (.h5, e.g. from TRIDENT or the napari-gpfm CLI) for this slide. "
+            "Embeddings computed in the GPFM dock are picked up automatically.")
 
         self.class_list = QListWidget()
         self.class_list.setMaximumHeight(120)
@@ -128,8 +211,10 @@ class AnnotateWidget(QWidget):
         self.min_fraction.setValue(0.5)
         self.live_check = QCheckBox("Live")
         self.train_button = QPushButton("Train now")
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        self.jobs = JobPanel("Linear probe", self.session, [self.train_button])
+        self.status_label = self.jobs.status
+        self.labels_label = QLabel("")
+        self.labels_label.setWordWrap(True)
         self.accuracy_label = QLabel("")
         self.accuracy_label.setWordWrap(True)
         self.table = QTableWidget(0, 0)
@@ -137,21 +222,20 @@ class AnnotateWidget(QWidget):
         self.save_button = QPushButton("Save classifier…")
         self.load_button = QPushButton("Load classifier…")
         self.apply_button = QPushButton("Apply to open slides")
+        self.apply_label = QLabel("")
+        self.apply_label.setWordWrap(True)
 
         src = QFormLayout()
         src.addRow("Slide", self.slide_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.store_edit)
-        row.addWidget(self.store_button)
-        src.addRow("Features", row)
-        src.addRow(self.store_label)
+        src.addRow("Features", self.store_label)
+        src.addRow("", self.store_button)
 
         classes = QGroupBox("Classes")
         cl = QGridLayout(classes)
         cl.addWidget(self.class_list, 0, 0, 1, 4)
         cl.addWidget(self.class_name_edit, 1, 0, 1, 4)
         for i, b in enumerate((self.add_button, self.rename_button, self.colour_button,
-                               self.remove_button)):
+                               self.remove_button)):  # fmt: skip
             cl.addWidget(b, 2, i)
 
         ann = QGroupBox("Annotations")
@@ -176,7 +260,8 @@ class AnnotateWidget(QWidget):
         r3.addWidget(self.live_check)
         r3.addWidget(self.train_button)
         tl.addLayout(r3)
-        tl.addWidget(self.status_label)
+        tl.addWidget(self.jobs)
+        tl.addWidget(self.labels_label)
         tl.addWidget(self.accuracy_label)
         tl.addWidget(self.table)
         r4 = QHBoxLayout()
@@ -184,6 +269,7 @@ class AnnotateWidget(QWidget):
         r4.addWidget(self.load_button)
         tl.addLayout(r4)
         tl.addWidget(self.apply_button)
+        tl.addWidget(self.apply_label)
 
         layout = QVBoxLayout(self)
         layout.addLayout(src)
@@ -191,191 +277,269 @@ class AnnotateWidget(QWidget):
         layout.addWidget(ann)
         layout.addWidget(train)
         layout.addStretch(1)
+        self.slide_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.slide_combo.setMinimumContentsLength(12)
+        self.jobs.say("Open a slide, compute its embeddings in the GPFM dock, add two classes "
+                      "and draw them.")  # fmt: skip
 
-        self.slide_combo.currentIndexChanged.connect(self._on_slide_changed)
-        self.store_button.clicked.connect(self._browse_store)
-        self.store_edit.editingFinished.connect(
-            lambda: self.set_store(self.store_edit.text()) if self.store_edit.text() else None)
+    def _connect(self) -> None:
+        # Qt's clicked(bool) would arrive as the first argument: every slot is a lambda
+        self.slide_combo.currentIndexChanged.connect(lambda _: self._on_slide_changed())
+        self.store_button.clicked.connect(lambda: self._browse_store())
         self.class_list.currentRowChanged.connect(self._on_class_row)
-        self.add_button.clicked.connect(lambda: self._guard(self.add_class,
-                                                            self.class_name_edit.text()))
-        self.rename_button.clicked.connect(self._rename_clicked)
-        self.colour_button.clicked.connect(self._colour_clicked)
-        self.remove_button.clicked.connect(self._remove_clicked)
-        self.layer_combo.currentIndexChanged.connect(self._connect_annotation_layers)
-        self.paint_combo.currentIndexChanged.connect(self._connect_annotation_layers)
-        self.new_layer_button.clicked.connect(self.new_annotation_layer)
-        self.new_paint_button.clicked.connect(self.new_paint_layer)
-        self.import_button.clicked.connect(self._import_clicked)
-        self.export_button.clicked.connect(self._export_clicked)
-        self.set_class_button.clicked.connect(self.set_class_of_selected)
+        self.add_button.clicked.connect(
+            lambda: self._guard(self.add_class, self.class_name_edit.text()))
+        self.class_name_edit.returnPressed.connect(
+            lambda: self._guard(self.add_class, self.class_name_edit.text()))
+        self.rename_button.clicked.connect(lambda: self._rename_clicked())
+        self.colour_button.clicked.connect(lambda: self._colour_clicked())
+        self.remove_button.clicked.connect(lambda: self._remove_clicked())
+        self.layer_combo.currentIndexChanged.connect(lambda _: self._on_annotation_choice())
+        self.paint_combo.currentIndexChanged.connect(lambda _: self._on_annotation_choice())
+        self.new_layer_button.clicked.connect(lambda: self._guard(self.new_annotation_layer))
+        self.new_paint_button.clicked.connect(lambda: self._guard(self.new_paint_layer))
+        self.import_button.clicked.connect(lambda: self._import_clicked())
+        self.export_button.clicked.connect(lambda: self._export_clicked())
+        self.set_class_button.clicked.connect(lambda: self.set_class_of_selected())
+        self.min_fraction.valueChanged.connect(lambda _: self._schedule())
         self.live_check.toggled.connect(lambda on: self._timer.start() if on else None)
-        self.train_button.clicked.connect(self.retrain)
-        self.save_button.clicked.connect(self._save_clicked)
-        self.load_button.clicked.connect(self._load_clicked)
-        self.apply_button.clicked.connect(self.apply_to_open_slides)
+        self.train_button.clicked.connect(lambda: self.retrain())
+        self.save_button.clicked.connect(lambda: self._save_clicked())
+        self.load_button.clicked.connect(lambda: self._load_clicked())
+        self.apply_button.clicked.connect(lambda: self.apply_to_open_slides())
+        self.jobs.finished.connect(self._on_job_finished)
+        self._record.connect(self._on_record)
 
-    def _guard(self, fn, *args):
+        self.palette.connect(self._on_palette_changed)
+        layers = self.layers
+        ev = self.session.events
+        hooks = [(layers.events.inserted, self._on_inserted),
+                 (layers.events.removed, self._on_removed),
+                 (ev.slides, self._update_layer_lists), 
+                 (ev.out_dir, self._on_out_dir)]  # fmt: skip
+        for emitter, cb in hooks:
+            emitter.connect(cb)
+        disconnects = [lambda e=e, c=c: e.disconnect(c) for e, c in hooks]
+        self.destroyed.connect(_teardown(self.palette, self._on_palette_changed, disconnects,
+                                         self._detach))  # fmt: skip
+
+    def _guard(self, fn: Callable, *args: Any) -> Any:
+        """Run a user action; the package's errors are shown, not raised."""
         try:
             return fn(*args)
-        except (ValueError, KeyError) as exc:
-            self._error(str(exc))
+        except USER_ERRORS as exc:
+            self._error(str(exc) or type(exc).__name__)
             return None
 
     def _error(self, message: str) -> None:
-        self.status_label.setText(message)
+        self.jobs.say(message, error=True)
         show_error(message)
 
-    # ------------------------------------------------------------------ slides and stores
-    def slide_layers(self) -> list:
-        # result layers may keep the slide *name* under the same metadata key: skip them
-        return [la for la in self.viewer.layers
-                if layer_slide(la) is not None and not isinstance(layer_slide(la), str)]
+    def say(self, text: str, error: bool = False) -> None:
+        self.jobs.say(text, error)
 
-    def slide_layer(self):
-        name = self.slide_combo.currentText()
-        return next((la for la in self.slide_layers() if la.name == name), None)
+    # ================================================================== slides and stores
+    def current_uid(self) -> int | None:
+        return self.slide_combo.currentData()
+
+    def slide_state(self) -> Any:
+        """The current slide's state in the session (``None`` without a slide)."""
+        return self.session.slides.get(self.current_uid())
+
+    def slide_layer(self) -> Any:
+        s = self.slide_state()
+        return None if s is None else s.layer
+
+    def select_slide(self, key: Any) -> None:
+        """Make a slide (layer, name or uid) the dock's current slide."""
+        s = self.session.slide(key)
+        self.slide_combo.setCurrentIndex(self.slide_combo.findData(s.uid))
 
     def mpp(self) -> float | None:
-        layer = self.slide_layer()
-        return None if layer is None else slide_mpp(layer)
+        s = self.slide_state()
+        return None if s is None else s.mpp
 
-    def store(self):
-        layer = self.slide_layer()
-        return None if layer is None else self.stores.get(layer.name)
+    def offset(self) -> tuple[float, float]:
+        s = self.slide_state()
+        return (0.0, 0.0) if s is None else s.offset
 
-    def find_store(self, slide_layer) -> Any | None:
-        """The slide's store: the one the GPFM dock loaded (shared ``Explorer`` session),
-        ``metadata["napari_gpfm"]["store"]``, or ``<project>/features_*/<slide>.h5``."""
-        session = self.explorer.sessions.get(slide_layer.name)
-        if session is not None:
-            return session.store
-        meta = slide_layer.metadata.get("napari_gpfm", {})
-        candidates = []
-        if meta.get("store"):
-            candidates.append(Path(meta["store"]))
-        slide = layer_slide(slide_layer)
-        if self.project_dir is not None and slide is not None:
-            candidates += sorted(self.project_dir.glob(f"features_*/{slide.name}.h5"),
-                                 key=os.path.getmtime, reverse=True)
-        for path in candidates:
+    def store(self) -> Any:
+        """The current slide's feature store (looked up in the session), or ``None``."""
+        s = self.slide_state()
+        if s is None:
+            return None
+        if s.store is None:
             try:
-                return open_store(path)
-            except Exception:
-                continue
-        return None
+                self.session.find_store(s.uid)
+            except USER_ERRORS as exc:
+                self.store_label.setText(f"{s.name}: {exc}")
+        return s.store
 
-    def set_store(self, store_or_path, slide_layer=None):
-        """Use a feature store (object or path) for a slide layer (default: the current one)."""
-        layer = slide_layer or self.slide_layer()
-        if layer is None:
-            self._error("open a whole-slide image first")
+    def set_store(self, store_or_path: Any, slide: Any = None) -> Any:
+        """Use a feature store (object or path) for a slide (default: the current one); every
+        dock sees it. Returns the store, or ``None`` (the reason is shown)."""
+        from ..embeddings import open_store
+
+        try:
+            s = self.session.slide(slide if slide is not None else self.current_uid())
+        except LookupError:
+            self._error("Open a whole-slide image first (File > Open, or napari-gpfm's sample).")
             return None
         try:
-            store = open_store(store_or_path) if isinstance(store_or_path, (str, Path)) \
-                else store_or_path
-        except Exception as exc:
+            store = open_store(store_or_path, expected_slide=s.slide) \
+                if isinstance(store_or_path, (str, Path)) else store_or_path  # fmt: skip
+            self.session.attach_store(s.uid, store)
+        except USER_ERRORS as exc:
             self._error(str(exc))
             return None
-        self.stores[layer.name] = store
-        session = self.explorer.sessions.get(layer.name)
-        if session is None or session.store is not store:
-            try:
-                self.explorer.add(layer, store)
-            except ValueError:
-                pass  # a store without coords: usable here only if it has them anyway
-        if self.project_dir is None:
-            self.project_dir = Path(store.path).resolve().parent.parent
-            ppath = palette_path(self.project_dir)
-            if ppath.exists() and len(self.palette) == 0:
-                self.palette.update_from(ClassPalette.load(ppath))
-        if layer is self.slide_layer():
-            self._show_store()
-        self._schedule()
         return store
 
-    def _show_store(self) -> None:
-        store = self.store()
-        self.store_edit.setText("" if store is None else str(store.path))
-        self.store_label.setText("no feature store: embed the slide first" if store is None
-                                 else store.describe())
-
-    def _on_session(self, event) -> None:
-        session = self.explorer.sessions.get(event.value)
-        if session is not None and self.stores.get(event.value) is not session.store:
-            self.stores[event.value] = session.store
-            if event.value == self.slide_combo.currentText():
-                self._show_store()
-                self._schedule()
-
     def _browse_store(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Feature store", "", "HDF5 (*.h5)")
+        path, _ = QFileDialog.getOpenFileName(self, "Feature file", str(self.session.out_dir),
+                                              "Features (*.h5)")  # fmt: skip
         if path:
             self.set_store(path)
 
     def _on_slide_changed(self) -> None:
-        layer = self.slide_layer()
-        if layer is not None and layer.name not in self.stores:
-            store = self.find_store(layer)
-            if store is not None:
-                self.stores[layer.name] = store
+        self._shown_uid = self.current_uid()
+        self.store()
         self._show_store()
+        self._schedule()
 
-    def _update_layer_lists(self, event=None) -> None:
-        for combo, kind in ((self.slide_combo, None), (self.layer_combo, "Shapes"),
-                            (self.paint_combo, "Labels")):
-            current = combo.currentText()
-            if kind is None:
-                names = [la.name for la in self.slide_layers()]
-            else:
-                names = [la.name for la in self.viewer.layers if type(la).__name__ == kind
-                         and (kind != "Labels" or self._is_paint(la))]
+    def _show_store(self) -> None:
+        s = self.slide_state()
+        if s is None:
+            self.store_label.setText("Open a whole-slide image (File > Open).")
+        elif s.store is None:
+            self.store_label.setText(NO_STORE.format(name=s.name))
+        else:
+            self.store_label.setText(f"{s.name}: {s.store.describe()}")
+
+    def _on_store(self, event: Any) -> None:
+        self._save_palette()  # the project folder exists now
+        if event.value == self.current_uid():
+            self._show_store()
+            self._schedule()
+
+    def _on_out_dir(self, event: Any = None) -> None:
+        self._load_palette()
+        self._save_palette()
+        s = self.slide_state()
+        if s is not None and s.store is None:
+            self._on_slide_changed()
+
+    # ================================================================== layer lists
+    def _on_inserted(self, event: Any) -> None:
+        self._attach(event.value)
+        self._update_layer_lists()
+
+    def _on_removed(self, event: Any) -> None:
+        detach = self._detach.pop(int(event.value.unique_id), None)
+        if detach is not None:
+            detach()
+        self._update_layer_lists()
+
+    def _attach(self, layer: Any) -> None:
+        """Every Shapes layer gives its newly drawn shapes the active class."""
+        uid = int(layer.unique_id)
+        if type(layer).__name__ != "Shapes" or uid in self._detach:
+            return
+        self._detach[uid] = attach_active_class(layer, lambda: self.palette.active,
+                                                self.palette)
+
+    def _layer_by_uid(self, uid: Any) -> Any:
+        if uid is None:
+            return None
+        return next((la for la in self.layers if int(la.unique_id) == uid), None)
+
+    def _update_layer_lists(self, event: Any = None) -> None:
+        fill_slide_combo(self.slide_combo, self.session)
+        for combo, layers, empty in (
+            (self.layer_combo, [la for la in self.layers if type(la).__name__ == "Shapes"],
+             False),
+            (self.paint_combo, [la for la in self.layers if _is_paint(la)], True),
+        ):  # fmt: skip
+            current = combo.currentData()
+            uids = [int(la.unique_id) for la in layers]
             combo.blockSignals(True)
             combo.clear()
-            if kind == "Labels":
-                combo.addItem("")
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            elif kind == "Shapes" and names:
-                combo.setCurrentText(names[-1])
+            if empty:
+                combo.addItem("", None)
+            for la, uid in zip(layers, uids, strict=True):
+                combo.addItem(la.name, uid)
+            if current in uids:
+                combo.setCurrentIndex(combo.findData(current))
+            elif not empty and uids:
+                combo.setCurrentIndex(len(uids) - 1)  # the newest Shapes layer
             combo.blockSignals(False)
-        self._on_slide_changed()
-        self._connect_annotation_layers()
+        if self.current_uid() != self._shown_uid:
+            self._on_slide_changed()  # a first slide, or the current one was closed
+        else:
+            self._show_store()
+        self._on_annotation_choice()
 
-    @staticmethod
-    def _is_paint(layer) -> bool:
-        meta = layer.metadata.get("napari_gpfm", {})
-        return isinstance(meta, dict) and meta.get("kind") == "class-paint"
+    # ================================================================== palette
+    def _palette_file(self) -> Path:
+        return palette_path(self.session.out_dir)
 
-    # ------------------------------------------------------------------ palette
+    def _load_palette(self) -> None:
+        """Classes saved with the project join the palette (all of them when it is empty)."""
+        path = self._palette_file()
+        if not path.is_file():
+            return
+        try:
+            saved = ClassPalette.load(path)
+        except (ValueError, OSError) as exc:
+            self.say(f"Classes not loaded: {exc}", error=True)
+            return
+        if len(self.palette) == 0:
+            self.palette.update_from(saved)
+        else:
+            for spec in saved:
+                if spec.name not in self.palette:
+                    self.palette.ensure(spec.name, spec.colour)
+
+    def _save_palette(self) -> None:
+        """Keep the classes in the project (output) folder, once that folder exists."""
+        if len(self.palette) == 0 or not self.session.out_dir.is_dir():
+            return
+        try:
+            self.palette.save(self._palette_file())
+        except OSError as exc:
+            self.say(f"Classes not saved: {exc}", error=True)
+
     def _fill_palette(self) -> None:
         self.class_list.blockSignals(True)
         self.class_list.clear()
         for spec in self.palette:
-            item = QListWidgetItem(_swatch(spec.colour), spec.name)
-            self.class_list.addItem(item)
+            self.class_list.addItem(QListWidgetItem(_swatch(spec.colour), spec.name))
         if self.palette.active in self.palette:
             self.class_list.setCurrentRow(self.palette.index(self.palette.active))
         self.class_list.blockSignals(False)
 
     def _on_palette_changed(self, palette: ClassPalette) -> None:
         self._fill_palette()
-        for layer in self._annotation_layers():
-            if type(layer).__name__ == "Shapes":
-                apply_class_colours(layer, palette)
-        if self.project_dir is not None and len(palette):
-            try:
-                palette.save(palette_path(self.project_dir))
-            except OSError as exc:
-                self.status_label.setText(f"classes not saved: {exc}")
+        shapes = self.annotation_layer()
+        if shapes is not None:
+            apply_class_colours(shapes, palette)
+        paint = self.paint_layer()
+        if paint is not None:
+            self._sync_paint(paint)
+        self._save_palette()
         self._schedule()
+
+    def _sync_paint(self, paint: Any) -> None:
+        """The paint layer's colours follow the palette; it paints the active class."""
+        paint.colormap = class_colormap(self.palette.names, self.palette.colours())
+        if self.palette.active in self.palette:
+            paint.selected_label = self.palette.index(self.palette.active) + 1
 
     def _on_class_row(self, row: int) -> None:
         if 0 <= row < len(self.palette):
             self.palette.set_active(self.palette.names[row])
 
-    def add_class(self, name: str, colour=None):
+    def add_class(self, name: str, colour: Any = None) -> Any:
         spec = self.palette.add(name, colour)
         self.class_name_edit.clear()
         return spec
@@ -391,7 +555,7 @@ class AnnotateWidget(QWidget):
     def rename_class(self, old: str, new: str) -> None:
         """Rename a class in the palette and on every shape that has it."""
         self.palette.rename(old, new)
-        for layer in self._annotation_layers():
+        for layer in self.layers:
             if type(layer).__name__ == "Shapes" and "class" in layer.features.columns:
                 idx = np.nonzero(layer.features["class"].astype(str).to_numpy() == old)[0]
                 if idx.size:
@@ -410,56 +574,66 @@ class AnnotateWidget(QWidget):
         if self.palette.active is not None:
             self.palette.remove(self.palette.active)
 
-    # ------------------------------------------------------------------ annotation layers
-    def annotation_layer(self):
-        name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+    # ================================================================== annotation layers
+    def annotation_layer(self) -> Any:
+        return self._layer_by_uid(self.layer_combo.currentData())
 
-    def paint_layer(self):
-        name = self.paint_combo.currentText()
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+    def paint_layer(self) -> Any:
+        return self._layer_by_uid(self.paint_combo.currentData())
 
-    def _annotation_layers(self) -> list:
-        return [la for la in (self.annotation_layer(), self.paint_layer()) if la is not None]
-
-    def new_annotation_layer(self, annotations=(), name: str | None = None):
-        slide_layer = self.slide_layer()
-        slide = layer_slide(slide_layer) if slide_layer is not None else None
-        base = slide.name if slide is not None else "slide"
-        data, kwargs, _ = annotation_layer_data(
-            list(annotations), self.palette, self.mpp(), name or f"{base} annotations", base)
-        layer = self.viewer.add_shapes(data, **kwargs)
-        self.layer_combo.setCurrentText(layer.name)
-        self._connect_annotation_layers()
-        return layer
-
-    def new_paint_layer(self, cell: int = 16):
-        slide_layer = self.slide_layer()
-        if slide_layer is None:
-            self._error("open a whole-slide image first")
-            return None
-        slide = layer_slide(slide_layer)
-        data, kwargs, _ = paint_layer_data(slide.dimensions, self.mpp(), self.palette, cell,
-                                           f"{slide.name} class paint")
-        layer = self.viewer.add_labels(data, **kwargs)
-        self.paint_combo.setCurrentText(layer.name)
-        self._connect_annotation_layers()
-        return layer
-
-    def _connect_annotation_layers(self, *_) -> None:
-        for emitter in self._connected:
+    def _on_annotation_choice(self) -> None:
+        """Listen to the chosen Shapes and paint layers' edits."""
+        for emitter in self._watched:
             emitter.disconnect(self._on_annotations_changed)
-        self._connected = []
+        self._watched = []
         shapes, paint = self.annotation_layer(), self.paint_layer()
         if shapes is not None:
             apply_class_colours(shapes, self.palette)
-            self._connected += [shapes.events.data, shapes.events.features]
+            self._watched += [shapes.events.data, shapes.events.features]
         if paint is not None:
-            self._connected += [paint.events.paint, paint.events.data]
-        for emitter in self._connected:
+            self._watched += [paint.events.paint, paint.events.data]
+        for emitter in self._watched:
             emitter.connect(self._on_annotations_changed)
 
-    def _on_annotations_changed(self, event=None) -> None:
+    def _slide_placement(self, kwargs: dict) -> dict:
+        """LayerData kwargs of a layer made for the current slide: on the slide (its translate
+        added), moved and renamed with it by the session."""
+        s = self.slide_state()
+        if s is None:
+            return kwargs
+        t = np.asarray(kwargs.get("translate", (0.0, 0.0)), dtype=float) + np.asarray(s.offset)
+        kwargs["translate"] = tuple(float(v) for v in t)
+        meta = kwargs["metadata"][META_KEY]
+        meta.update(slide_uid=s.uid, slide_layer=s.name)
+        return kwargs
+
+    def new_annotation_layer(self, annotations: Any = (), name: str | None = None) -> Any:
+        """A Shapes layer over the current slide holding ``annotations`` (level-0 px)."""
+        s = self.slide_state()
+        base = s.name if s is not None else None
+        data, kwargs, _ = annotation_layer_data(
+            list(annotations), self.palette, self.mpp(),
+            name or (result_name(base, "annotations") if base else "annotations"), base,
+        )  # fmt: skip
+        layer = self.session.viewer.add_shapes(data, **self._slide_placement(kwargs))
+        self.layer_combo.setCurrentIndex(self.layer_combo.findData(int(layer.unique_id)))
+        return layer
+
+    def new_paint_layer(self, cell: int = 16) -> Any:
+        """A Labels layer over the current slide to paint classes (one pixel: ``cell`` level-0
+        pixels); it paints the active class."""
+        s = self.slide_state()
+        if s is None:
+            self._error("Open a whole-slide image first (File > Open, or napari-gpfm's sample).")
+            return None
+        data, kwargs, _ = paint_layer_data(s.slide.dimensions, s.mpp, self.palette, int(cell),
+                                           result_name(s.name, "class paint"))  # fmt: skip
+        layer = self.session.viewer.add_labels(data, **self._slide_placement(kwargs))
+        self._sync_paint(layer)
+        self.paint_combo.setCurrentIndex(self.paint_combo.findData(int(layer.unique_id)))
+        return layer
+
+    def _on_annotations_changed(self, event: Any = None) -> None:
         self._schedule()
 
     def _schedule(self) -> None:
@@ -478,23 +652,29 @@ class AnnotateWidget(QWidget):
             return
         set_class_of(layer, sorted(layer.selected_data), self.palette.active)
 
-    def import_geojson(self, path) -> Any:
-        """QuPath GeoJSON → a new Shapes layer; the file's classes and colours join the palette."""
+    def import_geojson(self, path: str | Path) -> Any:
+        """QuPath GeoJSON → a new Shapes layer over the current slide; the file's classes and
+        colours join the palette."""
         anns = read_geojson(path)
         for a in anns:
             if a.class_name:
                 self.palette.ensure(a.class_name, a.color, overwrite_colour=True)
-        return self.new_annotation_layer(anns, Path(path).name.split(".")[0])
+        s = self.slide_state()
+        stem = Path(path).stem
+        return self.new_annotation_layer(anns, result_name(s.name, stem) if s else stem)
 
-    def export_geojson(self, path) -> str:
+    def export_geojson(self, path: str | Path) -> str:
+        """The chosen Shapes layer as QuPath GeoJSON (level-0 px of the current slide)."""
         layer = self.annotation_layer()
         if layer is None:
-            raise ValueError("no annotation layer to export")
-        return write_geojson(path, annotations_from_layer(layer, self.mpp(), self.palette))
+            raise ValueError("no annotation (Shapes) layer to export")
+        anns = annotations_from_layer(relative_to_slide(layer, self.offset()), self.mpp(),
+                                      self.palette)  # fmt: skip
+        return write_geojson(path, anns)
 
     def _import_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "QuPath GeoJSON", "",
-                                              "GeoJSON (*.geojson *.json)")
+                                              "GeoJSON (*.geojson *.json)")  # fmt: skip
         if path:
             self._guard(self.import_geojson, path)
 
@@ -503,92 +683,109 @@ class AnnotateWidget(QWidget):
         if path:
             self._guard(self.export_geojson, path)
 
-    # ------------------------------------------------------------------ training
+    # ================================================================== training
     @property
     def busy(self) -> bool:
-        return self._worker is not None
+        return self.jobs.busy
 
-    def _inputs(self):
+    def _inputs(self) -> tuple:
+        """(slide state, store, annotations, class names, colours, painted labels, notes) of
+        the current slide; ``LookupError`` without a slide or its embeddings."""
+        s = self.slide_state()
+        if s is None:
+            raise LookupError("Open a whole-slide image first (File > Open).")
         store = self.store()
         if store is None:
-            raise ValueError("no feature store for this slide: embed it first")
+            raise LookupError(NO_STORE.format(name=s.name))
         names = self.palette.training_names
         notes: list[str] = []
         shapes = self.annotation_layer()
         anns = [] if shapes is None else annotations_from_layer(
-            shapes, self.mpp(), self.palette, notes)
+            relative_to_slide(shapes, s.offset), s.mpp, self.palette, notes)  # fmt: skip
         extra = None
         paint = self.paint_layer()
         if paint is not None and np.any(np.asarray(paint.data)):
             extra = labels_from_paint_layer(
-                paint, self.mpp(), store.coords, store.patch_size_level0, self.palette, names,
-                self.min_fraction.value())
-        return store, anns, names, self.palette.colours(names), extra, notes
+                relative_to_slide(paint, s.offset), s.mpp, s.coords, s.patch_size_level0,
+                self.palette, names, self.min_fraction.value(),
+            )  # fmt: skip
+        return s, store, anns, names, self.palette.colours(names), extra, notes
 
-    def retrain(self) -> None:
+    def retrain(self) -> Any:
         """Retrain now (in a worker); a run in progress is cancelled and restarted."""
-        if self._worker is not None:
+        if self.jobs.busy:
             self._rerun = True
-            self._worker.quit()
-            return
+            self.jobs.cancel()
+            return None
         try:
-            store, anns, names, colours, extra, notes = self._inputs()
-        except ValueError as exc:
-            self.status_label.setText(str(exc))
-            return
+            s, store, anns, names, colours, extra, notes = self._inputs()
+        except USER_ERRORS as exc:
+            self.say(str(exc))
+            return None
         if len(names) < 2:
-            self.status_label.setText("add at least two classes to train")
-            return
-        self._generation += 1
-        gen = self._generation
-        prefix = Path(store.path).name.split(".")[0]
-        worker = create_worker(
-            live_steps, anns, store, names, colours, self.min_fraction.value(), extra, CV_FOLDS,
-            _start_thread=False,
-        )
-        worker.yielded.connect(lambda u: self._on_step(u, gen, prefix, notes))
-        worker.errored.connect(lambda exc: self._error(f"training failed: {exc}"))
-        worker.finished.connect(self._on_worker_done)
-        self._worker = worker
-        self.train_button.setEnabled(False)
-        worker.start()
+            self.say("Add at least two classes to train (Classes > Add).")
+            return None
+        from ..jobs.probe import probe_job
 
-    def _on_worker_done(self) -> None:
-        self._worker = None
-        self.train_button.setEnabled(True)
+        self._generation += 1
+        generation, uid = self._generation, s.uid
+        job = probe_job(anns, store, names, colours, self.min_fraction.value(), extra, CV_FOLDS)
+        emit = self._record.emit
+        self._notes = notes
+        return self.jobs.run(
+            _tap(job, lambda p: emit((generation, uid, p))), slide=uid,
+            on_result=lambda r: self._on_result(generation, uid, r),
+            message=f"Training a linear probe on {s.name}…",
+        )  # fmt: skip
+
+    def _on_job_finished(self, outcome: str) -> None:
         if self._rerun:
             self._rerun = False
             self.retrain()
 
-    def _on_step(self, update, generation: int, prefix: str, notes: list[str]) -> None:
-        if generation != self._generation or self._rerun:
+    def _current_run(self, generation: int, uid: int) -> bool:
+        return generation == self._generation and not self._rerun and uid in self.session.slides
+
+    def _on_record(self, item: tuple) -> None:
+        """A probe run's record, on the main thread: paint the map before the CV ends."""
+        generation, uid, p = item
+        update = p.data
+        if not self._current_run(generation, uid) or not hasattr(update, "kind"):
             return
-        self.labels = update.labels
+        if update.labels is not None:
+            self.labels = update.labels
+            self._show_labels(update.labels)
         if update.kind == "prediction":
             self.probe = update.probe
-            for data in prediction_layer_data(update.rasters, update.probe.class_names,
-                                              update.probe.colours, prefix):
-                set_or_add_layer(self.viewer, data)
-            self._show_labels(update.labels, notes)
+            self.session.set_prediction(uid, SOURCE, update.rasters, update.probe.class_names,
+                                        update.probe.colours)  # fmt: skip
+            self.session.set_classifier(SOURCE, update.probe)
         elif update.kind == "report":
             self.report = update.report
             self._show_report(update.report)
-        else:
-            self.status_label.setText(update.message)
 
-    def _show_labels(self, labels, notes: list[str]) -> None:
+    def _on_result(self, generation: int, uid: int, result: Any) -> None:
+        if not self._current_run(generation, uid):
+            return
+        if result.labels is not None:
+            self.labels = result.labels
+        if result.report is not None and result.report is not self.report:
+            self.report = result.report
+            self._show_report(result.report)
+
+    def _show_labels(self, labels: Any) -> None:
         counts = ", ".join(f"{k} {v}" for k, v in labels.counts.items())
         parts = [f"labelled patches: {counts}"]
         if len(labels.conflicts):
             pairs = sorted({"/".join(c) for c in labels.conflict_classes})
             parts.append(f"conflicts (unlabelled): {len(labels.conflicts)} patches "
-                         f"({', '.join(pairs)})")
+                         f"({', '.join(pairs)})")  # fmt: skip
         if labels.ignored.any():
             parts.append(f"ignored: {int(labels.ignored.sum())} patches")
-        parts += list(labels.skipped) + notes
-        self.status_label.setText("\n".join(parts))
+        parts += list(labels.skipped) + self._notes
+        self.labels_label.setText("\n".join(parts))
 
-    def _show_report(self, report) -> None:
+    def _show_report(self, report: Any) -> None:
         text = f"balanced accuracy (CV, {report.folds} folds): {report.balanced_accuracy:.3f}"
         if report.note:
             text += f"\n{report.note}"
@@ -604,52 +801,70 @@ class AnnotateWidget(QWidget):
             r = report.per_class_recall.get(n)
             self.table.setItem(i, len(names), QTableWidgetItem("-" if r is None else f"{r:.2f}"))
 
-    # ------------------------------------------------------------------ classifier files
-    def save_classifier(self, path) -> str | None:
+    # ================================================================== classifier files
+    def save_classifier(self, path: str | Path) -> str | None:
         if self.probe is None:
-            self._error("train a classifier first")
+            self._error("Train a classifier first.")
             return None
-        return self.probe.save(path)
+        try:
+            out = self.probe.save(path)
+        except OSError as exc:
+            self._error(f"Classifier not saved: {exc}")
+            return None
+        self.say(f"Classifier saved to {out}.")
+        return out
 
-    def load_classifier(self, path):
-        """Load a classifier for the current slide's features (refused on another recipe)."""
+    def load_classifier(self, path: str | Path) -> Any:
+        """Load a classifier and apply it to the current slide (refused when the slide's
+        features are of another model or recipe)."""
+        from ..analyses.classify import load_classifier
+
         try:
             probe = load_classifier(path, self.store())
-        except Exception as exc:
+        except USER_ERRORS as exc:
             self._error(str(exc))
             return None
         self.probe = probe
         for i, n in enumerate(probe.class_names):
             colour = None if probe.colours is None else probe.colours[i]
             self.palette.ensure(n, colour)
-        self.status_label.setText(f"loaded {Path(path).name}: classes {probe.class_names}")
-        if self.store() is not None:
-            self.apply_to_slide(self.slide_layer())
+        self.session.set_classifier(SOURCE, probe)
+        self.say(f"Loaded {Path(path).name}: classes {', '.join(probe.class_names)}.")
+        s = self.slide_state()
+        if s is not None and s.store is not None:
+            ok, message = self.apply_to_slide(s.uid)
+            self.say(message, error=not ok)
         return probe
 
-    def apply_to_slide(self, slide_layer) -> bool:
-        store = self.stores.get(slide_layer.name) or self.find_store(slide_layer)
-        if store is None:
-            self._error(f"{slide_layer.name}: no feature store; embed the slide first")
-            return False
+    def apply_to_slide(self, key: Any) -> tuple[bool, str]:
+        """Paint the classifier's prediction on one slide: (done, a line saying what
+        happened)."""
+        from ..analyses.classify import predict_store
+
+        s = self.session.slide(key)
         try:
+            store = self.session.find_store(s.uid)
+            if store is None:
+                return False, NO_STORE.format(name=s.name)
             pred = predict_store(self.probe, store)
-        except Exception as exc:
-            self._error(f"{slide_layer.name}: {exc}")
-            return False
-        self.stores[slide_layer.name] = store
-        prefix = Path(store.path).name.split(".")[0]
-        for data in prediction_layer_data(pred.rasters(), pred.class_names, pred.colours, prefix):
-            set_or_add_layer(self.viewer, data)
-        return True
+            self.session.set_prediction(s.uid, SOURCE, pred.rasters(), pred.class_names,
+                                        pred.colours)  # fmt: skip
+        except USER_ERRORS as exc:
+            return False, f"{s.name}: {exc}"
+        return True, f"{s.name}: {pred.labels.shape[0]:,} patches classified."
 
     def apply_to_open_slides(self) -> int:
-        """Apply the classifier to every open slide with a store; returns how many worked."""
+        """Apply the classifier to every open slide; returns how many were painted. Each
+        slide gets a line in the dock (a slide without embeddings is named)."""
         if self.probe is None:
-            self._error("train or load a classifier first")
+            self._error("Train or load a classifier first.")
             return 0
-        done = sum(self.apply_to_slide(layer) for layer in self.slide_layers())
-        show_info(f"classifier applied to {done} slide(s)")
+        results = [self.apply_to_slide(uid) for uid in list(self.session.slides)]
+        done = sum(ok for ok, _ in results)
+        self.apply_label.setText("\n".join(m for _, m in results))
+        summary = f"Classifier applied to {done} of {len(results)} open slide(s)."
+        self.say(summary, error=done < len(results))
+        show_info(summary)
         return done
 
     def _save_clicked(self) -> None:
@@ -661,3 +876,18 @@ class AnnotateWidget(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Load classifier", "", "Classifier (*.npz)")
         if path:
             self.load_classifier(path)
+
+
+def _tap(job: Generator, emit: Callable[[Any], None]) -> Generator:
+    """``job``'s records, each also passed to ``emit`` (from the worker thread: a queued Qt
+    signal), and its return value; closing this closes ``job``."""
+    try:
+        while True:
+            try:
+                record = next(job)
+            except StopIteration as stop:
+                return stop.value
+            emit(record)
+            yield record
+    finally:
+        job.close()

@@ -1,6 +1,8 @@
 """``napari-gpfm demo``: the main job on the bundled sample slide, driven through the docks.
 
-Opens napari with the sample slide, the "GPFM" dock and the embedding plot, then: computes the
+Opens napari with the sample slide (``viewer.open``) and the "GPFM", "Embedding plot" and
+"Annotate & classify" docks (added through napari's plugin path, as the Plugins menu does, so
+they share the window's one session), then: computes the
 embeddings with the default model (``default_model_name()``), clusters them (k = 4), shows the
 cluster map, the distance-to-centre heatmap and a similarity query from the most typical
 patch of the largest cluster, and plots the PCA of the embeddings. ``--headless`` renders on a
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ..layers.session import result_name
 
 DEMO_TIMEOUT_S = 600
 
@@ -51,17 +55,17 @@ class DemoFlow:
 
     def _clustered(self) -> None:
         self._mark("clusters")
-        dock, s = self.dock, self.dock.session()
+        dock, s = self.dock, self.dock.session_state()
         dock.show_heatmap("distance_to_centre").visible = False
         # query: the most typical patch (closest to its centre) of the largest cluster
         labels, dist = s.clusters.labels, s.clusters.distances
         query = int(np.flatnonzero(labels == 0)[np.argmin(dist[labels == 0])])
         dock.handle_click(s.centre(query))
         self._mark("similarity")
-        clusters = self.viewer.layers[f"{s.name} clusters"]
+        clusters = self.viewer.layers[result_name(s.name, "clusters")]
         clusters.opacity = 0.45
         clusters.visible = False
-        self.viewer.layers.selection.active = self.viewer.layers[f"{s.name} similarity"]
+        self.viewer.layers.selection.active = self.viewer.layers[result_name(s.name, "similarity")]
         worker = self.plot.compute("pca")
         worker.returned.connect(lambda _xy: self._plotted())
         worker.errored.connect(lambda e: self._fail(f"PCA failed: {e}"))
@@ -75,27 +79,30 @@ class DemoFlow:
 
 def build(viewer, model: str, allow_random: bool = False, out: Path | None = None,
           slide_paths: list[Path] | None = None, mpp: float | None = None):  # fmt: skip
-    """Add the sample slide and both docks to ``viewer``; returns ``(dock, plot)``."""
+    """Open the slides and add the docks through napari's plugin path; returns ``(dock, plot)``
+    (the GPFM dock and the embedding plot; the Annotate dock is ``dock.annotate``)."""
     from .._resources import sample_slide_path
-    from ..layers.reader import slide_layer_data
-    from ..slide import open_slide
-    from .gpfm_widget import GPFMWidget
-    from .plot_widget import EmbeddingPlotWidget
+    from ..layers.reader import set_layer_mpp
 
     for path in slide_paths or [sample_slide_path()]:
-        data, kwargs, _ = slide_layer_data(open_slide(path, mpp=mpp))
-        viewer.add_image(data, **kwargs)
-    dock = GPFMWidget(viewer, allow_random=allow_random)
+        for layer in viewer.open(str(path), plugin="napari-gpfm"):
+            if mpp is not None:
+                set_layer_mpp(layer, mpp)
+    add = viewer.window.add_plugin_dock_widget
+    dw1, dock = add("napari-gpfm", "GPFM")
+    dw2, plot = add("napari-gpfm", "Embedding plot")
+    dw3, annotate = add("napari-gpfm", "Annotate & classify")
+    dock.annotate = annotate
+    dock.random_check.setChecked(allow_random)
     dock.set_model(model)
     if out is not None:
         dock.out_edit.setText(str(out))
-    plot = EmbeddingPlotWidget(viewer)
-    dw1 = viewer.window.add_dock_widget(dock, name="GPFM", area="right")
-    dw2 = viewer.window.add_dock_widget(plot, name="Embedding plot", area="right")
+        dock.session.set_out_dir(out)
     from qtpy.QtCore import Qt
 
-    viewer.window._qt_window.resizeDocks([dw1, dw2], [620, 360], Qt.Orientation.Vertical)
-    viewer.window._qt_window.resizeDocks([dw1], [460], Qt.Orientation.Horizontal)
+    qt_window = viewer.window._qt_window
+    qt_window.resizeDocks([dw1, dw2, dw3], [420, 300, 380], Qt.Orientation.Vertical)
+    qt_window.resizeDocks([dw1], [460], Qt.Orientation.Horizontal)
     viewer.scale_bar.visible = True
     return dock, plot
 
@@ -128,10 +135,10 @@ def write_doc_images(viewer, dock, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     first = out_dir / "demo.png"
     viewer.screenshot(str(first), canvas_only=False)
-    s = dock.session()
-    heat = viewer.layers[f"{s.name} similarity"]
+    s = dock.session_state()
+    heat = viewer.layers[result_name(s.name, "similarity")]
     heat.opacity = 0.45
-    viewer.layers[f"{s.name} top hits"].visible = False
+    viewer.layers[result_name(s.name, "top hits")].visible = False
     # the corner shared by four patches whose similarities differ most
     where = {tuple(c): j for j, c in enumerate(s.coords.tolist())}
     P = s.patch_size_level0
@@ -179,9 +186,6 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     import napari
 
-    from ._workers import avoid_llvm_clash
-
-    avoid_llvm_clash()  # before the first GL context draws
     headless = bool(args.headless)
     out = args.out if args.out is not None else (Path("napari_gpfm_out") if headless else None)
     viewer = napari.Viewer(title="napari-gpfm demo", show=not headless)
@@ -203,7 +207,8 @@ def run_demo(args: argparse.Namespace) -> int:
     viewer.screenshot(str(screenshot), canvas_only=False)
     if args.docs_images is not None and not flow.error:
         print("docs images:", *write_doc_images(viewer, dock, args.docs_images))
-    store = dock.session().store.path if dock.session() is not None else None
+    state = dock.session_state()
+    store = state.store.path if state is not None and state.has_store else None
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in flow.timings.items())
     print(f"model: {model}\nstore: {store}\nscreenshot: {screenshot}\n"
           f"timings (cumulative): {steps}; total {time.perf_counter() - t0:.1f} s")  # fmt: skip

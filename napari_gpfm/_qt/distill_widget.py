@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..layers.reader import layer_slide
+from ..layers.session import session_for
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "distill" / "configs" / "experiments"
 
@@ -84,6 +84,7 @@ class DistillWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
         self.worker = None
         self.stop_event = threading.Event()
         self.result = None
@@ -132,8 +133,7 @@ class DistillWidget(QWidget):
 
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
-        self.viewer.layers.events.inserted.connect(self._update_slides)
-        self.viewer.layers.events.removed.connect(self._update_slides)
+        self.session.events.slides.connect(self._update_slides)
         self._update_slides()
 
     # ------------------------------------------------------------------ inputs
@@ -145,11 +145,9 @@ class DistillWidget(QWidget):
     def _update_slides(self, event=None) -> None:
         checked = set(self.selected_slides())
         self.slide_list.clear()
-        for layer in self.viewer.layers:
-            slide = layer_slide(layer)
-            if slide is None:
-                continue
-            item = QListWidgetItem(layer.name)
+        for state in self.session.slides.values():
+            slide = state.slide
+            item = QListWidgetItem(state.name)
             item.setData(Qt.ItemDataRole.UserRole, str(slide.path))
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             state = str(slide.path) in checked or not checked
@@ -165,9 +163,6 @@ class DistillWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from ..distill import iter_distillation, load_config
-        from ._workers import avoid_llvm_clash
-
-        avoid_llvm_clash()  # before torch/timm load Triton (see its docstring)
 
         overrides = run_overrides(
             self.selected_slides(),

@@ -1,13 +1,10 @@
 """The "GPFM" dock: embed a slide, then clusters, heatmaps, similarity search and export.
 
-Thin over the core: inputs are gathered here, long work runs in thread workers
-(:mod:`._workers`), and results go through the viewer's headless
-:class:`~napari_gpfm.layers.session.Explorer`, which builds every layer
-(:mod:`napari_gpfm.layers.convert`). Only main-thread slots touch layers.
-
-Features are written to ``~/.cache/napari-gpfm/features`` unless another output folder is
-chosen (slides often sit on read-only shares; see
-:func:`~napari_gpfm.layers.session.default_out_dir`).
+Thin over the window's :class:`~napari_gpfm.layers.session.ViewerSession` (shared with every
+other dock) and the jobs of :mod:`napari_gpfm.jobs`: inputs are gathered here, long work runs
+through a :class:`~._jobs.JobPanel`, results go into the session, which builds every layer.
+Features are written to ``<output folder>/<tiling>/features_<model>/<slide>.h5``; the output
+folder is the session's (default ``~/.cache/napari-gpfm/features``).
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -29,7 +25,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
+    QMessageBox,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -40,9 +36,8 @@ from qtpy.QtWidgets import (
 )
 
 from ..layers import convert
-from ..layers.reader import layer_slide
-from ..layers.session import HEATMAP_LABELS, default_out_dir, explorer_for
-from . import _workers
+from ..layers.session import HEATMAP_LABELS, session_for
+from ._jobs import JobPanel
 
 CUSTOM = "custom"
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,13 +47,6 @@ MISSING_MPP = (
     "exact magnification. Set it in the 'Slide info' panel (Plugins > napari-gpfm > Slide "
     "info), then compute again."
 )
-
-
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "…"
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
 def model_label(card: Any) -> str:
@@ -81,22 +69,32 @@ def _detacher(viewer, drag_cb, move_cb):
     return detach
 
 
-class GPFMWidget(QWidget):
-    """Dock widget; ``napari_viewer`` is injected by napari."""
+def fill_slide_combo(combo: QComboBox, session: Any, only_embedded: bool = False) -> None:
+    """Slide layers of the session in ``combo`` (text: layer name, data: uid), keeping the
+    current choice when it is still there."""
+    current = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for s in session.slides.values():
+        if not only_embedded or s.has_store:
+            combo.addItem(s.name, s.uid)
+    i = combo.findData(current)
+    if i >= 0:
+        combo.setCurrentIndex(i)
+    combo.blockSignals(False)
 
-    #: Emitted on the main thread when an embed run ends: "done", "loaded", "cancelled", "error".
-    run_finished = Signal(str)
+
+class GPFMWidget(QWidget):
+    """Dock widget; ``napari_viewer`` is injected by napari (a proxy of the viewer)."""
 
     def __init__(self, napari_viewer, allow_random: bool = False):
         super().__init__()
-        _workers.avoid_llvm_clash()
         self.viewer = napari_viewer
-        self.explorer = explorer_for(napari_viewer)
-        self.worker: Any = None
-        self._cancel_t: float | None = None
-        self._busy: list[Any] = []  # other running workers (kept alive)
-        self.last_progress: Any = None
+        self.session = session_for(napari_viewer)
         self.last_result: Any = None
+        self.batch_size: int | None = None
+        self.num_workers: int | None = None
+        self._hovering: tuple[int, int] | None = None
         self._build(allow_random)
         self._connect()
         self._update_layers()
@@ -104,6 +102,11 @@ class GPFMWidget(QWidget):
         self.viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
         self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.destroyed.connect(_detacher(self.viewer, self._on_mouse_drag, self._on_mouse_move))
+
+    @property
+    def run_finished(self):
+        """Signal(str) emitted when an embed job ends: "done", "cancelled" or "error"."""
+        return self.jobs.finished
 
     # ================================================================== construction
     def _build(self, allow_random: bool) -> None:
@@ -132,7 +135,7 @@ class GPFMWidget(QWidget):
         self.overlap_spin.setSuffix(" px")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
-        self.out_edit = QLineEdit(str(default_out_dir()))
+        self.out_edit = QLineEdit(str(self.session.out_dir))
         self.out_edit.setToolTip("Feature files go to <folder>/features_<model>/<slide>.h5. "
                                  "Default: ~/.cache/napari-gpfm/features (writable even when "
                                  "slides are on read-only shares).")  # fmt: skip
@@ -140,14 +143,12 @@ class GPFMWidget(QWidget):
         self.out_button.setFixedWidth(28)
         self.preview_button = QPushButton("Preview tissue")
         self.compute_button = QPushButton("Compute embeddings")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m patches")
-        self.progress.setValue(0)
-        self.status = QLabel("Open a slide, pick a model, then Preview tissue or Compute.")
-        self.status.setWordWrap(True)
-        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.jobs = JobPanel("GPFM", self.session, [self.preview_button, self.compute_button])
+        self.jobs.say("Open a slide, pick a model, then Preview tissue or Compute.")
+        self.cancel_button = self.jobs.cancel_button
+        self.progress = self.jobs.bar
+        self.status = self.jobs.status
+        self.cluster_jobs = JobPanel("Clusters", self.session, [])
 
         embed_box = QGroupBox("Embeddings")
         form = QFormLayout(embed_box)
@@ -164,11 +165,10 @@ class GPFMWidget(QWidget):
         out_row.addWidget(self.out_button)
         form.addRow("Output folder", out_row)
         buttons = QHBoxLayout()
-        for b in (self.preview_button, self.compute_button, self.cancel_button):
+        for b in (self.preview_button, self.compute_button):
             buttons.addWidget(b)
         form.addRow(buttons)
-        form.addRow(self.progress)
-        form.addRow(self.status)
+        form.addRow(self.jobs)
 
         # clusters
         self.k_spin = QSpinBox()
@@ -186,6 +186,7 @@ class GPFMWidget(QWidget):
         row.addWidget(self.k_spin)
         row.addWidget(self.cluster_button)
         cl.addLayout(row)
+        cl.addWidget(self.cluster_jobs)
         cl.addWidget(self.cluster_table)
 
         # heatmaps
@@ -249,6 +250,7 @@ class GPFMWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.scroll)
+        self.cluster_jobs.buttons = [self.cluster_button]
         for combo in (self.layer_combo, self.model_combo, self.points_combo, self.value_combo):
             combo.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
@@ -258,24 +260,31 @@ class GPFMWidget(QWidget):
 
     def _connect(self) -> None:
         self.preset_combo.currentTextChanged.connect(self.set_preset)
+        self.preset_combo.currentTextChanged.connect(self._recipe_changed)
         for spin in (self.mpp_spin, self.size_spin, self.overlap_spin):
             spin.valueChanged.connect(self._spec_edited)
+        self.model_combo.currentIndexChanged.connect(self._recipe_changed)
         self.random_check.toggled.connect(lambda _: self.refresh_models())
         self.out_button.clicked.connect(self._choose_out)
-        self.preview_button.clicked.connect(self.preview_tissue)
-        self.compute_button.clicked.connect(self.compute)
-        self.cancel_button.clicked.connect(self.cancel)
+        self.out_edit.editingFinished.connect(
+            lambda: self.session.set_out_dir(self.out_edit.text()))
+        self.preview_button.clicked.connect(lambda: self.preview_tissue())
+        self.compute_button.clicked.connect(lambda: self.compute())
         self.cluster_button.clicked.connect(lambda: self.cluster())
         self.heatmap_button.clicked.connect(lambda: self.show_heatmap())
         self.points_button.clicked.connect(lambda: self.query_points())
         self.hits_table.cellClicked.connect(lambda r, _c: self.go_to_hit(r))
         for what, b in self.export_buttons.items():
             b.clicked.connect(lambda _=False, w=what: self.export((w,)))
-        self.layer_combo.currentTextChanged.connect(lambda _: self._refresh_results())
+        self.layer_combo.currentIndexChanged.connect(lambda _: self._refresh_results())
         self.viewer.layers.events.inserted.connect(self._update_layers)
         self.viewer.layers.events.removed.connect(self._update_layers)
-        self.explorer.events.clusters.connect(self._refresh_results)
-        self.explorer.events.similarity.connect(self._refresh_values)
+        ev = self.session.events
+        ev.slides.connect(self._update_layers)
+        ev.store.connect(self._refresh_results)
+        ev.clusters.connect(self._refresh_results)
+        ev.similarity.connect(self._refresh_values)
+        ev.out_dir.connect(self._out_dir_changed)
 
     # ================================================================== inputs
     def refresh_models(self) -> None:
@@ -286,10 +295,7 @@ class GPFMWidget(QWidget):
         self.model_combo.clear()
         for card in list_cards():
             self.model_combo.addItem(model_label(card), card.name)
-        try:
-            preferred = current or default_model_name()
-        except Exception:
-            preferred = current
+        preferred = current or default_model_name()
         i = self.model_combo.findData(preferred) if preferred else -1
         self.model_combo.setCurrentIndex(max(i, 0))
         self.model_combo.blockSignals(False)
@@ -321,6 +327,14 @@ class GPFMWidget(QWidget):
             self.preset_combo.blockSignals(True)
             self.preset_combo.setCurrentText(CUSTOM)
             self.preset_combo.blockSignals(False)
+        self._recipe_changed()
+
+    def _recipe_changed(self, *_) -> None:
+        """Another tiling or model: the patch-grid preview on screen is stale."""
+        uid = self.current_uid()
+        if uid is not None and self.session.hide_preview(uid):
+            self.jobs.say("Tiling or model changed: the old preview was removed. Preview again, "
+                          "or Compute (a new feature file is made beside the old one).")
 
     def spec(self):
         """The GridSpec of the current inputs (a preset, or the custom values)."""
@@ -333,55 +347,59 @@ class GPFMWidget(QWidget):
                         overlap=self.overlap_spin.value())  # fmt: skip
 
     def out_dir(self) -> Path:
-        return Path(self.out_edit.text()).expanduser()
+        return self.session.out_dir
 
     def _choose_out(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Output folder", self.out_edit.text())
         if d:
             self.out_edit.setText(d)
+            self.session.set_out_dir(d)
 
-    def slide_layers(self) -> list:
-        return [la for la in self.viewer.layers if layer_slide(la) is not None]
+    def _out_dir_changed(self, event=None) -> None:
+        if self.out_edit.text() != str(self.session.out_dir):
+            self.out_edit.setText(str(self.session.out_dir))
+
+    def current_uid(self) -> int | None:
+        return self.layer_combo.currentData()
 
     def current_layer(self):
-        name = self.layer_combo.currentText()
-        return next((la for la in self.slide_layers() if la.name == name), None)
+        s = self.session.slides.get(self.current_uid())
+        return None if s is None else s.layer
+
+    def select_slide(self, layer_or_name: Any) -> None:
+        """Make a slide layer (or its name) the dock's current slide."""
+        s = self.session.slide(layer_or_name)
+        self.layer_combo.setCurrentIndex(self.layer_combo.findData(s.uid))
 
     def _update_layers(self, event=None) -> None:
-        for combo, layers in ((self.layer_combo, self.slide_layers()),
-                              (self.points_combo, self._query_points_layers())):  # fmt: skip
-            current = combo.currentText()
-            names = [la.name for la in layers]
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
-        for name in list(self.explorer.sessions):
-            if name not in self.viewer.layers:
-                del self.explorer.sessions[name]
+        fill_slide_combo(self.layer_combo, self.session)
+        current = self.points_combo.currentText()
+        names = [la.name for la in self._query_points_layers()]
+        self.points_combo.blockSignals(True)
+        self.points_combo.clear()
+        self.points_combo.addItems(names)
+        if current in names:
+            self.points_combo.setCurrentText(current)
+        self.points_combo.blockSignals(False)
         self._refresh_results()
 
     def _query_points_layers(self) -> list:
         """Points layers the user made (not our own top-hit markers)."""
-        return [la for la in self.viewer.layers if la._type_string == "points"
+        return [la for la in self.viewer.layers if type(la).__name__ == "Points"
                 and la.metadata.get("napari_gpfm", {}).get("kind") != "top-hits"]  # fmt: skip
 
     def say(self, text: str, error: bool = False) -> None:
-        self.status.setStyleSheet("color: #e06c6c;" if error else "")
-        self.status.setText(text)
+        self.jobs.say(text, error)
 
     def _checked_slide(self):
-        layer = self.current_layer()
-        if layer is None:
+        s = self.session.slides.get(self.current_uid())
+        if s is None:
             self.say("Open a whole-slide image first (File > Open, or napari-gpfm's sample).", True)
-            return None, None
-        slide = layer_slide(layer)
-        if slide.mpp is None:
-            self.say(MISSING_MPP.format(name=layer.name), True)
-            return None, None
-        return layer, slide
+            return None
+        if s.mpp is None:
+            self.say(MISSING_MPP.format(name=s.name), True)
+            return None
+        return s
 
     def _checked_card(self):
         from ..encoders import get_card
@@ -398,158 +416,136 @@ class GPFMWidget(QWidget):
 
     # ================================================================== tissue preview
     def preview_tissue(self) -> Any:
-        layer, slide = self._checked_slide()
-        card = self._checked_card() if layer is not None else None
+        s = self._checked_slide()
+        card = self._checked_card() if s is not None else None
         if card is None:
             return None
-        from ..layers.session import preview_tissue
+        from ..jobs.embed import preview_job
         from ..tiles import TissueParams
 
-        self.say("Detecting tissue…")
-        w = _workers.start_function_worker(
-            preview_tissue, slide, self.spec(), TissueParams(), card.input.size,
-            returned=lambda r: self._show_preview(layer.name, r),
-            errored=lambda e: self.say(f"Tissue preview failed: {e}", True),
+        uid = s.uid
+        return self.jobs.run(
+            preview_job(s.slide, self.spec(), TissueParams(), card.input.size),
+            on_result=lambda r: self._show_preview(uid, r), slide=uid,
         )  # fmt: skip
-        self._keep(w)
-        return w
 
-    def _show_preview(self, name: str, result) -> None:
+    def _show_preview(self, uid: int, result) -> None:
+        if uid not in self.session.slides:
+            return
         tissue, grid = result
-        offset = tuple(np.asarray(self.viewer.layers[name].translate, float)[-2:])
-        self.explorer.show_tissue(name, tissue, grid, offset)
-        self.viewer.layers.selection.active = self.viewer.layers[name]
+        self.session.show_preview(uid, tissue, grid)
         spec = grid.spec
         self.say(f"{len(grid):,} patches of {spec.patch_size} px at {spec.target_mpp:g} µm/px "
                  f"({grid.patch_size_level0} px at level 0) on {tissue.tissue_fraction:.0%} "
                  "tissue. Compute embeddings to embed them.")  # fmt: skip
-        self.progress.setMaximum(max(len(grid), 1))
-        self.progress.setValue(0)
 
     # ================================================================== embed run
-    def compute(self) -> Any:
+    def compute(self, overwrite: bool = False) -> Any:
         """Start (or resume) embedding the current slide; a finished store loads instantly."""
-        if self.worker is not None:
-            return self.worker
-        layer, slide = self._checked_slide()
-        card = self._checked_card() if layer is not None else None
+        if self.jobs.busy:
+            return self.jobs.worker
+        s = self._checked_slide()
+        card = self._checked_card() if s is not None else None
         if card is None:
             return None
+        from ..jobs.embed import EmbedRequest, embed_or_load
         from ..tiles import TissueParams
 
-        job = _workers.EmbedJob(
-            slide=slide, model=card.name, spec=self.spec(), tissue_params=TissueParams(),
-            out_dir=self.out_dir(), device=self.device_combo.currentText(),
-            allow_random=self.random_check.isChecked(),
-            batch_size=getattr(self, "batch_size", None),
-            num_workers=getattr(self, "num_workers", None),
+        self.session.set_out_dir(self.out_edit.text())
+        req = EmbedRequest(
+            slide=s.slide, model=card.name, spec=self.spec(), tissue_params=TissueParams(),
+            out_dir=self.session.out_dir, device=self.device_combo.currentText(),
+            allow_random=self.random_check.isChecked(), batch_size=self.batch_size,
+            num_workers=self.num_workers, overwrite=overwrite,
         )  # fmt: skip
-        self._run_layer = layer.name
-        self._outcome = "error"
-        self._set_running(True)
-        self.say(f"Embedding {layer.name} with {card.name}…")
-        self.worker = _workers.start_embed_worker(
-            job,
-            yielded=self._on_progress,
-            returned=self._on_embedded,
-            errored=self._on_error,
-            aborted=self._on_aborted,
-            finished=self._on_finished,
-        )
-        return self.worker
+        uid = s.uid
+        return self.jobs.run(
+            embed_or_load(req), slide=uid,
+            on_result=lambda out: self._on_embedded(uid, out),
+            on_error=lambda exc: self._on_error(uid, exc),
+            message=f"Embedding {s.name} with {card.name}…",
+        )  # fmt: skip
 
-    def cancel(self) -> None:
-        if self.worker is not None:
-            self._cancel_t = time.perf_counter()
-            self.say("Cancelling after the current batch…")
-            self.worker.quit()
-
-    def _set_running(self, running: bool) -> None:
-        self.compute_button.setEnabled(not running)
-        self.preview_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-
-    def _on_progress(self, p) -> None:
-        if isinstance(p, _workers.StoreLoaded):
-            self.say(f"Found a finished feature file with the same recipe: {p.path}")
-            return
-        self.last_progress = p
-        self.progress.setMaximum(max(p.total, 1))
-        self.progress.setValue(p.done)
-        if p.status == "started" and p.done:
-            self.say(f"Resuming at {p.done:,} / {p.total:,} patches…")
-        elif p.status == "running":
-            self.say(f"{p.done:,} / {p.total:,} patches · {p.rate:.1f} patches/s · "
-                     f"{_fmt_time(p.eta_s)} left")  # fmt: skip
-
-    def _on_embedded(self, result) -> None:
-        store = result.store
-        session = self.explorer.add(self.viewer.layers[self._run_layer], store, result.index)
-        self._outcome = "loaded" if self.last_progress is None else "done"
-        self.say(f"{session.n:,} patch embeddings ({store.embed_dim}-d, {store.model}) ready: "
-                 f"{store.path}")  # fmt: skip
-        self.progress.setMaximum(max(session.n, 1))
-        self.progress.setValue(session.n)
+    def _on_embedded(self, uid: int, outcome) -> None:
+        if uid not in self.session.slides:
+            return  # the slide layer was removed meanwhile
+        s = self.session.attach_store(uid, outcome.store, outcome.index)
+        self.session.hide_preview(uid)
+        store = outcome.store
+        verb = "loaded" if outcome.loaded else "ready"
+        self.say(f"{s.name}: {s.n:,} patch embeddings ({store.embed_dim}-d, {store.model}) "
+                 f"{verb}: {store.path}")  # fmt: skip
+        self.progress.setRange(0, max(s.n, 1))
+        self.progress.setValue(s.n)
+        self.progress.setFormat("%v / %m patches")
         self._refresh_results()
 
-    def _on_error(self, exc: Exception) -> None:
+    def _on_error(self, uid: int, exc: BaseException) -> bool:
+        from ..embeddings import RecipeMismatchError
         from ..slide import MissingMppError
 
+        s = self.session.slides.get(uid)
+        name = s.name if s is not None else "slide"
         if isinstance(exc, MissingMppError):
-            self.say(MISSING_MPP.format(name=self._run_layer), True)
-        else:
-            self.say(f"{type(exc).__name__}: {exc}", True)
+            self.say(MISSING_MPP.format(name=name), True)
+            return True
+        if isinstance(exc, RecipeMismatchError) and s is not None:
+            if self.confirm_overwrite(str(exc)):
+                from qtpy.QtCore import QTimer
 
-    def _on_aborted(self) -> None:
-        self._outcome = "cancelled"
+                QTimer.singleShot(0, lambda: self.compute(overwrite=True))
+                return True
+        return False
 
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._set_running(False)
-        if self._outcome == "cancelled":
-            p = self.last_progress
-            done = f"{p.done:,} / {p.total:,} patches saved; " if p is not None else ""
-            waited = time.perf_counter() - (self._cancel_t or time.perf_counter())
-            self.cancel_latency_s = waited
-            self.say(f"Cancelled ({done}Compute again to resume).")
-        self.last_progress = None
-        self.run_finished.emit(self._outcome)
+    def confirm_overwrite(self, message: str) -> bool:
+        """Ask before replacing a feature file made with another recipe."""
+        answer = QMessageBox.question(
+            self, "Replace the feature file?",
+            f"{message}\n\nReplace it with features computed with the current settings?",
+        )  # fmt: skip
+        return answer == QMessageBox.StandardButton.Yes
+
+    def cancel(self) -> None:
+        self.jobs.cancel()
 
     # ================================================================== results
-    def session(self):
-        name = self.layer_combo.currentText()
-        return self.explorer.sessions.get(name)
+    def session_state(self):
+        """The current slide's state in the session (``None`` without a slide)."""
+        return self.session.slides.get(self.current_uid())
 
     def _require_session(self):
-        s = self.session()
-        if s is None:
+        s = self.session_state()
+        if s is None or not s.has_store:
             self.say("Compute (or load) embeddings for this slide first.", True)
+            return None
         return s
 
     def cluster(self, k: int | None = None) -> Any:
         s = self._require_session()
         if s is None:
             return None
-        from ..analyses.clusters import kmeans
+        from ..jobs.cluster import cluster_job
 
         k = int(k or self.k_spin.value())
-        self.say(f"Clustering {s.n:,} patches into {k}…")
-        w = _workers.start_function_worker(
-            kmeans, s.features, k,
-            returned=lambda res: self._on_clustered(s.name, res),
-            errored=lambda e: self.say(f"Clustering failed: {e}", True),
+        uid = s.uid
+        return self.cluster_jobs.run(
+            cluster_job(s.features, k), slide=uid,
+            on_result=lambda res: self._on_clustered(uid, res),
+            message=f"Clustering {s.n:,} patches into {k}…",
         )  # fmt: skip
-        self._keep(w)
-        return w
 
-    def _on_clustered(self, name: str, res) -> None:
-        self.explorer.set_clusters(name, res)
-        self.explorer.show_clusters(name)
-        self.say(f"{name}: {int(res.labels.max()) + 1} clusters ({res.method} k-means).")
+    def _on_clustered(self, uid: int, res) -> None:
+        if uid not in self.session.slides:
+            return
+        self.session.set_clusters(uid, res)
+        self.session.show_clusters(uid)
+        s = self.session.slides[uid]
+        self.cluster_jobs.say(f"{s.name}: {int(res.labels.max()) + 1} clusters "
+                              f"({res.method} k-means).")  # fmt: skip
 
     def _refresh_results(self, event=None) -> None:
-        s = self.session()
-        rows = s.cluster_rows() if s is not None else []
+        s = self.session_state()
+        rows = s.cluster_rows() if s is not None and s.has_store else []
         self.cluster_table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             area = row.get("area_um2")
@@ -564,7 +560,7 @@ class GPFMWidget(QWidget):
         self._refresh_values()
 
     def _refresh_values(self, event=None) -> None:
-        s = self.session()
+        s = self.session_state()
         keys = [k for k in (s.values if s is not None else {}) if k != "cluster"]
         current = self.value_combo.currentData()
         self.value_combo.clear()
@@ -580,19 +576,19 @@ class GPFMWidget(QWidget):
             if s is not None:
                 self.say("No per-patch values yet: cluster or run a similarity query.", True)
             return None
-        return self.explorer.show_heatmap(s.name, key, colormap=self.cmap_combo.currentText(),
-                                          opacity=self.opacity_spin.value())  # fmt: skip
+        return self.session.show_heatmap(s.uid, key, colormap=self.cmap_combo.currentText(),
+                                         opacity=self.opacity_spin.value())  # fmt: skip
 
     # ================================================================== similarity
     def _session_at(self, world) -> tuple[Any, int]:
-        """The session and patch under a world point: the current slide first, then the other
-        visible slides with embeddings, top layer first."""
-        order = [self.session()] + [
-            self.explorer.sessions.get(la.name) for la in reversed(self.viewer.layers)
+        """The slide and patch under a world point: the current slide first, then the other
+        visible embedded slides, top layer first."""
+        order = [self.session_state()] + [
+            self.session.slides.get(int(la.unique_id)) for la in reversed(self.viewer.layers)
             if la.visible
         ]  # fmt: skip
         for s in order:
-            if s is not None:
+            if s is not None and s.has_store:
                 i = s.patch_at(np.asarray(world, float)[-2:])
                 if i >= 0:
                     return s, int(i)
@@ -604,7 +600,7 @@ class GPFMWidget(QWidget):
         if s is None:
             self.say("No embedded patch under the click.")
             return None
-        return self.query(s.name, [i])
+        return self.query(s.uid, [i])
 
     def query_points(self, layer_name: str | None = None) -> Any:
         """Similarity query from every point of a Points layer (averaged)."""
@@ -622,63 +618,51 @@ class GPFMWidget(QWidget):
         if idx.size == 0:
             self.say(f"None of the points of {name!r} lie on an embedded patch of {s.name}.", True)
             return None
-        return self.query(s.name, idx)
+        return self.query(s.uid, idx)
 
-    def attach_stores(self, model: str | None) -> list[str]:
-        """Load finished stores of ``model`` for open slides that have none loaded yet (from
-        the output folder), so similarity reaches every open slide embedded by that model."""
-        from ..embeddings import StoreError, open_store, store_path
-
-        added = []
-        for layer in self.slide_layers():
-            if layer.name in self.explorer.sessions or model is None:
-                continue
-            path = store_path(self.out_dir(), model, layer_slide(layer).name)
-            if path.exists():
-                try:
-                    self.explorer.add(layer, open_store(path))
-                    added.append(layer.name)
-                except (StoreError, ValueError):
-                    continue
-        return added
-
-    def query(self, name: str, indices) -> Any:
+    def query(self, uid: int, indices) -> Any:
         t0 = time.perf_counter()
-        self.attach_stores(self.explorer.get(name).model)
-        res = self.explorer.similarity(name, indices, k=self.topk_spin.value())
-        self.explorer.show_similarity(res)
+        try:
+            res = self.session.similarity(uid, indices, k=self.topk_spin.value())
+            self.session.show_similarity(res)
+        except (ValueError, LookupError) as exc:
+            self.say(str(exc), True)
+            return None
         self.last_result = res
         self._fill_hits(res)
-        n_slides = len(res.scores)
-        self.say(f"Similarity to {len(res.query)} patch(es) of {name} on {n_slides} slide(s) "
-                 f"in {1000 * (time.perf_counter() - t0):.0f} ms.")  # fmt: skip
+        name = self.session.slides[uid].name
+        self.say(f"Similarity to {len(res.query)} patch(es) of {name} on {len(res.scores)} "
+                 f"slide(s) in {1000 * (time.perf_counter() - t0):.0f} ms.")  # fmt: skip
         return res
 
     def _fill_hits(self, res) -> None:
         self.hits_table.setRowCount(len(res.hits))
-        for r, (name, idx, score) in enumerate(res.hits):
-            for c, text in enumerate((name, str(idx), f"{score:.4f}")):
+        for r, (uid, idx, score) in enumerate(res.hits):
+            for c, text in enumerate((res.names.get(uid, "?"), str(idx), f"{score:.4f}")):
                 self.hits_table.setItem(r, c, QTableWidgetItem(text))
 
     def go_to_hit(self, row: int) -> None:
         """Centre the camera on the row's patch, a few patch widths across the canvas."""
         if self.last_result is None or not 0 <= row < len(self.last_result.hits):
             return
-        name, idx, _ = self.last_result.hits[row]
-        s = self.explorer.sessions[name]
+        uid, idx, _ = self.last_result.hits[row]
+        s = self.session.slides.get(uid)
+        if s is None:
+            self.say("That slide was closed.", True)
+            return
         canvas = tuple(self.viewer.canvas.size)
         centre, zoom = convert.camera_for_patch(s.coords[idx], s.patch_size_level0, s.mpp,
                                                 canvas, offset=s.offset)  # fmt: skip
-        camera = self.viewer.scene.camera
+        camera = self.viewer.camera
         camera.center = centre
         camera.zoom = zoom
-        if name in self.viewer.layers:
-            self.viewer.layers[name].visible = True
+        if s.layer is not None:
+            s.layer.visible = True
 
     # ---- mouse -------------------------------------------------------------------------
     def _on_mouse_drag(self, viewer, event):
         """A click (press and release without moving) queries; a drag pans as usual."""
-        if not self.click_check.isChecked() or not self.explorer.sessions:
+        if not self.click_check.isChecked() or not self.session.embedded():
             return
         if event.type != "mouse_press" or "Alt" in event.modifiers:
             return
@@ -696,29 +680,24 @@ class GPFMWidget(QWidget):
             self.handle_click(event.position)
 
     def _on_mouse_move(self, viewer, event):
-        if not self.explorer.sessions:
+        if not self.session.embedded():
             return
         s, i = self._session_at(event.position)
-        now = (s.name, i) if s is not None else None
-        if now != getattr(self, "_hovering", None):
+        now = (s.uid, i) if s is not None else None
+        if now != self._hovering:
             self._hovering = now
-            self.explorer.hover(s.name if s is not None else "", i)
+            self.session.hover(s.uid if s is not None else -1, i)
 
     # ================================================================== export
     def export(self, what=("png", "table", "geojson")) -> list[Path]:
         s = self._require_session()
         if s is None:
             return []
-        out = self.out_dir() / "exports"
+        out = self.session.out_dir / "exports"
         try:
             files = s.export(out, what)
-        except Exception as e:  # shown, not raised: the user picks another folder
+        except OSError as e:  # shown, not raised: the user picks another folder
             self.say(f"Export failed: {e}", True)
             return []
         self.say(f"Wrote {len(files)} file(s) to {out}: " + ", ".join(p.name for p in files))
         return files
-
-    # ================================================================== misc
-    def _keep(self, worker) -> None:
-        self._busy.append(worker)
-        worker.finished.connect(lambda: self._busy.remove(worker) if worker in self._busy else None)

@@ -1,28 +1,31 @@
 """'PathoTune' dock: prompt-tune a frozen foundation model on the annotations of a slide.
 
-Thin over :mod:`napari_gpfm.analyses.pathotune`: the dock gathers the slide (from the slide
-layer's ``metadata["napari_gpfm"]["slide"]``), the annotations (a Shapes layer whose shapes carry
-``features["class"]``, read by
-:func:`~napari_gpfm.layers.annotation_layers.annotations_from_layer`),
-the patch grid (the slide's feature store when there is one, so the class map lines up with the
-embeddings; else the model card's tiling over detected tissue), the text template, the prompt
-switches (TVP/TTP/IVP), N prompts and epochs. :func:`pathotune_job` then runs in a napari
-``thread_worker``: patch labels, reading, training (a progress record per step: Cancel stops
-within one step), and prediction of every patch of the grid. The main thread paints the class map,
-one probability heatmap per class and the uncertainty like the linear probe does.
+Thin over the window's :class:`~napari_gpfm.layers.session.ViewerSession` and
+:func:`napari_gpfm.jobs.pathotune_job` (the job body; see its module for the stages). The dock
+gathers, on the main thread:
+
+- the slide (the session's slide layers) and its feature store from
+  :meth:`~napari_gpfm.layers.session.ViewerSession.find_store`: PathoTune then trains and
+  predicts on the embedded patch grid, so its class map lines up with the embeddings, and the
+  linear probe is scored on exactly PathoTune's train/validation split beside it. Without
+  embeddings the job tiles the slide itself with the backbone card's tiling (no comparison);
+- the annotations of a Shapes layer (read relative to the slide layer, wherever it sits) and
+  the class names in the order of the session's class palette (shared with the Annotate dock);
+- the backbone (the store's model by default), text template, prompt switches, epochs.
+
+The job runs in a :class:`~._jobs.JobPanel` (progress, Cancel, errors). The prediction is
+painted by :meth:`~napari_gpfm.layers.session.ViewerSession.set_prediction` (class map, one
+probability map per class, uncertainty: ``"<slide> · PathoTune classes"`` …), aligned with the
+slide layer, and the classifier becomes the session's ``"pathotune"`` classifier.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,117 +36,26 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ..layers.annotation_layers import (
-    annotations_from_layer,
-    is_annotation_layer,
-    prediction_layer_data,
-    set_or_add_layer,
-)
-from ..layers.reader import layer_slide
-from . import _workers
+from ..embeddings import StoreError
+from ..encoders.errors import EncoderError
+from ..layers.annotation_layers import annotations_from_layer, is_annotation_layer
+from ..layers.session import session_for
+from ._jobs import JobPanel
+from .annotate_widget import relative_to_slide
+from .gpfm_widget import fill_slide_combo
 
-__all__ = ["JobResult", "PathoTuneJob", "PathoTuneWidget", "pathotune_job"]
+__all__ = ["PathoTuneWidget"]
 
-
-@dataclass(frozen=True)
-class PathoTuneJob:
-    """Everything a run needs, gathered on the main thread (plain data only)."""
-
-    slide_path: str
-    mpp: float | None
-    model: str
-    allow_random: bool
-    annotations: list
-    class_names: list[str] | None
-    store_path: str | None
-    prompt_config: Any
-    template: Any
-    train_config: Any
-    text_encoder: Any = None
-    classifier: Any = None  # given: skip training, predict only
-
-
-@dataclass
-class JobResult:
-    """What a run returns to the main thread."""
-
-    train: Any  # TrainResult, or None (predict only / cancelled while reading)
-    prediction: Any  # PredictResult, or None (cancelled)
-    classifier: Any
-    n_labelled: int = 0
-    probe_val_bal_acc: float | None = None  # linear probe on the store, same validation split
-
-
-def _grid(job: PathoTuneJob, encoder: Any) -> tuple[np.ndarray, int]:
-    """(coords, patch side level 0): the store's grid, else the card's tiling over tissue."""
-    if job.store_path:
-        from ..embeddings import open_store
-
-        store = open_store(job.store_path)
-        return np.asarray(store.coords), int(store.patch_size_level0)
-    from ..embeddings import default_spec
-    from ..slide import open_slide
-    from ..tiles import detect_tissue, make_grid
-
-    slide = open_slide(job.slide_path, mpp=job.mpp)
-    grid = make_grid(slide, default_spec(encoder), detect_tissue(slide),
-                     encoder_input=int(encoder.card.input.size))
-    return grid.coords, int(grid.patch_size_level0)
-
-
-def pathotune_job(job: PathoTuneJob, stop: threading.Event) -> Generator[Any, None, JobResult]:
-    """Worker body: labels → read → train → predict; yields progress records, never touches
-    layers. ``stop`` (or closing the generator) cancels within one step or batch."""
-    from ..analyses import pathotune as pt
-    from ..annotations.labels import labels_from_annotations
-    from ..encoders import load_encoder
-
-    clf = job.classifier
-    encoder = clf.encoder if clf is not None else load_encoder(
-        job.model, allow_random=job.allow_random)
-    coords, size0 = _grid(job, encoder)
-    train, n_labelled = None, 0
-    if clf is None:
-        labels = labels_from_annotations(job.annotations, coords, size0, job.class_names)
-        n_labelled = int((labels.labels >= 0).sum())
-        if len(labels.class_names) < 2:
-            raise ValueError("annotate at least two classes (shapes with a 'class') to train")
-        from ..annotations.classes import ClassPalette
-
-        colours = ClassPalette([(n, None) for n in labels.class_names]).colours()
-        train = yield from pt.train_from_slide(
-            encoder, job.slide_path, coords, size0, labels.labels, labels.class_names,
-            job.prompt_config, job.template, job.train_config, job.text_encoder, colours,
-            mpp=job.mpp, stop_event=stop)
-        if train is None or train.cancelled:
-            return JobResult(train, None, None if train is None else train.classifier, n_labelled)
-        clf = train.classifier
-        probe_acc = _probe_on_same_split(job, labels, train)
-    pred = yield from pt.predict_slide(clf, job.slide_path, coords, size0, mpp=job.mpp,
-                                       stop_event=stop)
-    return JobResult(train, pred if pred.done else None, clf, n_labelled,
-                     None if job.classifier is not None else probe_acc)
-
-
-def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any) -> float | None:
-    """The linear probe's validation balanced accuracy on the slide's stored embeddings, fitted
-    and scored on exactly PathoTune's train/validation patches (None without a store)."""
-    if not job.store_path or train.val_indices is None:
-        return None
-    from ..analyses.probe import holdout_balanced_accuracy
-    from ..embeddings import open_store
-
-    keep = np.flatnonzero(labels.labels >= 0)
-    features = open_store(job.store_path).features[keep]
-    return holdout_balanced_accuracy(features, labels.labels[keep], train.train_indices,
-                                     train.val_indices, labels.class_names)
+SOURCE = "pathotune"  # the session's classifier / prediction key
+LABEL = "PathoTune"  # result layers: "<slide> · PathoTune classes"
+#: What the dock catches from the package and shows (never a bare ``Exception``).
+USER_ERRORS = (ValueError, LookupError, OSError, StoreError, EncoderError)
 
 
 class PathoTuneWidget(QWidget):
@@ -151,38 +63,43 @@ class PathoTuneWidget(QWidget):
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
-        _workers.avoid_llvm_clash()
         self.viewer = napari_viewer
-        self.worker = None
+        self.session = session_for(napari_viewer)
         self.classifier = None
-        self.last: JobResult | None = None
+        self.last: Any = None  # the last run's JobResult
         self.text_encoder = None
         self._stop = threading.Event()
         self._build()
+        self._connect()
         self._refresh_layers()
-        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            ev.connect(self._refresh_layers)
 
-    # ------------------------------------------------------------------ UI
+    @property
+    def layers(self) -> Any:
+        return self.session.viewer.layers
+
+    @property
+    def worker(self) -> Any:
+        """The running job's worker, ``None`` when idle."""
+        return self.jobs.worker
+
+    # ================================================================== UI
     def _build(self) -> None:
         from ..analyses.pathotune.text import DEFAULT_TEMPLATE, TextTemplate
         from ..encoders import default_model_name, list_cards
 
         self.slide_combo, self.shapes_combo = QComboBox(), QComboBox()
+        self.grid_label = QLabel("-")
+        self.grid_label.setWordWrap(True)
         self.model_combo = QComboBox()
         cards = list_cards()
         self.model_combo.addItems([c.name for c in cards])
         try:
             default = default_model_name()
-        except Exception:  # no weights on this machine: keep the first card
+        except EncoderError:  # no weights on this machine: keep the first card
             default = None
         if default in [c.name for c in cards]:
             self.model_combo.setCurrentText(default)
         self.random_check = QCheckBox("random weights when missing (testing only)")
-        self.store_edit = QLineEdit()
-        self.store_edit.setPlaceholderText("optional: the slide's feature store (.h5) grid")
-        store_button = QPushButton("…")
-        store_button.clicked.connect(self._browse_store)
         defaults = TextTemplate()
         self.template_edit = QLineEdit(DEFAULT_TEMPLATE)
         self.stain_edit = QLineEdit(defaults.stain)
@@ -190,7 +107,7 @@ class PathoTuneWidget(QWidget):
         self.task_edit = QLineEdit(defaults.task)
         self.tvp_check, self.ttp_check, self.ivp_check = (
             QCheckBox(t) for t in ("TVP (task visual prompts)", "TTP (text prompts)",
-                                   "IVP (instance prompts)"))
+                                   "IVP (instance prompts)"))  # fmt: skip
         for box in (self.tvp_check, self.ttp_check, self.ivp_check):
             box.setChecked(True)
         self.n_spin = self._spin(1, 64, 8)
@@ -200,23 +117,21 @@ class PathoTuneWidget(QWidget):
         self.val_spin.setSingleStep(0.05)
         self.val_spin.setValue(0.2)
         self.train_button = QPushButton("Train && predict")
-        self.cancel_button = QPushButton("Cancel")
         self.predict_button = QPushButton("Predict slide")
         self.save_button, self.load_button = QPushButton("Save…"), QPushButton("Load…")
-        self.cancel_button.setEnabled(False)
-        self.progress = QProgressBar()
-        self.status = QLabel("annotate at least two classes, then train")
+        buttons = [self.train_button, self.predict_button, self.save_button, self.load_button]
+        self.jobs = JobPanel("PathoTune", self.session, buttons)
+        self.cancel_button = self.jobs.cancel_button
+        self.progress = self.jobs.bar
+        self.status = self.jobs.status
+        self.jobs.say("Annotate at least two classes (Annotate & classify dock), then train.")
         self.scores = QLabel("-")
-        for label in (self.status, self.scores):
-            label.setWordWrap(True)
+        self.scores.setWordWrap(True)
 
         src = QFormLayout()
         src.addRow("Slide", self.slide_combo)
         src.addRow("Annotations", self.shapes_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.store_edit)
-        row.addWidget(store_button)
-        src.addRow("Grid", row)
+        src.addRow("Grid", self.grid_label)
         src.addRow("Backbone", self.model_combo)
         src.addRow(self.random_check)
         text = QGroupBox("Text prompt")
@@ -233,9 +148,9 @@ class PathoTuneWidget(QWidget):
         pf.addRow("N prompts / block", self.n_spin)
         pf.addRow("Epochs", self.epochs_spin)
         pf.addRow("Validation fraction", self.val_spin)
-        buttons = QHBoxLayout()
-        for b in (self.train_button, self.cancel_button, self.predict_button):
-            buttons.addWidget(b)
+        row = QHBoxLayout()
+        row.addWidget(self.train_button)
+        row.addWidget(self.predict_button)
         files = QHBoxLayout()
         files.addWidget(self.save_button)
         files.addWidget(self.load_button)
@@ -243,17 +158,15 @@ class PathoTuneWidget(QWidget):
         layout.addLayout(src)
         layout.addWidget(text)
         layout.addWidget(prompts)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
+        layout.addLayout(row)
+        layout.addWidget(self.jobs)
         layout.addWidget(self.scores)
         layout.addLayout(files)
         layout.addStretch(1)
-        self.train_button.clicked.connect(self.train)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.predict_button.clicked.connect(self.predict)
-        self.save_button.clicked.connect(self._save_clicked)
-        self.load_button.clicked.connect(self._load_clicked)
+        for combo in (self.slide_combo, self.shapes_combo, self.model_combo):
+            combo.setSizeAdjustPolicy(
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
 
     @staticmethod
     def _spin(lo: int, hi: int, value: int) -> QSpinBox:
@@ -262,190 +175,219 @@ class PathoTuneWidget(QWidget):
         s.setValue(value)
         return s
 
+    def _connect(self) -> None:
+        # Qt's clicked(bool) would arrive as the first argument: every slot is a lambda
+        self.train_button.clicked.connect(lambda: self.train())
+        self.predict_button.clicked.connect(lambda: self.predict())
+        self.save_button.clicked.connect(lambda: self._save_clicked())
+        self.load_button.clicked.connect(lambda: self._load_clicked())
+        # Cancel also stops the job within one training step / prediction batch
+        self.cancel_button.clicked.connect(lambda: self._stop.set())
+        self.slide_combo.currentIndexChanged.connect(lambda _: self._on_slide_changed())
+        layers, ev = self.layers, self.session.events
+        hooks = [(layers.events.inserted, self._refresh_layers),
+                 (layers.events.removed, self._refresh_layers),
+                 (ev.slides, self._refresh_layers), (ev.store, self._on_store)]  # fmt: skip
+        for emitter, cb in hooks:
+            emitter.connect(cb)
+        disconnects = [lambda e=e, c=c: e.disconnect(c) for e, c in hooks]
+
+        def teardown(*_: Any) -> None:
+            for fn in disconnects:
+                fn()
+
+        self.destroyed.connect(teardown)
+
+    # ================================================================== inputs
+    def current_uid(self) -> int | None:
+        return self.slide_combo.currentData()
+
+    def slide_state(self) -> Any:
+        return self.session.slides.get(self.current_uid())
+
+    def select_slide(self, key: Any) -> None:
+        s = self.session.slide(key)
+        self.slide_combo.setCurrentIndex(self.slide_combo.findData(s.uid))
+
     def _refresh_layers(self, event: Any = None) -> None:
-        for combo, layers in ((self.slide_combo, self.slide_layers()),
-                              (self.shapes_combo, [la for la in self.viewer.layers
-                                                   if is_annotation_layer(la)])):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems([la.name for la in layers])
-            if current in [la.name for la in layers]:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+        before = self.current_uid()
+        fill_slide_combo(self.slide_combo, self.session)
+        current = self.shapes_combo.currentData()
+        shapes = [la for la in self.layers if is_annotation_layer(la)]
+        self.shapes_combo.blockSignals(True)
+        self.shapes_combo.clear()
+        for la in shapes:
+            self.shapes_combo.addItem(la.name, int(la.unique_id))
+        i = self.shapes_combo.findData(current)
+        self.shapes_combo.setCurrentIndex(i if i >= 0 else len(shapes) - 1)
+        self.shapes_combo.blockSignals(False)
+        if self.current_uid() != before or event is None:
+            self._on_slide_changed()
 
-    def slide_layers(self) -> list:
-        return [la for la in self.viewer.layers if layer_slide(la) is not None]
+    def _on_store(self, event: Any) -> None:
+        if event.value == self.current_uid():
+            self._on_slide_changed()
 
-    def _browse_store(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Feature store", "", "HDF5 (*.h5)")
-        if path:
-            self.store_edit.setText(path)
+    def _on_slide_changed(self) -> None:
+        """Show the grid PathoTune will use; the backbone follows the slide's embeddings."""
+        s = self.slide_state()
+        store = self._store(s)
+        if s is None:
+            self.grid_label.setText("Open a whole-slide image (File > Open).")
+        elif store is None:
+            self.grid_label.setText(
+                f"{s.name}: no embeddings, so PathoTune tiles the slide with the backbone's "
+                "tiling and the linear probe cannot be compared. Compute embeddings in the "
+                "GPFM dock to train on their patches.")  # fmt: skip
+        else:
+            self.grid_label.setText(f"{s.name}: the embedded patches, {store.describe()}")
+            i = self.model_combo.findText(store.model or "")
+            if i >= 0:
+                self.model_combo.setCurrentIndex(i)
 
-    # ------------------------------------------------------------------ inputs
-    def _slide_layer(self):
-        return next((la for la in self.slide_layers()
-                     if la.name == self.slide_combo.currentText()), None)
+    def _store(self, s: Any) -> Any:
+        if s is None:
+            return None
+        try:
+            return self.session.find_store(s.uid)
+        except USER_ERRORS as exc:
+            self.jobs.say(f"{s.name}: {exc}", error=True)
+            return None
 
-    def _store_path(self, slide_layer: Any) -> str | None:
-        text = self.store_edit.text().strip()
-        if text:
-            return text
-        meta = slide_layer.metadata.get("napari_gpfm", {})
-        return str(meta["store"]) if meta.get("store") else None
+    def shapes_layer(self) -> Any:
+        uid = self.shapes_combo.currentData()
+        return next((la for la in self.layers if int(la.unique_id) == uid), None)
 
-    def prompt_config(self):
+    def prompt_config(self) -> Any:
         from ..analyses.pathotune import PromptConfig
 
         return PromptConfig(tvp=self.tvp_check.isChecked(), n_tvp=self.n_spin.value(),
                             ttp=self.ttp_check.isChecked(), ivp=self.ivp_check.isChecked())
 
-    def template(self):
+    def template(self) -> Any:
         from ..analyses.pathotune import TextTemplate
 
         return TextTemplate(self.template_edit.text(), self.stain_edit.text(),
                             self.tissue_edit.text(), self.task_edit.text())
 
-    def _job(self, classifier: Any = None) -> PathoTuneJob | None:
-        from ..analyses.pathotune import TrainConfig
+    def _classes(self, annotations: list) -> tuple[list[str], Any]:
+        """The annotated training classes in palette order, and their palette colours; classes
+        the palette lacks join it."""
+        palette = self.session.palette
+        used = []
+        for a in annotations:
+            if a.class_name and a.class_name not in used:
+                used.append(a.class_name)
+                palette.ensure(a.class_name, a.color)
+        names = [n for n in palette.training_names if n in used]
+        return names, palette.colours(names)
 
-        slide_layer = self._slide_layer()
-        if slide_layer is None:
-            show_error("PathoTune: open a whole-slide image first")
-            return None
-        slide = layer_slide(slide_layer)
+    def _job(self, classifier: Any = None) -> Any:
+        """The job's inputs (raises the package's errors with a message for the user)."""
+        from ..analyses.pathotune import TrainConfig
+        from ..jobs.pathotune import PathoTuneJob
+
+        s = self.slide_state()
+        if s is None:
+            raise LookupError("Open a whole-slide image first (File > Open, or the sample).")
         annotations: list = []
+        names, colours = None, None
         if classifier is None:
-            shapes = next((la for la in self.viewer.layers
-                           if la.name == self.shapes_combo.currentText()
-                           and is_annotation_layer(la)), None)
+            shapes = self.shapes_layer()
             if shapes is None or not len(shapes.data):
-                show_error("PathoTune: draw or import annotations (a Shapes layer whose shapes "
-                           "have a 'class') first")
-                return None
-            annotations = annotations_from_layer(shapes, slide.mpp)
-        try:
-            template = self.template()
-        except ValueError as exc:
-            show_error(f"PathoTune: {exc}")
-            return None
+                raise ValueError("Draw or import annotations first (a Shapes layer whose shapes "
+                                 "have a class: Annotate & classify dock).")  # fmt: skip
+            annotations = annotations_from_layer(relative_to_slide(shapes, s.offset), s.mpp,
+                                                 self.session.palette)  # fmt: skip
+            names, colours = self._classes(annotations)
+        store = self._store(s)
         return PathoTuneJob(
-            slide_path=str(slide.path), mpp=slide.mpp, model=self.model_combo.currentText(),
+            slide_path=str(s.slide.path), mpp=s.mpp, model=self.model_combo.currentText(),
             allow_random=self.random_check.isChecked(), annotations=annotations,
-            class_names=None, store_path=self._store_path(slide_layer),
-            prompt_config=self.prompt_config(), template=template,
+            class_names=names, colours=colours,
+            store_path=None if store is None else str(store.path),
+            prompt_config=self.prompt_config(), template=self.template(),
             train_config=TrainConfig(epochs=self.epochs_spin.value(),
                                      val_fraction=self.val_spin.value()),
-            text_encoder=self.text_encoder, classifier=classifier)
+            text_encoder=self.text_encoder, classifier=classifier,
+        )  # fmt: skip
 
-    # ------------------------------------------------------------------ runs
+    # ================================================================== runs
     def train(self) -> Any:
-        """Start training (then prediction) in a worker; returns the worker."""
-        return self._start(self._job())
+        """Start training (then prediction of the slide); returns the worker."""
+        return self._start(None)
 
     def predict(self) -> Any:
         """Predict the slide with the current (trained or loaded) classifier."""
         if self.classifier is None:
-            show_error("PathoTune: train or load a classifier first")
+            self.jobs.say("Train or load a PathoTune classifier first.", error=True)
             return None
-        return self._start(self._job(self.classifier))
+        return self._start(self.classifier)
 
-    def _start(self, job: PathoTuneJob | None) -> Any:
-        if job is None or self.worker is not None:
+    def _start(self, classifier: Any) -> Any:
+        if self.jobs.busy:
             return None
+        try:
+            job = self._job(classifier)
+        except USER_ERRORS as exc:
+            self.jobs.say(str(exc), error=True)
+            return None
+        from ..jobs.pathotune import pathotune_job
+
         self._stop = threading.Event()
-        self.worker = create_worker(
-            pathotune_job, job, self._stop, _worker_class=_workers.ClosingGeneratorWorker,
-            _start_thread=False,
-            _connect={"yielded": self._on_progress, "returned": self._on_done,
-                      "errored": self._on_error, "finished": self._on_finished},
-        )
-        self._busy(True)
-        self.status.setText("preparing: patch grid, labels, backbone…")
-        self.worker.start()
-        return self.worker
+        uid = self.current_uid()
+        s = self.session.slides[uid]
+        what = "Predicting" if classifier is not None else "Training PathoTune on"
+        return self.jobs.run(pathotune_job(job, self._stop), slide=uid,
+                             on_result=lambda r: self._on_done(uid, r),
+                             message=f"{what} {s.name}…")  # fmt: skip
 
     def cancel(self) -> None:
         """Stop the run within one training step / prediction batch."""
         self._stop.set()
-        if self.worker is not None:
-            self.worker.quit()
-        self.status.setText("cancelling…")
+        self.jobs.cancel()
 
-    def _busy(self, busy: bool) -> None:
-        for b in (self.train_button, self.predict_button, self.save_button, self.load_button):
-            b.setEnabled(not busy)
-        self.cancel_button.setEnabled(busy)
-
-    def _on_progress(self, r: Any) -> None:
-        kind = type(r).__name__
-        if kind == "PredictProgress":
-            self.progress.setValue(int(100 * r.fraction))
-            self.status.setText(f"predicting {r.done:,}/{r.total:,} patches "
-                                f"({r.rate or 0:.1f}/s)")
-        elif r.status == "reading":
-            self.progress.setValue(int(100 * r.fraction))
-            self.status.setText(r.message)
-        elif r.status == "step":
-            self.progress.setValue(int(100 * r.fraction))
-            self.status.setText(f"epoch {r.epoch}/{r.epochs}, step {r.step}/{r.total_steps}, "
-                                f"loss {r.loss:.3f}, {r.rate or 0:.1f} patches/s")
-        elif r.status == "epoch":
-            val = "-" if r.val_bal_acc is None else f"{r.val_bal_acc:.3f}"
-            best = "-" if r.best_val_bal_acc is None else f"{r.best_val_bal_acc:.3f}"
-            self.scores.setText(f"epoch {r.epoch}: train acc {r.train_acc:.3f}, validation "
-                                f"balanced accuracy {val} (best {best}, epoch {r.best_epoch})")
-        else:
-            self.status.setText(r.message or r.status)
-
-    def _on_done(self, result: JobResult) -> None:
+    def _on_done(self, uid: int, result: Any) -> None:
         self.last = result
-        if result.classifier is not None and (result.train is None or not result.train.cancelled):
-            self.classifier = result.classifier
         train = result.train
         if train is not None:
             clf = train.classifier
             val = "n/a" if train.val_bal_acc is None else f"{train.val_bal_acc:.3f}"
-            probe = ("n/a (needs the slide's feature store)" if result.probe_val_bal_acc is None
-                     else f"{result.probe_val_bal_acc:.3f}")
+            probe = ("n/a (no embeddings of this slide: compute them in the GPFM dock)"
+                     if result.probe_val_bal_acc is None
+                     else f"{result.probe_val_bal_acc:.3f}")  # fmt: skip
             self.scores.setText(
                 f"{clf.config.label}: {result.n_labelled} labelled patches, validation balanced "
                 f"accuracy {val} (epoch {train.best_epoch}); linear probe on the same split: "
                 f"{probe}; {clf.model.n_trainable():,} trainable parameters"
-                + (" — cancelled" if train.cancelled else ""))
-        if result.prediction is not None:
-            self._paint(result.prediction)
+                + (" — cancelled" if train.cancelled else ""))  # fmt: skip
+        if result.cancelled:
+            self.jobs.say("Cancelled: nothing painted.")
+            return
+        self.classifier = result.classifier
+        self.session.set_classifier(SOURCE, result.classifier)
+        if uid not in self.session.slides:
+            return  # the slide was closed meanwhile
+        s = self.session.slides[uid]
+        pred = result.prediction
+        self.session.set_prediction(uid, SOURCE, pred.rasters(s.mpp), pred.class_names,
+                                    result.classifier.colours, label=LABEL)  # fmt: skip
+        self.jobs.say(f"{s.name}: {pred.proba.shape[0]:,} patches predicted "
+                      f"({pred.patches_per_s:.1f}/s).")  # fmt: skip
 
-    def _paint(self, pred: Any) -> None:
-        slide_layer = self._slide_layer()
-        slide = layer_slide(slide_layer) if slide_layer is not None else None
-        clf = self.classifier
-        prefix = f"{slide.name if slide else 'slide'} PathoTune"
-        for data in prediction_layer_data(pred.rasters(slide.mpp if slide else None),
-                                          pred.class_names, clf.colours, prefix):
-            set_or_add_layer(self.viewer, data)
-        self.status.setText(f"{prefix}: {pred.proba.shape[0]:,} patches predicted "
-                            f"({pred.patches_per_s:.1f}/s)")
-
-    def _on_error(self, exc: Exception) -> None:
-        self.status.setText(f"error: {exc}")
-        show_error(f"PathoTune: {exc}")
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._busy(False)
-        if self._stop.is_set():
-            self.status.setText("cancelled")
-        self.progress.setValue(100 if not self._stop.is_set() else self.progress.value())
-
-    # ------------------------------------------------------------------ files
+    # ================================================================== files
     def save(self, path: str | Path) -> Path | None:
         from ..analyses.pathotune import save_classifier
 
         if self.classifier is None:
-            show_error("PathoTune: nothing to save, train a classifier first")
+            self.jobs.say("Nothing to save: train a classifier first.", error=True)
             return None
-        out = save_classifier(self.classifier, path)
+        try:
+            out = save_classifier(self.classifier, path)
+        except USER_ERRORS as exc:
+            self.jobs.say(f"Not saved: {exc}", error=True)
+            return None
+        self.jobs.say(f"PathoTune classifier saved to {out}.")
         show_info(f"PathoTune classifier saved to {out}")
         return out
 
@@ -453,23 +395,26 @@ class PathoTuneWidget(QWidget):
         from ..analyses.pathotune import load_classifier
 
         try:
-            self.classifier = load_classifier(path)
-        except Exception as exc:  # the message names the file and the problem
-            show_error(f"PathoTune: {exc}")
+            clf = load_classifier(path)
+        except USER_ERRORS as exc:  # the message names the file and the problem
+            self.jobs.say(str(exc), error=True)
             return None
-        self.scores.setText(f"loaded {Path(path).name}: {self.classifier.config.label} on "
-                            f"{self.classifier.encoder.card.name}, classes "
-                            f"{', '.join(self.classifier.class_names)}")
-        return self.classifier
+        self.classifier = clf
+        for i, n in enumerate(clf.class_names):
+            self.session.palette.ensure(n, None if clf.colours is None else clf.colours[i])
+        self.session.set_classifier(SOURCE, clf)
+        self.scores.setText(f"loaded {Path(path).name}: {clf.config.label} on "
+                            f"{clf.encoder.card.name}, classes {', '.join(clf.class_names)}")
+        return clf
 
     def _save_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save PathoTune classifier", "",
-                                              "PathoTune (*.safetensors)")
+                                              "PathoTune (*.safetensors)")  # fmt: skip
         if path:
             self.save(path)
 
     def _load_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load PathoTune classifier", "",
-                                              "PathoTune (*.safetensors)")
+                                              "PathoTune (*.safetensors)")  # fmt: skip
         if path:
             self.load(path)

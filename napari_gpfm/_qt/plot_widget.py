@@ -22,8 +22,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..layers import convert
-from ..layers.session import explorer_for
-from . import _workers
+from ..layers.session import session_for
+from ._jobs import JobPanel
+from .gpfm_widget import fill_slide_combo
 
 MODES = ("pan/zoom", "box select", "lasso select")
 GREY = np.array([0.75, 0.75, 0.75, 1.0])
@@ -36,14 +37,12 @@ class EmbeddingPlotWidget(QWidget):
         super().__init__()
         from vispy import scene
 
-        _workers.avoid_llvm_clash()
         self.viewer = napari_viewer
-        self.explorer = explorer_for(napari_viewer)
-        self.name: str | None = None
+        self.session = session_for(napari_viewer)
+        self.uid: int | None = None
         self.xy: np.ndarray | None = None
         self.hover_index = -1
         self._drag: list[np.ndarray] = []
-        self._busy: list[Any] = []
 
         self.slide_combo = QComboBox()
         self.method_combo = QComboBox()
@@ -56,8 +55,9 @@ class EmbeddingPlotWidget(QWidget):
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(MODES)
         self.clear_button = QPushButton("Clear selection")
-        self.status = QLabel("Compute embeddings in the GPFM dock, then Plot.")
-        self.status.setWordWrap(True)
+        self.jobs = JobPanel("Embedding plot", self.session, [self.plot_button])
+        self.status = self.jobs.status
+        self.jobs.say("Compute embeddings in the GPFM dock, then Plot.")
 
         self.canvas = scene.SceneCanvas(keys=None, show=False, bgcolor="#262930", size=(360, 360))
         self.view = self.canvas.central_widget.add_view()
@@ -71,8 +71,8 @@ class EmbeddingPlotWidget(QWidget):
         for vis in (self.markers, self.selected, self.hover):
             vis.set_data(origin[:1], size=1)
         self.path.set_data(origin)
-        for vis in (self.selected, self.hover, self.path):
-            vis.visible = False
+        for vis in (self.markers, self.selected, self.hover, self.path):
+            vis.visible = False  # nothing to draw until set_data (an empty draw is a GL error)
 
         top = QHBoxLayout()
         top.addWidget(self.slide_combo, 2)
@@ -86,17 +86,18 @@ class EmbeddingPlotWidget(QWidget):
         lay.addLayout(top)
         lay.addLayout(mid)
         lay.addWidget(self.canvas.native, 1)
-        lay.addWidget(self.status)
+        lay.addWidget(self.jobs)
 
         self.plot_button.clicked.connect(lambda: self.compute())
         self.clear_button.clicked.connect(lambda: self.select_indices([]))
         self.mode_combo.currentTextChanged.connect(self._mode_changed)
-        self.slide_combo.currentTextChanged.connect(self._slide_changed)
+        self.slide_combo.currentIndexChanged.connect(self._slide_changed)
         self.canvas.events.mouse_press.connect(self._on_press)
         self.canvas.events.mouse_move.connect(self._on_move)
         self.canvas.events.mouse_release.connect(self._on_release)
-        ev = self.explorer.events
-        ev.sessions.connect(self._sessions_changed)
+        ev = self.session.events
+        ev.slides.connect(self._sessions_changed)
+        ev.store.connect(self._sessions_changed)
         ev.clusters.connect(self._clusters_changed)
         ev.selection.connect(self._selection_changed)
         ev.hover.connect(self._hover_changed)
@@ -104,55 +105,67 @@ class EmbeddingPlotWidget(QWidget):
 
     # ================================================================== data
     def _sessions_changed(self, event=None) -> None:
-        current = self.slide_combo.currentText()
-        names = list(self.explorer.sessions)
-        self.slide_combo.blockSignals(True)
-        self.slide_combo.clear()
-        self.slide_combo.addItems(names)
-        if current in names:
-            self.slide_combo.setCurrentText(current)
-        elif event is not None and event.value in names:
-            self.slide_combo.setCurrentText(event.value)
-        self.slide_combo.blockSignals(False)
+        before = self.slide_combo.currentData()
+        fill_slide_combo(self.slide_combo, self.session, only_embedded=True)
+        if event is not None and event.type == "store" and before is None:
+            i = self.slide_combo.findData(event.value)
+            if i >= 0:
+                self.slide_combo.setCurrentIndex(i)
+        if self.uid is not None and self.uid not in self.session.slides:
+            self._clear()
+        elif self.uid is not None and event is not None and event.type == "store" \
+                and event.value == self.uid:
+            self._clear()  # a new store for the plotted slide: the old points are stale
 
-    def _slide_changed(self, name: str) -> None:
-        s = self.explorer.sessions.get(name)
+    def _clear(self) -> None:
+        self.uid, self.xy = None, None
+        self.markers.visible = self.selected.visible = self.hover.visible = False
+        self.canvas.update()
+
+    def _slide_changed(self, _index: int = -1) -> None:
+        s = self.session.slides.get(self.slide_combo.currentData())
         if s is not None and s.projections:
             method = next(iter(s.projections))
-            self.set_data(name, s.projections[method])
+            self.set_data(s.uid, s.projections[method])
+
+    @property
+    def name(self) -> str | None:
+        """Layer name of the plotted slide."""
+        s = self.session.slides.get(self.uid)
+        return None if s is None else s.name
 
     def compute(self, method: str | None = None) -> Any:
         """Project the chosen slide's embeddings in a worker, then plot them."""
-        name = self.slide_combo.currentText()
-        s = self.explorer.sessions.get(name)
-        if s is None:
-            self.status.setText("No embeddings loaded: use Compute embeddings in the GPFM dock.")
+        s = self.session.slides.get(self.slide_combo.currentData())
+        if s is None or not s.has_store:
+            self.jobs.say("No embeddings loaded: use Compute embeddings in the GPFM dock.", True)
             return None
+        from ..jobs.projection import projection_job
+
         method = method or self.method_combo.currentData()
-        self.status.setText(f"{method.upper()} of {s.n:,} patches…")
-        w = _workers.start_function_worker(
-            s.project, method,
-            returned=lambda xy: self.set_data(name, xy),
-            errored=lambda e: self.status.setText(f"{method.upper()} failed: {e}"),
-        )  # fmt: skip
-        self._busy.append(w)
-        w.finished.connect(lambda: self._busy.remove(w) if w in self._busy else None)
-        return w
+        uid = s.uid
+        return self.jobs.run(projection_job(s, method), slide=uid,
+                             on_result=lambda xy: self.set_data(uid, xy),
+                             message=f"{method.upper()} of {s.n:,} patches…")  # fmt: skip
 
     def colours(self) -> np.ndarray:
-        s = self.explorer.sessions.get(self.name)
+        s = self.session.slides.get(self.uid)
         n = 0 if self.xy is None else len(self.xy)
         if s is None or s.clusters is None:
             return np.tile(GREY, (n, 1))
         k = int(s.clusters.labels.max()) + 1
         return convert.cluster_colours(k)[s.clusters.labels]
 
-    def set_data(self, name: str, xy: np.ndarray) -> None:
-        """Show (N, 2) coordinates of slide ``name``'s patches (main thread)."""
-        self.name = name
+    def set_data(self, uid: int, xy: np.ndarray) -> None:
+        """Show (N, 2) coordinates of slide ``uid``'s patches (main thread)."""
+        if uid not in self.session.slides:
+            return
+        self.uid = uid
+        name = self.name
         self.xy = np.asarray(xy, dtype=np.float32)
         size = 6 if len(self.xy) < 5_000 else 3
         self.markers.set_data(self.xy, face_color=self.colours(), edge_width=0, size=size)
+        self.markers.visible = True
         lo, hi = self.xy.min(0), self.xy.max(0)
         pad = 0.05 * np.maximum(hi - lo, 1e-6)
         self.view.camera.set_range(x=(lo[0] - pad[0], hi[0] + pad[0]),
@@ -162,17 +175,17 @@ class EmbeddingPlotWidget(QWidget):
                             "highlight patches on the slide.")  # fmt: skip
 
     def _clusters_changed(self, event=None) -> None:
-        if self.xy is not None and event is not None and event.value == self.name:
+        if self.xy is not None and event is not None and event.value == self.uid:
             self.markers.set_data(self.xy, face_color=self.colours(), edge_width=0,
                                   size=6 if len(self.xy) < 5_000 else 3)  # fmt: skip
 
     # ================================================================== selection
     def select_indices(self, indices) -> None:
         """Select these patches of the plotted slide and highlight them on the slide."""
-        if self.name is None:
+        if self.uid is None:
             return
-        self.explorer.select(self.name, np.asarray(indices, dtype=np.int64))
-        self.explorer.show_selection(self.name)
+        self.session.select(self.uid, np.asarray(indices, dtype=np.int64))
+        self.session.show_selection(self.uid)
 
     def select_box(self, p0, p1) -> np.ndarray:
         """Select the points inside the rectangle with corners ``p0``, ``p1`` (plot coords)."""
@@ -196,7 +209,7 @@ class EmbeddingPlotWidget(QWidget):
         return idx
 
     def _selection_changed(self, event=None) -> None:
-        s = self.explorer.sessions.get(self.name)
+        s = self.session.slides.get(self.uid)
         if self.xy is None or s is None or len(s.selection) != len(self.xy):
             self.selected.visible = False
             return
@@ -209,8 +222,8 @@ class EmbeddingPlotWidget(QWidget):
 
     # ================================================================== hover
     def _hover_changed(self, event) -> None:
-        name, index = event.value
-        if self.xy is None or name != self.name or not 0 <= index < len(self.xy):
+        uid, index = event.value
+        if self.xy is None or uid != self.uid or not 0 <= index < len(self.xy):
             self.hover.visible = False
             self.hover_index = -1
         else:

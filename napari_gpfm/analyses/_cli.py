@@ -3,7 +3,8 @@
 train-classifier: QuPath GeoJSON annotations on one slide → a classifier file (linear probe on
 the slide's embeddings, bound to their recipe). classify: a classifier file + slides → per-class
 GeoJSON polygons (or per-patch detections), per-patch CSV and HDF5. Both use the feature store
-``<store-dir>/features_<model>/<slide>.h5`` when it exists and embed the slide otherwise.
+``<store-dir>/<tiling>/features_<model>/<slide>.h5`` when it exists (and was computed from this
+slide file) and embed the slide otherwise.
 """
 
 from __future__ import annotations
@@ -108,21 +109,24 @@ def _embed_store(slide: Any, encoder: Any, spec: Any, store_dir: Path, args: Any
 
 def train_store(args: argparse.Namespace) -> Any:
     """The slide's feature store for ``train-classifier`` (found, or made by embedding)."""
-    from napari_gpfm.embeddings import open_store, store_path
+    from types import SimpleNamespace
+
+    from napari_gpfm.embeddings import open_store, store_path, tiling_dir_name
     from napari_gpfm.embeddings.run import default_spec
-    from napari_gpfm.encoders import default_model_name, load_encoder
+    from napari_gpfm.encoders import default_model_name, get_card, load_encoder
     from napari_gpfm.slide import open_slide
 
     store_dir = args.store_dir or args.out.resolve().parent
     name = args.model or default_model_name()
     slide = open_slide(args.slide, mpp=args.mpp)
-    path = store_path(store_dir, name, slide.name)
-    tiling_given = args.target_mpp is not None or args.patch_size is not None
-    if path.exists() and not tiling_given and args.weights is None:
-        return open_store(path)
+    spec = default_spec(SimpleNamespace(card=get_card(name))).replace(
+        target_mpp=args.target_mpp, patch_size=args.patch_size)
+    tiling = tiling_dir_name(spec.target_mpp, spec.patch_size, spec.overlap)
+    path = store_path(store_dir, name, slide.name, tiling)
+    if path.exists() and args.weights is None:
+        return open_store(path, expected_slide=slide)
     encoder = load_encoder(name, weights=args.weights, device="cpu",
                            allow_random=args.allow_random_weights)
-    spec = default_spec(encoder).replace(target_mpp=args.target_mpp, patch_size=args.patch_size)
     return _embed_store(slide, encoder, spec, store_dir, args)
 
 
@@ -205,7 +209,7 @@ def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: 
 
 def classify_store(slide_path: str, probe: Any, args: argparse.Namespace, cache: dict) -> Any:
     """The slide's store matching the classifier's recipe (found, or made by embedding)."""
-    from napari_gpfm.embeddings import open_store, store_path
+    from napari_gpfm.embeddings import open_store, store_path, tiling_dir_name
     from napari_gpfm.encoders import load_encoder
     from napari_gpfm.slide import open_slide
     from napari_gpfm.tiles import GridSpec, TissueParams
@@ -216,11 +220,16 @@ def classify_store(slide_path: str, probe: Any, args: argparse.Namespace, cache:
     model = recipe.get("model")
     if not model:
         raise ValueError(f"{args.classifier}: the classifier records no embedding model")
+    if recipe.get("target_mpp") is None or recipe.get("patch_size") is None:
+        raise ValueError(f"{args.classifier}: the classifier records no tiling "
+                         "(target_mpp, patch_size) to find or compute features with")
     store_dir = args.store_dir or args.out
     slide = open_slide(slide_path, mpp=args.mpp)
-    path = store_path(store_dir, model, slide.name)
+    tiling = tiling_dir_name(float(recipe["target_mpp"]), int(recipe["patch_size"]),
+                             int(recipe.get("overlap", 0) or 0))
+    path = store_path(store_dir, model, slide.name, tiling)
     if path.exists():
-        store = open_store(path)
+        store = open_store(path, expected_slide=slide)
     else:
         if "encoder" not in cache:
             enc = load_encoder(model, weights=args.weights, device="cpu",

@@ -171,11 +171,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from .pathotune import load_classifier, predict_arrays, predict_store, run
 
-    device = args.device
-    if device == "auto":
-        import torch
+    from napari_gpfm.encoders.device import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     clf = load_classifier(args.classifier, weights=args.weights, device=device)
     if args.tiles_csv:
         images, _, files = read_tiles_csv(args.tiles_csv, int(clf.encoder.card.input.size))

@@ -7,7 +7,9 @@ Headless API (the napari widgets and the CLI call exactly these)::
 
     for p in embed_slide("slide.svs", encoder, PRESETS["gpfm-20x-224"], "out"):
         print(p.done, p.total, p.rate, p.eta_s)      # closing the generator cancels
-    store = open_store("out/features_gpfm/slide.h5")  # refuses incomplete / other recipes
+    # p.path == out/0.5mpp_224px_0px_overlap/features_gpfm/slide.h5
+    store = open_store(p.path, expected_slide=slide)  # refuses incomplete / other slide files
+    store = find_store("out", slide, recipe)          # the finished store, None, or raises
 """
 
 from typing import Any
@@ -20,11 +22,15 @@ from .store import (
     FeatureStore,
     IncompleteStoreError,
     RecipeMismatchError,
+    SlideMismatchError,
     StoreError,
     StoreWriter,
+    find_store,
     open_store,
     partial_path,
+    recipe_store_path,
     store_path,
+    tiling_dir_name,
 )
 
 # The run needs torch; it is imported on first use so that `napari-gpfm --help` and readers of
@@ -41,16 +47,20 @@ __all__ = [
     "IncompleteStoreError",
     "NoTissueError",
     "RecipeMismatchError",
+    "SlideMismatchError",
     "StoreError",
     "StoreWriter",
     "default_spec",
     "embed",
     "embed_slide",
+    "find_store",
     "make_recipe",
     "open_store",
     "partial_path",
+    "recipe_store_path",
     "resolve_device",
     "store_path",
+    "tiling_dir_name",
 ]
 
 

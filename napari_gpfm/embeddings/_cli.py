@@ -24,8 +24,10 @@ tiling:
   authors' setting). Default: the model card's recommended tiling, else gpfm-20x-224.
 
 output:
-  OUT/features_<model>/<slide>.h5, resumable: rerunning continues an interrupted slide and
-  skips finished ones (unless --overwrite).
+  OUT/<tiling>/features_<model>/<slide>.h5, with <tiling> like 0.5mpp_224px_0px_overlap and
+  <slide> the file name without its last extension (case1.HE.svs -> case1.HE). Resumable:
+  rerunning continues an interrupted slide and skips finished ones (unless --overwrite). A
+  store made from another file with the same name is refused: use another --out.
 
 multi-GPU:
   torchrun --nproc_per_node=4 -m napari_gpfm.embeddings._cli SLIDES... --out DIR

@@ -20,18 +20,17 @@ import numpy as np
 import torch
 
 from napari_gpfm.slide.errors import MissingMppError
+from napari_gpfm.slide.identity import slide_fingerprint
 from napari_gpfm.tiles.grid import PRESETS, GridSpec, level0_size, make_grid
 from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_workers, iter_batches
 from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
 
 from .recipe import EmbeddingRecipe, current_versions
 from .store import (
-    FeatureStore,
-    RecipeMismatchError,
-    StoreError,
+    SlideMismatchError,
     StoreWriter,
-    open_store,
-    store_path,
+    find_store,
+    recipe_store_path,
 )
 
 __all__ = ["EmbedProgress", "default_spec", "embed", "embed_slide", "make_recipe", "resolve_device"]
@@ -183,21 +182,6 @@ def _open(slide_or_path: Any, mpp: float | None, opener: Callable[..., Any] | No
     return slide
 
 
-def _check_existing(final: Path, recipe: EmbeddingRecipe) -> FeatureStore:
-    """The finished store at ``final`` if it matches ``recipe``; raise otherwise."""
-    store = open_store(final)
-    if store.is_external:
-        raise StoreError(
-            final,
-            f"already exists and was not written by napari-gpfm ({store.kind} file); "
-            "use --overwrite (overwrite=True) to replace it or choose another output folder",
-        )
-    assert store.recipe is not None
-    if store.recipe.key() != recipe.key():
-        raise RecipeMismatchError(final, store.recipe.diff(recipe))
-    return store
-
-
 def embed_slide(
     slide_or_path: Any,
     encoder: Any,
@@ -213,7 +197,13 @@ def embed_slide(
     opener: Callable[..., Any] | None = None,
     torch_threads: int | None = None,
 ) -> Generator[EmbedProgress, None, Path]:
-    """Embed a slide into ``<out_dir>/features_<model>/<slide>.h5``, yielding progress.
+    """Embed a slide into ``<out_dir>/<tiling>/features_<model>/<slide>.h5``, yielding progress.
+
+    ``<tiling>`` is :func:`~napari_gpfm.embeddings.store.tiling_dir_name` of the spec (e.g.
+    ``0.5mpp_224px_0px_overlap``), so other tilings get their own store; ``<slide>`` is
+    ``slide.name``. The store records the slide's fingerprint: a finished store or a partial one
+    computed from another file of the same name is refused (:class:`SlideMismatchError`), never
+    reused or resumed.
 
     Args:
         slide_or_path: a :class:`~napari_gpfm.slide.Slide` or a path to open.
@@ -224,8 +214,9 @@ def embed_slide(
         batch_size: patches per forward pass and per store chunk.
         num_workers: patch-reading processes (``None``: ``min(2, CPUs)``; 0: main process).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        overwrite: re-embed even if a finished store exists (a different recipe too); the
-            old file is replaced only when the new one is complete.
+        overwrite: re-embed even if a finished store exists (a different recipe or another
+            slide file of the same name too); the old file is replaced only when the new one is
+            complete. A partial file of another slide file is then started afresh.
         mpp: level-0 µm/px override for slides that lack (or misreport) it.
         opener: ``opener(path, mpp) -> Slide`` used for paths and by workers (picklable).
         torch_threads: CPU intra-op threads during the run (``None``: :func:`cpu_threads_for`).
@@ -237,6 +228,8 @@ def embed_slide(
         MissingMppError: the slide has no mpp and none was given.
         NoTissueError: no tissue, or no patch reaches ``spec.min_tissue`` (no store written).
         RecipeMismatchError: a finished store with another recipe exists (use ``overwrite``).
+        SlideMismatchError: the finished (or partial) store at the path was computed from
+            another slide file with the same name (use another ``out_dir``, or ``overwrite``).
     """
     t_start = time.perf_counter()
     slide = _open(slide_or_path, mpp, opener)
@@ -273,10 +266,12 @@ def _embed_open_slide(
     spec = spec or default_spec(encoder)
     tissue_params = tissue_params or TissueParams()
     recipe = make_recipe(encoder, slide, spec, tissue_params)
-    final = store_path(out_dir, recipe.model, slide.name)
+    final = recipe_store_path(out_dir, recipe, slide.name)
+    fingerprint = slide_fingerprint(slide)
 
     if final.exists() and not overwrite:
-        existing = _check_existing(final, recipe)
+        existing = find_store(out_dir, slide, recipe)
+        assert existing is not None
         n = existing.n_patches
         yield EmbedProgress(slide.name, n, n, 0.0, 0.0, 0.0, "skipped", final)
         return final
@@ -304,8 +299,15 @@ def _embed_open_slide(
     embed_dim = int(encoder.embed_dim)
 
     # A partial file with the same recipe holds exactly the features this run would compute,
-    # so it is resumed even under ``overwrite``; anything else is started afresh.
-    writer = StoreWriter.resume(final, recipe=recipe, coords=grid.coords, embed_dim=embed_dim)
+    # so it is resumed even under ``overwrite``; one of another recipe is started afresh. One of
+    # another slide file is refused (``SlideMismatchError``), or started afresh under overwrite.
+    try:
+        writer = StoreWriter.resume(final, recipe=recipe, coords=grid.coords,
+                                    embed_dim=embed_dim, slide_fingerprint=fingerprint)
+    except SlideMismatchError:
+        if not overwrite:
+            raise
+        writer = None
     if writer is None:
         writer = StoreWriter.create(
             final,
@@ -316,6 +318,7 @@ def _embed_open_slide(
             level0_width=grid.level0_width,
             level0_height=grid.level0_height,
             tissue_fraction=grid.tissue_fraction,
+            slide_fingerprint=fingerprint,
         )
     total = len(grid)
     start = writer.n_done

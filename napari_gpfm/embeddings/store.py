@@ -1,6 +1,9 @@
 """TRIDENT-compatible HDF5 feature files: a resumable writer and a checking reader.
 
-Layout of ``<out>/features_<model>/<slide>.h5`` (one self-contained file per slide and model):
+Layout of ``<out>/<tiling>/features_<model>/<slide>.h5`` (one self-contained file per slide,
+tiling and model; TRIDENT's job-folder layout). ``<tiling>`` is :func:`tiling_dir_name`, e.g.
+``0.5mpp_224px_0px_overlap``, so stores of several tilings live side by side; ``<slide>`` is
+:attr:`Slide.name <napari_gpfm.slide.Slide>` (the file name without its last extension).
 
 - dataset ``features`` (N, D) float32, attrs ``encoder`` (model name), ``name`` (slide name);
 - dataset ``coords`` (N, 2) int64, level-0 top-left ``x, y`` in row-major scan order, with the
@@ -10,8 +13,15 @@ Layout of ``<out>/features_<model>/<slide>.h5`` (one self-contained file per sli
 - dataset ``tissue_fraction`` (N,) float32;
 - root attrs ``gpfm_model``, ``gpfm_weights_sha256``, ``gpfm_mpp``, ``gpfm_mpp_source``,
   ``gpfm_target_mpp``, ``gpfm_input_size``, ``gpfm_recipe`` (JSON), ``gpfm_recipe_key``,
-  ``gpfm_tissue_params`` (JSON), ``gpfm_version``, ``gpfm_n_total``, ``gpfm_n_done`` and
-  ``gpfm_complete`` (set last).
+  ``gpfm_tissue_params`` (JSON), ``gpfm_version``, ``gpfm_slide_fingerprint`` (JSON of
+  :class:`~napari_gpfm.slide.SlideFingerprint`), ``gpfm_slide_path`` (absolute path of the slide
+  at write time), ``gpfm_n_total``, ``gpfm_n_done`` and ``gpfm_complete`` (set last).
+
+Slide identity: two different files can have the same name (``X.svs`` in two folders, a file
+replaced by another). The writer records the slide's fingerprint; resuming a ``.partial``,
+reusing a finished store (``embed_slide``) and :func:`open_store` with ``expected_slide`` refuse a
+store of another file with :class:`SlideMismatchError`. Stores written before fingerprints
+existed are compared by their recorded ``level0_width``/``level0_height`` only.
 
 While a slide is being embedded the file lives next to its final name as ``<slide>.h5.partial``
 (so tools globbing ``*.h5`` never pick up a half-written file). All coords are written up front,
@@ -22,6 +32,7 @@ after each chunk; a killed run resumes at ``gpfm_n_done``. When the last chunk i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,6 +44,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from napari_gpfm.slide.identity import SlideFingerprint, slide_fingerprint
+
 from .recipe import EmbeddingRecipe, format_diff
 
 __all__ = [
@@ -40,11 +53,16 @@ __all__ = [
     "FeatureStore",
     "IncompleteStoreError",
     "RecipeMismatchError",
+    "SlideMismatchError",
     "StoreError",
     "StoreWriter",
+    "check_slide",
+    "find_store",
     "open_store",
     "partial_path",
+    "recipe_store_path",
     "store_path",
+    "tiling_dir_name",
 ]
 
 PARTIAL_SUFFIX = ".partial"
@@ -85,6 +103,41 @@ class RecipeMismatchError(StoreError):
         )
 
 
+class SlideMismatchError(StoreError):
+    """The feature file was computed from another slide file than the one given (same name).
+
+    Attributes:
+        recorded: description of the slide the features were computed from.
+        current: description of the slide given now.
+        recorded_fingerprint: its fingerprint, ``None`` for stores that predate fingerprints.
+        current_fingerprint: the given slide's fingerprint.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        recorded: str,
+        current: SlideFingerprint,
+        recorded_fingerprint: SlideFingerprint | None = None,
+        same_path: bool = False,
+    ) -> None:
+        self.recorded = recorded
+        self.current = current.describe()
+        self.recorded_fingerprint = recorded_fingerprint
+        self.current_fingerprint = current
+        what = (
+            "a different file at the same path (was the slide replaced?)"
+            if same_path
+            else "a different slide with the same name"
+        )
+        super().__init__(
+            path,
+            f"these features were computed from {recorded} but the slide now is "
+            f"{self.current}, {what}. Choose another output folder, or overwrite "
+            "(--overwrite) to replace them.",
+        )
+
+
 class ExternalFeaturesWarning(UserWarning):
     """Features from another tool: their recipe (model, mpp, tiling) cannot be checked."""
 
@@ -95,9 +148,21 @@ def safe_name(name: str) -> str:
     return cleaned or "unnamed"
 
 
-def store_path(out_dir: str | Path, model: str, slide_name: str) -> Path:
-    """``<out_dir>/features_<model>/<slide_name>.h5``."""
-    return Path(out_dir) / f"features_{safe_name(model)}" / f"{slide_name}.h5"
+def tiling_dir_name(target_mpp: float, patch_size: int, overlap: int = 0) -> str:
+    """The tiling's folder (TRIDENT-style): ``0.5mpp_224px_0px_overlap``."""
+    return f"{float(target_mpp):g}mpp_{int(patch_size)}px_{int(overlap)}px_overlap"
+
+
+def store_path(out_dir: str | Path, model: str, slide_name: str, tiling: str) -> Path:
+    """``<out_dir>/<tiling>/features_<model>/<slide_name>.h5``; ``tiling`` from
+    :func:`tiling_dir_name`."""
+    return Path(out_dir) / tiling / f"features_{safe_name(model)}" / f"{slide_name}.h5"
+
+
+def recipe_store_path(out_dir: str | Path, recipe: EmbeddingRecipe, slide_name: str) -> Path:
+    """Where the store of ``slide_name`` under ``recipe`` lives in ``out_dir``."""
+    tiling = tiling_dir_name(recipe.target_mpp, recipe.patch_size, recipe.overlap)
+    return store_path(out_dir, recipe.model, slide_name, tiling)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -109,6 +174,53 @@ def partial_path(path: str | Path) -> Path:
 def _attr(v: Any) -> Any:
     """Value storable as an HDF5 attribute (None → empty string)."""
     return "" if v is None else v
+
+
+def _as_fingerprint(slide: Any) -> SlideFingerprint:
+    return slide if isinstance(slide, SlideFingerprint) else slide_fingerprint(slide)
+
+
+def _decoded(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def check_slide(path: str | Path, attrs: Any, expected: Any) -> None:
+    """Raise :class:`SlideMismatchError` unless the store whose attrs are ``attrs`` was computed
+    from ``expected`` (a Slide or :class:`SlideFingerprint`).
+
+    With a recorded fingerprint the files are compared (size, dimensions, digest); without one
+    (older stores, other tools' files) the recorded ``level0_width``/``level0_height`` are;
+    a store recording neither is accepted.
+    """
+    current = _as_fingerprint(expected)
+    recorded_json = _decoded(attrs.get("gpfm_slide_fingerprint", ""))
+    recorded_path = str(_decoded(attrs.get("gpfm_slide_path", "")) or "")
+    if recorded_json:
+        try:
+            recorded = SlideFingerprint.from_json(recorded_json)
+        except ValueError as e:
+            raise StoreError(path, f"unreadable gpfm_slide_fingerprint attribute ({e})") from e
+        if recorded.matches(current):
+            return
+        if recorded_path and not recorded.path:
+            recorded = dataclasses.replace(recorded, path=recorded_path)
+        raise SlideMismatchError(
+            path, recorded.describe(), current, recorded, same_path=recorded.path == current.path
+        )
+    w, h = attrs.get("level0_width"), attrs.get("level0_height")
+    if w is None or h is None or (int(w), int(h)) == (current.width, current.height):
+        return
+    where = recorded_path or "a slide"
+    raise SlideMismatchError(
+        path,
+        f"{where} ({int(w)}×{int(h)} px; the feature file records no slide fingerprint)",
+        current,
+        same_path=bool(recorded_path) and recorded_path == current.path,
+    )
 
 
 def _locked(path: Path) -> StoreError:
@@ -150,8 +262,14 @@ class StoreWriter:
         level0_width: int,
         level0_height: int,
         tissue_fraction: np.ndarray | None = None,
+        slide_fingerprint: SlideFingerprint | None = None,
     ) -> StoreWriter:
-        """Start a new partial file (replacing any previous one) with all coords written."""
+        """Start a new partial file (replacing any previous one) with all coords written.
+
+        ``slide_fingerprint`` (from :func:`napari_gpfm.slide.slide_fingerprint`) is recorded with
+        the slide's path, so that later runs and readers can tell another file of the same
+        name apart.
+        """
         final_path = Path(final_path)
         final_path.parent.mkdir(parents=True, exist_ok=True)
         part = partial_path(final_path)
@@ -198,6 +316,9 @@ class StoreWriter:
                 "gpfm_n_done": 0,
                 "gpfm_complete": False,
             }
+            if slide_fingerprint is not None:
+                ours["gpfm_slide_fingerprint"] = slide_fingerprint.to_json()
+                ours["gpfm_slide_path"] = slide_fingerprint.path
             for k, v in ours.items():
                 h5.attrs[k] = v
             h5.flush()
@@ -209,16 +330,37 @@ class StoreWriter:
 
     @classmethod
     def resume(
-        cls, final_path: str | Path, *, recipe: EmbeddingRecipe, coords: np.ndarray, embed_dim: int
+        cls,
+        final_path: str | Path,
+        *,
+        recipe: EmbeddingRecipe,
+        coords: np.ndarray,
+        embed_dim: int,
+        slide_fingerprint: SlideFingerprint | None = None,
     ) -> StoreWriter | None:
         """Reopen ``<final>.partial`` if it holds the same recipe, coords and dim, else ``None``.
 
         An unreadable partial file (e.g. killed in the middle of a write) also gives ``None``;
         the caller then starts afresh.
+
+        Raises:
+            SlideMismatchError: ``slide_fingerprint`` is given and the partial file was started
+                from another slide file (whatever its recipe): its rows must not be mixed with
+                this slide's, and it is not silently thrown away either.
         """
         part = partial_path(final_path)
         if not part.exists():
             return None
+        if slide_fingerprint is not None:  # checked read-only: a refused file stays untouched
+            try:
+                with h5py.File(part, "r") as ro:
+                    check_slide(part, ro.attrs, slide_fingerprint)
+            except SlideMismatchError:
+                raise
+            except BlockingIOError as e:
+                raise _locked(part) from e
+            except Exception:  # unreadable file or attributes: unusable, start afresh
+                return None
         try:
             h5 = h5py.File(part, "r+")
         except BlockingIOError as e:
@@ -372,7 +514,24 @@ class FeatureStore:
     @property
     def slide_name(self) -> str:
         name = self.attrs.get("name")
-        return str(name) if name else self.path.name.split(".")[0]
+        return str(name) if name else os.path.splitext(self.path.name)[0]
+
+    @property
+    def slide_fingerprint(self) -> SlideFingerprint | None:
+        """The fingerprint of the slide the features were computed from (``None`` when the
+        file records none: older stores, other tools)."""
+        text = self.attrs.get("gpfm_slide_fingerprint")
+        if not text:
+            return None
+        try:
+            return SlideFingerprint.from_json(text)
+        except ValueError:
+            return None
+
+    @property
+    def slide_path(self) -> str | None:
+        """Absolute path of the slide when the features were written, if recorded."""
+        return self.attrs.get("gpfm_slide_path") or None
 
     @property
     def patch_size_level0(self) -> int | None:
@@ -401,17 +560,12 @@ class FeatureStore:
 
 
 def _h5_attrs(obj: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.attrs.items():
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", "replace")
-        elif isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
+    return {k: _decoded(v) for k, v in obj.attrs.items()}
 
 
-def _read_h5(path: Path, expected_recipe: EmbeddingRecipe | None) -> FeatureStore:
+def _read_h5(
+    path: Path, expected_recipe: EmbeddingRecipe | None, expected_slide: Any = None
+) -> FeatureStore:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -435,6 +589,8 @@ def _read_h5(path: Path, expected_recipe: EmbeddingRecipe | None) -> FeatureStor
         kind = "clam" if path.parent.name == "h5_files" else "trident"
         if coords is not None and coords.shape[0] != n_feat:
             raise StoreError(path, f"{n_feat} features but {coords.shape[0]} coords")
+        if expected_slide is not None:
+            check_slide(path, attrs, expected_slide)
         if expected_recipe is not None:
             warnings.warn(
                 f"{path}: {kind} feature file from another tool; its recipe (model, mpp, tiling) "
@@ -454,12 +610,14 @@ def _read_h5(path: Path, expected_recipe: EmbeddingRecipe | None) -> FeatureStor
         recipe = EmbeddingRecipe.from_json(attrs["gpfm_recipe"])
     except Exception as e:
         raise StoreError(path, f"unreadable gpfm_recipe attribute ({e})") from e
+    if expected_slide is not None:
+        check_slide(path, attrs, expected_slide)
     if expected_recipe is not None and recipe.key() != expected_recipe.key():
         raise RecipeMismatchError(path, recipe.diff(expected_recipe))
     return FeatureStore(path=path, kind="gpfm", coords=coords, attrs=attrs, recipe=recipe)
 
 
-def _read_pt(path: Path) -> FeatureStore:
+def _read_pt(path: Path, expected_slide: Any = None) -> FeatureStore:
     import torch
 
     try:
@@ -478,18 +636,27 @@ def _read_pt(path: Path) -> FeatureStore:
         h5 = _read_h5(sibling, None)
         if h5.coords is not None and h5.coords.shape[0] == feats.shape[0]:
             coords, attrs = h5.coords, h5.attrs
+    if expected_slide is not None:
+        check_slide(path, attrs, expected_slide)
     return FeatureStore(path=path, kind="clam-pt", coords=coords, attrs=attrs, _features=feats)
 
 
-def open_store(path: str | Path, expected_recipe: EmbeddingRecipe | None = None) -> FeatureStore:
+def open_store(
+    path: str | Path,
+    expected_recipe: EmbeddingRecipe | None = None,
+    *,
+    expected_slide: Any = None,
+) -> FeatureStore:
     """Open a feature file for reading, refusing ones that cannot be trusted.
 
-    Accepts our files, TRIDENT files, CLAM ``h5_files/*.h5`` and ``pt_files/*.pt``.
+    Accepts our files, TRIDENT files, CLAM ``h5_files/*.h5`` and ``pt_files/*.pt``, at any path.
     Raises :class:`IncompleteStoreError` for an unfinished run (including when only
-    ``<path>.partial`` exists), :class:`RecipeMismatchError` (listing the differing fields) when
-    ``expected_recipe`` is given and differs, and :class:`StoreError` for unreadable files.
-    External files open with ``recipe=None``; with ``expected_recipe`` they also warn
-    (:class:`ExternalFeaturesWarning`).
+    ``<path>.partial`` exists), :class:`SlideMismatchError` when ``expected_slide`` (a
+    :class:`~napari_gpfm.slide.Slide` or :class:`~napari_gpfm.slide.SlideFingerprint`) is given
+    and the features were computed from another file (see :func:`check_slide`),
+    :class:`RecipeMismatchError` (listing the differing fields) when ``expected_recipe`` is given
+    and differs, and :class:`StoreError` for unreadable files. External files open with
+    ``recipe=None``; with ``expected_recipe`` they also warn (:class:`ExternalFeaturesWarning`).
     """
     path = Path(path)
     if not path.exists():
@@ -502,5 +669,30 @@ def open_store(path: str | Path, expected_recipe: EmbeddingRecipe | None = None)
             )
         raise StoreError(path, "no such feature file")
     if path.suffix == ".pt":
-        return _read_pt(path)
-    return _read_h5(path, expected_recipe)
+        return _read_pt(path, expected_slide)
+    return _read_h5(path, expected_recipe, expected_slide)
+
+
+def find_store(out_dir: str | Path, slide: Any, recipe: EmbeddingRecipe) -> FeatureStore | None:
+    """The finished store of ``slide`` under ``recipe`` in ``out_dir``, or ``None`` if there is
+    none yet (nothing, or only an unfinished ``.partial``, at :func:`recipe_store_path`).
+
+    Never returns a wrong store: raises :class:`SlideMismatchError` when the store there was
+    computed from another file of the same name, :class:`RecipeMismatchError` when it has another
+    recipe (same tiling, other model weights or tissue settings), and :class:`StoreError` when the
+    file there is unreadable or was not written by napari-gpfm (recipe unknown).
+    """
+    path = recipe_store_path(out_dir, recipe, slide.name)
+    if not path.exists():
+        return None
+    store = open_store(path, expected_slide=slide)
+    if store.is_external:
+        raise StoreError(
+            path,
+            f"already exists and was not written by napari-gpfm ({store.kind} file); "
+            "use --overwrite (overwrite=True) to replace it or choose another output folder",
+        )
+    assert store.recipe is not None
+    if store.recipe.key() != recipe.key():
+        raise RecipeMismatchError(path, store.recipe.diff(recipe))
+    return store

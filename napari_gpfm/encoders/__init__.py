@@ -31,6 +31,7 @@ from .registry import (
 
 if TYPE_CHECKING:
     from .checkpoint import convert_checkpoint, load_checkpoint, sha256_file
+    from .device import autocast, precision_name, resolve_device
     from .download import download_weights
     from .encoder import Encoder, build_model, load_encoder
 
@@ -42,6 +43,9 @@ _LAZY = {
     "load_checkpoint": "checkpoint",
     "sha256_file": "checkpoint",
     "download_weights": "download",
+    "autocast": "device",
+    "precision_name": "device",
+    "resolve_device": "device",
 }
 
 
@@ -63,6 +67,7 @@ __all__ = [
     "WeightsDownloadError",
     "WeightsNotFoundError",
     "WeightsStatus",
+    "autocast",
     "build_model",
     "bundled_models_dir",
     "convert_checkpoint",
@@ -72,6 +77,8 @@ __all__ = [
     "list_cards",
     "load_checkpoint",
     "load_encoder",
+    "precision_name",
+    "resolve_device",
     "sha256_file",
     "user_models_dir",
 ]

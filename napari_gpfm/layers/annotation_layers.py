@@ -7,13 +7,16 @@ shapes layer" button gives over a slide); layers with any other scale/translate 
 
 Shapes carry ``features["class"]`` (class name, "" = none), ``features["annotation"]``
 (index of the imported QuPath object, -1 for shapes drawn in napari) and ``features["part"]``;
-edge and face colours follow the class colour (:func:`apply_class_colours`). The imported
-objects are kept in ``layer.metadata["napari_gpfm"]["templates"]`` so that export loses nothing.
+edge and face colours follow the class colour (:func:`apply_class_colours`, which first adds
+those columns to any Shapes layer that lacks them: :func:`ensure_class_features`). A shape added
+to a layer watched by :func:`attach_active_class` gets the class active at that moment. The
+imported objects are kept in ``layer.metadata["napari_gpfm"]["templates"]`` so that export loses
+nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +40,9 @@ __all__ = [
     "is_annotation_layer",
     "annotation_layer_data",
     "annotations_from_layer",
+    "ensure_class_features",
     "apply_class_colours",
+    "attach_active_class",
     "shape_colours",
     "paint_layer_data",
     "labels_from_paint_layer",
@@ -46,7 +51,6 @@ __all__ = [
     "probability_layer_data",
     "uncertainty_layer_data",
     "prediction_layer_data",
-    "set_or_add_layer",
 ]
 
 FACE_ALPHA = 0.25
@@ -152,8 +156,103 @@ def annotations_from_layer(
     )
 
 
+#: The feature columns every annotation Shapes layer carries: name -> (default, dtype).
+CLASS_FEATURES: dict[str, tuple[Any, str]] = {
+    "class": ("", "object"),
+    "annotation": (-1, "int64"),
+    "part": (0, "int64"),
+}
+
+
+def _class_column(col: Any) -> Any:
+    """``col`` as object strings, missing values -> "" (for a foreign, odd-typed column)."""
+    import pandas as pd
+
+    vals = [("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)) for v in col]
+    return pd.Series(vals, index=col.index, dtype=object)
+
+
+def _int_column(col: Any, default: int) -> Any:
+    """``col`` as int64 (missing or non-numeric -> ``default``, fractions rounded)."""
+    import pandas as pd
+
+    vals = np.asarray(pd.to_numeric(col, errors="coerce"), dtype=np.float64)
+    vals = np.where(np.isfinite(vals), np.round(vals), default)
+    return pd.Series(vals.astype(np.int64), index=col.index)
+
+
+def _column_ok(col: Any, dtype: str) -> bool:
+    import pandas as pd
+
+    if dtype == "object":
+        stringy = col.dtype == object or pd.api.types.is_string_dtype(col.dtype)
+        return (stringy and not isinstance(col.dtype, pd.CategoricalDtype)
+                and not bool(col.isna().any()))
+    return pd.api.types.is_integer_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype)
+
+
+def ensure_class_features(layer: Any) -> bool:
+    """Give a Shapes layer the ``class``/``annotation``/``part`` feature columns.
+
+    Missing columns are added (empty for an empty layer, else filled with "" / -1 / 0), columns
+    of an unusable dtype (categorical, mixed objects) are coerced; other columns are kept.
+    Works on any Shapes layer (ours, napari's own "new shapes layer", one from GeoJSON, one
+    with unrelated features). Returns True when the features table was changed.
+    """
+    import pandas as pd
+
+    feats = layer.features
+    n = len(layer.data)
+    if len(feats) != n:  # never expected from napari; start from a table of the right length
+        feats = pd.DataFrame(index=range(n))
+    df = None
+    for name, (default, dtype) in CLASS_FEATURES.items():
+        if name in feats.columns and _column_ok(feats[name], dtype):
+            continue
+        if df is None:
+            df = feats.copy()
+        if name not in df.columns:
+            df[name] = pd.Series([default] * n, index=df.index, dtype=dtype)
+        elif dtype == "object":
+            df[name] = _class_column(df[name])
+        else:
+            df[name] = _int_column(df[name], default)
+    if df is None:
+        return False
+    layer.features = df
+    return True
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # pd.NA, arrays
+        return False
+
+
+def _set_feature_defaults(layer: Any, values: dict[str, Any]) -> None:
+    """Set some feature defaults (others kept); the columns must exist."""
+    current = layer.feature_defaults
+    if all(k in current.columns and _same_value(current[k].iloc[0], v) for k, v in values.items()):
+        return
+    merged = {}
+    for c in layer.features.columns:
+        if c in values:
+            merged[c] = values[c]
+        elif c in current.columns:
+            merged[c] = current[c].iloc[0]
+        else:
+            merged[c] = None
+    layer.feature_defaults = merged
+
+
 def apply_class_colours(layer: Any, palette: ClassPalette) -> None:
-    """Colour every shape by its class and make new shapes get the active class."""
+    """Colour every shape by its class and make new shapes get the active class.
+
+    Works on any Shapes layer: the class feature columns are added first when missing
+    (:func:`ensure_class_features`), so napari's own empty "new shapes layer" is fine too.
+    """
+    ensure_class_features(layer)
     n = len(layer.data)
     if n:
         classes = [str(c) for c in _feature_column(layer, "class", "")]
@@ -162,10 +261,120 @@ def apply_class_colours(layer: Any, palette: ClassPalette) -> None:
             layer.edge_color = edge
         if not np.array_equal(np.asarray(layer.face_color), face):
             layer.face_color = face
-    defaults = {"class": palette.active or "", "annotation": -1, "part": 0}
-    current = layer.feature_defaults
-    if any(k not in current.columns or current[k].iloc[0] != v for k, v in defaults.items()):
-        layer.feature_defaults = defaults
+    _set_feature_defaults(layer, {"class": palette.active or "", "annotation": -1, "part": 0})
+
+
+def attach_active_class(
+    layer: Any,
+    active: Callable[[], str | None],
+    palette: ClassPalette | Callable[[], ClassPalette | None] | None = None,
+) -> Callable[[], None]:
+    """Give every shape added to ``layer`` from now on the class ``active()`` has then.
+
+    ``active`` is called when a shape is added (drawn with the mouse in any ``add_*`` mode,
+    ``layer.add*``, ``layer.data = ...`` on an empty layer, pasted); ``None`` means
+    unclassified (""). The new shapes also get ``annotation = -1`` and ``part = 0`` (new
+    objects, even when pasted from an imported one) and, with a ``palette`` (a
+    :class:`ClassPalette` or a callable returning one), the class colour. Shapes that already
+    exist keep their class. Returns a function that disconnects all this.
+
+    napari emits ``events.data`` with ``action`` ADDING before the shape exists and ADDED once
+    it is complete (on mouse release for drawn shapes), both with ``data_indices=(-1,)``; so
+    the number of shapes at ADDING marks where the new ones start. Paste emits no data event,
+    only ``events.features``; the shape count tells it apart.
+    """
+    from napari.layers.base._base_constants import ActionType
+
+    state: dict[str, Any] = {"known": len(layer.data), "start": None, "busy": False}
+
+    def _palette() -> ClassPalette | None:
+        return palette() if callable(palette) and not isinstance(palette, ClassPalette) else palette
+
+    def _active() -> str:
+        name = active()
+        return "" if name is None else str(name)
+
+    def _colours(name: str):
+        pal = _palette()
+        if pal is None:
+            return None
+        edge, face = shape_colours([name], pal)
+        return edge[0], face[0]
+
+    def _prepare() -> None:
+        """Before a shape is added: new rows and the shape being drawn get the class now."""
+        name = _active()
+        state["busy"] = True
+        try:
+            ensure_class_features(layer)
+            _set_feature_defaults(layer, {"class": name, "annotation": -1, "part": 0})
+            colours = _colours(name)
+            if colours is not None:
+                with layer.block_update_properties():
+                    layer.current_edge_color = colours[0]
+                    layer.current_face_color = colours[1]
+        finally:
+            state["busy"] = False
+
+    def _assign(start: int) -> None:
+        n = len(layer.data)
+        state["known"] = n
+        if start >= n:
+            return
+        name = _active()
+        state["busy"] = True
+        try:
+            ensure_class_features(layer)
+            feats = layer.features.copy()
+            new = feats.index[start:]
+            feats.loc[new, "class"] = name
+            feats.loc[new, "annotation"] = -1
+            feats.loc[new, "part"] = 0
+            layer.features = feats
+            _set_feature_defaults(layer, {"class": name, "annotation": -1, "part": 0})
+            colours = _colours(name)
+            if colours is not None:
+                edge = np.array(layer.edge_color, dtype=np.float64)
+                face = np.array(layer.face_color, dtype=np.float64)
+                if len(edge) == n and len(face) == n:
+                    edge[start:] = colours[0]
+                    face[start:] = colours[1]
+                    layer.edge_color = edge
+                    layer.face_color = face
+        finally:
+            state["busy"] = False
+            state["known"] = len(layer.data)
+
+    def on_data(event: Any) -> None:
+        if state["busy"]:
+            return
+        action = getattr(event, "action", None)
+        if action == ActionType.ADDING:
+            state["start"] = len(layer.data)
+            _prepare()
+        elif action == ActionType.ADDED:
+            start = state["start"] if state["start"] is not None else state["known"]
+            state["start"] = None
+            _assign(start)
+        elif action in (ActionType.REMOVED, ActionType.CHANGED):
+            state["known"] = len(layer.data)
+
+    def on_features(event: Any = None) -> None:
+        if state["busy"] or state["start"] is not None:  # ours, or a shape being drawn
+            return
+        if len(layer.data) > state["known"]:  # pasted
+            _assign(state["known"])
+        else:
+            state["known"] = len(layer.data)
+
+    layer.events.data.connect(on_data)
+    layer.events.features.connect(on_features)
+
+    def detach() -> None:
+        layer.events.data.disconnect(on_data)
+        layer.events.features.disconnect(on_features)
+
+    return detach
 
 
 def set_class_of(layer: Any, indices: Sequence[int], class_name: str) -> None:
@@ -247,15 +456,20 @@ def class_colormap(class_names: Sequence[str], colours: Any):
 
 
 def class_map_layer_data(
-    raster: Raster, class_names: Sequence[str], colours: Any, name: str, slide: str | None = None
+    raster: Raster, class_names: Sequence[str], colours: Any, name: str, slide: str | None = None,
+    *, offset: Sequence[float] = (0.0, 0.0),
 ) -> tuple:
-    """Labels LayerData of a class map (class ``i`` = ``i + 1``) aligned with the slide."""
+    """Labels LayerData of a class map (class ``i`` = ``i + 1``) aligned with the slide.
+
+    ``offset`` (y, x) is the slide layer's ``translate[-2:]`` in world units, as in
+    :func:`~napari_gpfm.layers.convert.labels_layer_data`.
+    """
     from .convert import labels_layer_data
 
     if colours is None:
         colours = ClassPalette([(n, None) for n in class_names]).colours()
     rgb = np.asarray(colours, dtype=np.float64).reshape(-1, 3) / 255.0
-    return labels_layer_data(raster, name, colours=rgb, opacity=0.6, slide=slide,
+    return labels_layer_data(raster, name, colours=rgb, opacity=0.6, offset=offset, slide=slide,
                              metadata={"kind": "class-map", "classes": list(class_names)})
 
 
@@ -269,45 +483,54 @@ def _ramp(colour: Any, name: str):
 
 
 def probability_layer_data(raster: Raster, class_name: str, colour: Any, name: str,
-                           slide: str | None = None) -> tuple:
-    """Image LayerData of one class's probability (0..1, NaN = no patch = transparent)."""
+                           slide: str | None = None, *,
+                           offset: Sequence[float] = (0.0, 0.0)) -> tuple:
+    """Image LayerData of one class's probability (0..1, NaN = no patch = transparent).
+
+    Added hidden (``visible=False``); ``offset`` as in :func:`class_map_layer_data`.
+    """
     from .convert import heatmap_layer_data
 
     cmap = _ramp(colour if colour is not None else _GREY, f"gpfm-p-{class_name}")
     data, kwargs, kind = heatmap_layer_data(
-        raster, name, colormap=cmap, contrast_limits=(0.0, 1.0), opacity=0.7, slide=slide,
-        metadata={"kind": "class-probability", "class": class_name})
+        raster, name, colormap=cmap, contrast_limits=(0.0, 1.0), opacity=0.7, offset=offset,
+        slide=slide, metadata={"kind": "class-probability", "class": class_name})
     kwargs["visible"] = False
     return data, kwargs, kind
 
 
-def uncertainty_layer_data(raster: Raster, name: str, slide: str | None = None) -> tuple:
-    """Image LayerData of the normalised predictive entropy (0 certain … 1 uniform)."""
+def uncertainty_layer_data(raster: Raster, name: str, slide: str | None = None, *,
+                           offset: Sequence[float] = (0.0, 0.0)) -> tuple:
+    """Image LayerData of the normalised predictive entropy (0 certain … 1 uniform).
+
+    Added hidden (``visible=False``); ``offset`` as in :func:`class_map_layer_data`.
+    """
     from .convert import heatmap_layer_data
 
     data, kwargs, kind = heatmap_layer_data(
-        raster, name, colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.7, slide=slide,
-        metadata={"kind": "uncertainty"})
+        raster, name, colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.7, offset=offset,
+        slide=slide, metadata={"kind": "uncertainty"})
     kwargs["visible"] = False
     return data, kwargs, kind
 
 
 def prediction_layer_data(
-    rasters: dict[str, Raster], class_names: Sequence[str], colours: Any, prefix: str
+    rasters: dict[str, Raster], class_names: Sequence[str], colours: Any, prefix: str,
+    *, offset: Sequence[float] = (0.0, 0.0),
 ) -> list[tuple]:
-    """Class map, one probability image per class and the uncertainty image, as LayerData."""
+    """Class map, one probability image per class and the uncertainty image, as LayerData.
+
+    ``offset`` (y, x): the slide layer's ``translate[-2:]`` (world units), so the maps of a
+    slide placed elsewhere in the world lie over that slide.
+    """
     rgb = None if colours is None else np.asarray(colours, dtype=np.float64).reshape(-1, 3)
+    off = tuple(float(v) for v in offset)
     out = [class_map_layer_data(rasters["classes"], class_names, rgb, f"{prefix} classes",
-                                prefix)]
+                                prefix, offset=off)]
     for i, n in enumerate(class_names):
         out.append(probability_layer_data(
-            rasters[f"p:{n}"], n, None if rgb is None else rgb[i], f"{prefix} P({n})", prefix))
-    out.append(uncertainty_layer_data(rasters["entropy"], f"{prefix} uncertainty", prefix))
+            rasters[f"p:{n}"], n, None if rgb is None else rgb[i], f"{prefix} P({n})", prefix,
+            offset=off))
+    out.append(uncertainty_layer_data(rasters["entropy"], f"{prefix} uncertainty", prefix,
+                                      offset=off))
     return out
-
-
-def set_or_add_layer(viewer: Any, layer_data: tuple) -> Any:
-    """Update the layer of that name in place, else add it (``convert.upsert_layer``)."""
-    from .convert import upsert_layer
-
-    return upsert_layer(viewer, layer_data)

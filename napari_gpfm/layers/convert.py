@@ -318,51 +318,151 @@ def top_hits_layer_data(
     return (centres, kwargs, "points")
 
 
-def _same(a: Any, b: Any) -> bool:
+def _type_of(layer: Any) -> str:
+    return getattr(layer, "_type_string", type(layer).__name__.lower())
+
+
+def _same_colormap(current: Any, new: Any) -> bool:
+    """Whether an Image layer's colormap already is ``new`` (a name or a Colormap)."""
+    if isinstance(new, str):
+        return getattr(current, "name", None) == new
     try:
-        return bool(np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)))
+        return current.name == new.name and np.allclose(current.colors, new.colors)
     except Exception:
         return False
 
 
-def upsert_layer(viewer: Any, layer_data: LayerData) -> Any:
-    """Add the layer, or update the existing layer of that name and type in place.
+def _same_label_colours(current: Any, new: Any) -> bool:
+    """Whether a Labels layer's colormap paints every label as ``new`` (dict or colormap)."""
+    new_d = new if isinstance(new, dict) else getattr(new, "color_dict", None)
+    old_d = getattr(current, "color_dict", None)
+    if new_d is None or old_d is None or set(old_d) != set(new_d):
+        return False
+    try:
+        return all(np.allclose(np.asarray(old_d[k], dtype=float).ravel(),
+                               np.asarray(new_d[k], dtype=float).ravel()) for k in new_d)
+    except Exception:
+        return False
 
-    Only what changed is set (every napari attribute change emits events and may redraw), so a
-    similarity click that updates a heatmap stays within a few tens of milliseconds. Used from
-    the main thread only.
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        if isinstance(a, str) or isinstance(b, str):
+            return str(a) != str(b)
+        return not np.array_equal(np.asarray(a), np.asarray(b))
+    except Exception:
+        return True
+
+
+#: kinds updated in place (cheap, keeps the layer object); any other kind (Shapes: its data,
+#: features, colours and text must change together) is rebuilt at the same index
+_IN_PLACE = ("image", "labels", "points")
+
+
+def _can_update(layer: Any, data: Any, kind: str) -> bool:
+    if _type_of(layer) != kind or kind not in _IN_PLACE or getattr(layer, "multiscale", False):
+        return False
+    try:
+        new = np.asarray(data)
+    except Exception:
+        return False
+    if kind == "points":
+        return new.ndim == 2 and new.shape[-1] == np.asarray(layer.data).shape[-1]
+    if kind == "image" and getattr(layer, "rgb", False):
+        return False
+    return new.ndim == np.ndim(layer.data)
+
+
+def _update_in_place(layer: Any, data: Any, kwargs: dict, kind: str) -> None:
+    """Set what changed (every napari attribute change emits events and may redraw)."""
+    rest = {k: v for k, v in kwargs.items() if k not in ("name", "visible", "metadata")}
+    if kind == "points":
+        with layer.events.blocker_all():
+            layer.data = data
+            if "features" in rest:
+                layer.features = rest.pop("features")
+        for key in ("text", "border_color", "face_color"):  # lengths follow the new data
+            if key in rest:
+                setattr(layer, key, rest.pop(key))
+    for key in ("scale", "translate"):
+        if key in rest and not np.allclose(getattr(layer, key), rest.pop(key)):
+            setattr(layer, key, kwargs[key])
+    if "units" in rest:
+        units = rest.pop("units")
+        if tuple(str(u) for u in layer.units) != tuple(str(u) for u in units):
+            layer.units = units
+    if "colormap" in rest:
+        cmap = rest.pop("colormap")
+        same = _same_label_colours if kind == "labels" else _same_colormap
+        if not same(layer.colormap, cmap):
+            layer.colormap = cmap
+    if kind != "points":
+        layer.data = data
+    for key, value in rest.items():  # contrast limits, opacity, blending, size, ...
+        if _differs(getattr(layer, key), value):
+            setattr(layer, key, value)
+    layer.metadata = kwargs.get("metadata", layer.metadata)
+    if kind == "points":
+        layer.refresh()
+
+
+def _restore_selection(layers: Any, selected: list, current: Any) -> None:
+    """Make ``viewer.layers.selection`` the set ``selected`` again (active = the only one)."""
+    sel = layers.selection
+    want = [la for la in selected if la in layers]
+    if set(sel) != set(want):
+        sel.clear(keep_current=True)
+        sel.update(want)
+    if hasattr(sel, "_current") and (current is None or current in layers):
+        if sel._current is not current:
+            sel._current = current
+
+
+def upsert_layer(viewer: Any, layer_data: LayerData) -> Any:
+    """Add the layer, or update the layer of that name; returns the layer now in the viewer.
+
+    - An Image, Labels or Points layer of the same type is updated in place (only what
+      changed is set, so a similarity click stays within a few tens of milliseconds; a Points
+      layer may change its number of points).
+    - Any other existing layer of that name (another type, another dimensionality, a Shapes
+      layer, whose data, features, colours and text must change together) is removed and the
+      new one added at the same index.
+    - The layer is made visible, unless ``kwargs["visible"]`` is False (layers added hidden,
+      such as probability maps: those keep the visibility the user gave them).
+    - The viewer's layer selection (selected set, active and current layer) is left as it
+      was: napari selects a newly added layer, which would take the user's selection away.
+      A replaced layer that was selected stays selected as its replacement.
+
+    Used from the main thread only.
     """
     data, kwargs, kind = layer_data
     name = kwargs["name"]
-    existing = viewer.layers[name] if name in viewer.layers else None
-    if existing is not None and (
-        existing._type_string != kind or np.ndim(data) != np.ndim(existing.data)
-    ):
-        viewer.layers.remove(existing)
-        existing = None
-    if existing is None:
-        return getattr(viewer, f"add_{kind}")(data, **kwargs)
-    if kind == "points":
-        with existing.events.blocker_all():
-            existing.data = data
-            existing.features = kwargs["features"]
-        existing.border_color = kwargs["border_color"]
-        existing.size = kwargs["size"]
-        existing.text = kwargs["text"]
-        existing.refresh()
-        return existing
-    for key in ("scale", "translate"):
-        if not np.allclose(getattr(existing, key), kwargs[key]):
-            setattr(existing, key, kwargs[key])
-    if kind == "labels":
-        if not _same(list(existing.colormap.color_dict.keys()), list(kwargs["colormap"])):
-            existing.colormap = kwargs["colormap"]
-    elif existing.colormap.name != kwargs["colormap"]:
-        existing.colormap = kwargs["colormap"]
-    existing.metadata = kwargs["metadata"]
-    existing.data = data
-    if "contrast_limits" in kwargs:
-        existing.contrast_limits = kwargs["contrast_limits"]
-    if existing.opacity != kwargs["opacity"]:
-        existing.opacity = kwargs["opacity"]
-    return existing
+    layers = viewer.layers
+    existing = layers[name] if name in layers else None
+    if existing is not None and _can_update(existing, data, kind):
+        try:
+            _update_in_place(existing, data, kwargs, kind)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+            pass  # inconsistent in-place change: rebuild the layer below
+        else:
+            if kwargs.get("visible", True) and not existing.visible:
+                existing.visible = True
+            return existing
+
+    sel = layers.selection
+    selected, current = list(sel), getattr(sel, "_current", None)
+    index = None
+    if existing is not None:
+        index = layers.index(existing)
+        if kwargs.get("visible", True) is False and existing.visible:
+            kwargs = {**kwargs, "visible": True}
+        layers.remove(existing)
+    layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+    if index is not None:
+        now = layers.index(layer)
+        if now != index:
+            layers.move(now, index)
+    swap = {id(existing): layer} if existing is not None else {}
+    _restore_selection(layers, [swap.get(id(la), la) for la in selected],
+                       swap.get(id(current), current))
+    return layer

@@ -1,50 +1,70 @@
-"""Headless explorer state behind the GPFM docks: slide layer ↔ feature store ↔ patch grid ↔
-similarity index, plus the analyses run on them. No Qt here.
+"""The application session behind every dock of one napari window. No Qt here.
 
-One :class:`Explorer` per viewer (:func:`explorer_for`) holds a :class:`SlideSession` per slide
-layer with a loaded store. The "GPFM" dock and the embedding-plot dock share it and talk through
-its events (napari's pure-Python ``EmitterGroup``):
+**One session per window.** :func:`session_for` returns the one :class:`ViewerSession` of a
+viewer, however many proxies of it napari hands the docks: napari's plugin menu gives each
+dock a ``PublicOnlyProxy`` (a ``wrapt`` object proxy) of the viewer, so the session is keyed by
+the object behind the proxy, reached through the standard ``__wrapped__`` attribute that
+``wrapt`` (like :func:`functools.wraps` and :func:`inspect.unwrap`) exposes.
 
-- ``sessions``: a store was loaded or removed (``event.value`` = slide layer name);
-- ``clusters``: k-means ran on a slide (``event.value`` = name);
-- ``similarity``: a query finished (``event.value`` = :class:`SimilarityResult`);
-- ``selection``: patches were selected (``event.value`` = (name, indices));
-- ``hover``: the patch under the mouse changed (``event.value`` = (name, index or -1)).
+**Per slide** (keyed by the slide layer's ``unique_id``, so renames do not lose it) a
+:class:`SlideState` holds the slide, its feature store, patch grid, similarity index,
+clusters, heatmap values, projections, selection and predictions. The session follows the
+layer list: a slide layer that appears gets a state, a renamed one keeps it (its result layers
+are renamed along), a moved one (``translate``) moves its result layers, and a removed one
+cancels its running jobs (callbacks registered with :meth:`ViewerSession.register_job`) and is
+forgotten. Shared by all docks: the class palette, the output (project) folder, the current
+classifiers and the last similarity query.
+
+**Evented** like napari's own models (``session.events.<name>.connect(cb)``; ``event.value``):
+
+- ``slides``: a slide layer was added, renamed or removed (uid);
+- ``store``: a feature store was attached to a slide (uid);
+- ``clusters``: k-means ran on a slide (uid);
+- ``similarity``: a query finished (:class:`SimilarityResult`);
+- ``selection``: patches were selected (uid, indices);
+- ``hover``: the patch under the mouse changed (uid or -1, index or -1);
+- ``prediction``: a classifier painted a slide ((uid, source));
+- ``classifier``: the current classifier of a kind changed (source);
+- ``out_dir``: the output folder changed.
+
+Results other plugins and scripts should see are also published as plain data where napari
+keeps them: the slide layer's ``metadata["napari_gpfm"]["results"]`` (store path, model,
+patches, clusters, classes) and each result layer's ``metadata["napari_gpfm"]`` (kind, slide
+uid and name) and, for class and cluster maps, ``layer.features`` (one row per label).
 
 ``show_*`` methods turn results into layers with :mod:`.convert`; call them on the main thread.
 
-Where features go: ``~/.cache/napari-gpfm/features`` by default (:func:`default_out_dir`),
-because slides often sit on read-only shares and the bundled sample lives inside the package;
-the dock lets the user choose another folder (e.g. next to the slides).
+Features go to ``~/.cache/napari-gpfm/features`` by default (:func:`default_out_dir`), because
+slides often sit on read-only shares and the bundled sample lives inside the package.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from ..analyses.clusters import ClusterResult, cluster_table, kmeans
+from ..analyses.clusters import ClusterResult, cluster_table
 from ..analyses.heatmap import PatchGrid, Raster, heatmap_raster, labels_raster, patch_grid
 from ..analyses.similarity import MultiStoreIndex, SimilarityIndex
+from ..annotations.classes import ClassPalette
 from . import convert
 from .reader import layer_slide
 
 __all__ = [
-    "Explorer",
+    "HEATMAP_LABELS",
     "SimilarityResult",
-    "SlideSession",
+    "SlideState",
+    "ViewerSession",
     "default_out_dir",
-    "explorer_for",
-    "find_finished_store",
-    "preview_tissue",
-    "weights_digest",
+    "real_viewer",
+    "result_name",
+    "session_for",
 ]
 
 HEATMAP_LABELS = {
@@ -52,6 +72,7 @@ HEATMAP_LABELS = {
     "distance_to_centre": "distance to cluster centre",
     "tissue_fraction": "tissue fraction",
 }
+META = convert.META_KEY
 
 
 def default_out_dir() -> Path:
@@ -60,107 +81,107 @@ def default_out_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/napari-gpfm/features").expanduser()
 
 
-# ------------------------------------------------------------------------- store look-up
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+def result_name(slide_name: str, what: str) -> str:
+    """Name of a result layer: ``"<slide> · <what>"``."""
+    return f"{slide_name} · {what}"
 
 
-def weights_digest(card: Any, allow_random: bool = False, seed: int = 0) -> str | None:
-    """The ``weights_sha256`` a run with ``card`` would record, without loading the model.
-
-    The card's recorded sha256 when known, else the file's (hashed once per session and file
-    version), ``random-init-seed-<seed>`` for random weights, ``None`` when no weights exist.
-    """
-    status = card.status()
-    if not status.found:
-        return f"random-init-seed-{seed}" if allow_random else None
-    if card.weights.sha256:
-        return str(card.weights.sha256)
-    path = Path(status.path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        from ..encoders import sha256_file
-
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
+def is_slide_layer(layer: Any) -> bool:
+    """A layer opened by napari-gpfm's reader (a live Slide behind it)."""
+    slide = layer_slide(layer)
+    return slide is not None and not isinstance(slide, str)
 
 
-def find_finished_store(
-    slide: Any,
-    card: Any,
-    spec: Any,
-    tissue_params: Any,
-    out_dir: str | Path,
-    allow_random: bool = False,
-) -> Any | None:
-    """The finished store of ``slide`` under exactly this recipe, or ``None`` (no model load).
-
-    Lets the dock load an already embedded slide instantly instead of starting a run.
-    """
-    from ..embeddings import StoreError, open_store, store_path
-    from ..embeddings.run import make_recipe
-
-    digest = weights_digest(card, allow_random)
-    if digest is None or slide.mpp is None:
-        return None
-    recipe = make_recipe(SimpleNamespace(card=card, weights_sha256=digest), slide, spec,
-                         tissue_params)  # fmt: skip
-    path = store_path(out_dir, card.name, slide.name)
-    if not path.exists():
-        return None
-    try:
-        return open_store(path, expected_recipe=recipe)
-    except StoreError:
-        return None
-
-
-def preview_tissue(slide: Any, spec: Any, tissue_params: Any, encoder_input: int | None = None):
-    """Tissue mask and the grid an embed run would use: ``(TissueMask, TileGrid)``."""
-    from ..tiles import detect_tissue, make_grid
-
-    tissue = detect_tissue(slide, tissue_params)
-    grid = make_grid(slide, spec, tissue, encoder_input=encoder_input)
-    return tissue, grid
-
-
-# ------------------------------------------------------------------------------ sessions
+# ------------------------------------------------------------------------------ slides
 @dataclass
 class SimilarityResult:
-    """Scores of every patch of every compatible slide to a query, and the best hits."""
+    """Scores of every patch of every compatible slide to a query, and the best hits.
 
-    query_slide: str
+    Slides are keyed by uid; ``names`` gives their layer names at query time."""
+
+    query_slide: int
     query: np.ndarray  # patch indices on query_slide
-    scores: dict[str, np.ndarray]
-    hits: list[tuple[str, int, float]]  # (slide, index, score), best first, queries excluded
+    scores: dict[int, np.ndarray]
+    hits: list[tuple[int, int, float]]  # (slide uid, index, score), best first, queries excluded
+    names: dict[int, str]
 
 
-class SlideSession:
-    """One slide layer with its feature store, patch grid and analysis results.
+class SlideState:
+    """One slide layer: the slide, and (once attached) its feature store and analyses."""
 
-    ``offset`` is the slide layer's ``translate`` (y, x) in world units; usually zero.
-    """
+    def __init__(self, layer: Any):
+        self.uid = int(layer.unique_id)
+        self._layer = weakref.ref(layer)
+        self.slide = layer_slide(layer)
+        self.store: Any = None
+        self.coords = np.zeros((0, 2), np.int64)
+        self.patch_size_level0 = 0
+        self.grid: PatchGrid | None = None
+        self.model: str | None = None
+        self.clusters: ClusterResult | None = None
+        self.values: dict[str, np.ndarray] = {}
+        self.projections: dict[str, np.ndarray] = {}
+        self.selection = np.zeros(0, dtype=bool)
+        self.predictions: dict[str, Any] = {}
+        self._index: SimilarityIndex | None = None
 
-    def __init__(self, name: str, slide: Any, store: Any, offset: Sequence[float] = (0.0, 0.0),
-                 index: SimilarityIndex | None = None):  # fmt: skip
+    # --- the layer ----------------------------------------------------------------------
+    @property
+    def layer(self) -> Any:
+        return self._layer()
+
+    @property
+    def name(self) -> str:
+        layer = self.layer
+        return layer.name if layer is not None else self.slide.name
+
+    @property
+    def offset(self) -> tuple[float, float]:
+        layer = self.layer
+        if layer is None:
+            return (0.0, 0.0)
+        t = np.asarray(layer.translate, dtype=float)[-2:]
+        return (float(t[0]), float(t[1]))
+
+    @property
+    def mpp(self) -> float | None:
+        layer = self.layer
+        slide = layer_slide(layer) if layer is not None else None
+        if slide is not None and not isinstance(slide, str):
+            self.slide = slide  # follows Slide info's pixel-size override
+        if self.slide is not None and self.slide.mpp is not None:
+            return float(self.slide.mpp)
+        return None if self.store is None else self.store.mpp
+
+    # --- the store ----------------------------------------------------------------------
+    @property
+    def has_store(self) -> bool:
+        return self.store is not None
+
+    def attach(self, store: Any, index: SimilarityIndex | None = None) -> None:
+        """Use ``store`` (a finished feature store of this slide); earlier results are reset."""
         if store.coords is None:
             raise ValueError(f"{store.path}: the feature file has no patch coordinates")
         psize = store.patch_size_level0
         if psize is None:
             raise ValueError(f"{store.path}: the feature file does not record patch_size_level0")
-        self.name = name
-        self.slide = slide
         self.store = store
-        self.offset = (float(offset[0]), float(offset[1]))
-        self.mpp = slide.mpp if slide is not None and slide.mpp is not None else store.mpp
         self.coords = np.asarray(store.coords, dtype=np.int64)
         self.patch_size_level0 = int(psize)
-        self.grid: PatchGrid = patch_grid(self.coords, self.patch_size_level0, self.mpp)
         self.model = store.model
-        self.clusters: ClusterResult | None = None
-        self.values: dict[str, np.ndarray] = {}
-        self.projections: dict[str, np.ndarray] = {}
+        self.grid = patch_grid(self.coords, self.patch_size_level0, self.mpp)
+        self.clusters = None
+        self.values = {}
+        self.projections = {}
         self.selection = np.zeros(self.n, dtype=bool)
-        self._index: SimilarityIndex | None = index
+        self.predictions = {}
+        self._index = index
+
+    def require_store(self) -> Any:
+        if self.store is None:
+            raise LookupError(f"{self.name}: no embeddings yet. Compute them in the GPFM dock "
+                              "(Plugins > napari-gpfm > GPFM) first.")  # fmt: skip
+        return self.store
 
     @property
     def n(self) -> int:
@@ -168,7 +189,7 @@ class SlideSession:
 
     @property
     def features(self) -> np.ndarray:
-        return self.store.features
+        return self.require_store().features
 
     @property
     def index(self) -> SimilarityIndex:
@@ -177,11 +198,6 @@ class SlideSession:
         return self._index
 
     # --- analyses ------------------------------------------------------------------------
-    def cluster(self, k: int, seed: int = 0) -> ClusterResult:
-        res = kmeans(self.features, k, seed=seed)
-        self.set_clusters(res)
-        return res
-
     def set_clusters(self, res: ClusterResult) -> None:
         self.clusters = res
         self.values["cluster"] = res.labels
@@ -205,6 +221,8 @@ class SlideSession:
     def patch_at(self, world_yx: Sequence[float] | np.ndarray) -> int | np.ndarray:
         """Patch index under world point(s) (y, x), -1 where none."""
         w = np.asarray(world_yx, dtype=np.float64) - np.asarray(self.offset)
+        if self.grid is None:
+            return np.full(w.shape[:-1], -1, np.int64) if w.ndim > 1 else -1
         return self.grid.patch_index_at(w)
 
     def boxes(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -293,110 +311,309 @@ class SlideSession:
         return written
 
 
-# ------------------------------------------------------------------------------ explorer
-class Explorer:
-    """Sessions of one viewer, the analyses across them and their layers."""
+# ------------------------------------------------------------------------------ session
+class ViewerSession:
+    """Everything the docks of one napari window share; see the module docstring."""
 
-    def __init__(self, viewer: Any = None):
+    def __init__(self, viewer: Any):
         from napari.utils.events import EmitterGroup
 
-        self._viewer_ref = weakref.ref(viewer) if viewer is not None else None
-        self.sessions: dict[str, SlideSession] = {}
+        self._viewer_ref = weakref.ref(viewer)
+        self.slides: dict[int, SlideState] = {}
+        self.palette = ClassPalette()
+        self.out_dir: Path = default_out_dir()
+        self.classifiers: dict[str, Any] = {}
         self.last_similarity: SimilarityResult | None = None
+        self._jobs: dict[int, dict[int, Callable[[], None]]] = {}
+        self._job_ids = 0
+        self._watched: dict[int, tuple[Any, Callable, Callable]] = {}
         self.events = EmitterGroup(
-            source=self, sessions=None, clusters=None, similarity=None, selection=None, hover=None
-        )
+            source=self, slides=None, store=None, clusters=None, similarity=None,
+            selection=None, hover=None, prediction=None, classifier=None, out_dir=None,
+        )  # fmt: skip
+        viewer.layers.events.inserted.connect(self._on_inserted)
+        viewer.layers.events.removed.connect(self._on_removed)
+        for layer in list(viewer.layers):
+            self._track(layer)
 
     @property
     def viewer(self) -> Any:
-        return self._viewer_ref() if self._viewer_ref is not None else None
+        return self._viewer_ref()
 
-    # --- sessions --------------------------------------------------------------------------
-    def add(self, layer: Any, store: Any, index: SimilarityIndex | None = None) -> SlideSession:
-        """Attach a loaded feature store (and its prebuilt similarity index, if any) to a slide
-        layer, replacing an earlier one."""
-        slide = layer_slide(layer)
-        offset = tuple(np.asarray(layer.translate, dtype=float)[-2:])
-        session = SlideSession(layer.name, slide, store, offset, index=index)
-        self.sessions[layer.name] = session
-        self.events.sessions(value=layer.name)
-        return session
+    # --- following the layer list ------------------------------------------------------
+    def _on_inserted(self, event: Any) -> None:
+        if self._track(event.value):
+            self.events.slides(value=int(event.value.unique_id))
 
-    def get(self, name: str) -> SlideSession:
-        if name not in self.sessions:
-            raise KeyError(f"no embeddings loaded for {name!r}: compute or load them first")
-        return self.sessions[name]
+    def _track(self, layer: Any) -> bool:
+        if not is_slide_layer(layer):
+            return False
+        uid = int(layer.unique_id)
+        if uid in self.slides:
+            return False
+        self.slides[uid] = SlideState(layer)
+        ref = weakref.ref(layer)  # the session never keeps a layer (or its viewer) alive
+        old = {"name": layer.name, "translate": np.asarray(layer.translate, float)[-2:].copy()}
 
-    def compatible(self, name: str) -> list[SlideSession]:
-        """Sessions whose embeddings are comparable with ``name``'s (same model and dim)."""
-        ref = self.get(name)
-        dim = ref.store.embed_dim
-        return [s for s in self.sessions.values()
-                if s.model == ref.model and s.store.embed_dim == dim]  # fmt: skip
+        def renamed(event: Any = None, uid: int = uid) -> None:
+            la = ref()
+            if la is None:
+                return
+            self._rename_results(uid, old["name"], la.name)
+            old["name"] = la.name
+            self.events.slides(value=uid)
+
+        def moved(event: Any = None, uid: int = uid) -> None:
+            la = ref()
+            if la is None:
+                return
+            t = np.asarray(la.translate, float)[-2:]
+            self._move_results(uid, t - old["translate"])
+            old["translate"] = t.copy()
+
+        layer.events.name.connect(renamed)
+        layer.events.translate.connect(moved)
+        self._watched[uid] = (ref, renamed, moved)
+        return True
+
+    def _on_removed(self, event: Any) -> None:
+        uid = int(event.value.unique_id)
+        if uid not in self.slides:
+            return
+        self.cancel_jobs(uid)
+        ref, renamed, moved = self._watched.pop(uid)
+        layer = ref()
+        if layer is not None:
+            layer.events.name.disconnect(renamed)
+            layer.events.translate.disconnect(moved)
+        del self.slides[uid]
+        if self.last_similarity is not None and uid in self.last_similarity.scores:
+            self.last_similarity = None
+        self.events.slides(value=uid)
+
+    def result_layers(self, uid: int) -> list[Any]:
+        """The result layers (heatmaps, maps, hits, previews) made for slide ``uid``."""
+        out = []
+        for la in self.viewer.layers:
+            meta = la.metadata.get(META) if isinstance(la.metadata, dict) else None
+            if isinstance(meta, dict) and meta.get("slide_uid") == uid:
+                out.append(la)
+        return out
+
+    def _rename_results(self, uid: int, old: str, new: str) -> None:
+        prefix = result_name(old, "")
+        for la in self.result_layers(uid):
+            if la.name.startswith(prefix):
+                la.name = result_name(new, la.name[len(prefix):])
+            la.metadata[META]["slide_layer"] = new
+
+    def _move_results(self, uid: int, delta: np.ndarray) -> None:
+        for la in self.result_layers(uid):
+            t = np.asarray(la.translate, float)
+            t[-2:] += delta
+            la.translate = t
+
+    # --- look-ups ------------------------------------------------------------------------
+    def slide(self, key: int | str | Any) -> SlideState:
+        """The state of a slide by uid, layer name or layer; ``LookupError`` when unknown."""
+        if isinstance(key, (int, np.integer)) and int(key) in self.slides:
+            return self.slides[int(key)]
+        if isinstance(key, str):
+            for s in self.slides.values():
+                if s.name == key:
+                    return s
+        uid = getattr(key, "unique_id", None)
+        if uid is not None and int(uid) in self.slides:
+            return self.slides[int(uid)]
+        raise LookupError(f"{key!r} is not a slide layer opened by napari-gpfm")
+
+    def get(self, key: int | str | Any) -> SlideState:
+        """Like :meth:`slide`, but the slide must have a feature store."""
+        s = self.slide(key)
+        s.require_store()
+        return s
+
+    def embedded(self) -> list[SlideState]:
+        """Slides with a feature store, in layer order."""
+        return [s for s in self.slides.values() if s.has_store]
+
+    def names(self) -> dict[int, str]:
+        return {uid: s.name for uid, s in self.slides.items()}
+
+    # --- output folder and stores ------------------------------------------------------
+    def set_out_dir(self, path: str | Path) -> None:
+        path = Path(path).expanduser()
+        if path != self.out_dir:
+            self.out_dir = path
+            self.events.out_dir(value=str(path))
+
+    def attach_store(self, key: Any, store: Any, index: SimilarityIndex | None = None
+                     ) -> SlideState:  # fmt: skip
+        """Use a finished feature store for a slide (every dock sees it at once)."""
+        s = self.slide(key)
+        s.attach(store, index)
+        self._publish(s)
+        self.events.store(value=s.uid)
+        return s
+
+    def find_store(self, key: Any, model: str | None = None) -> Any | None:
+        """The slide's store: the attached one, else the newest finished store of this slide
+        (same file: checked by fingerprint) in the output folder (of ``model`` when given),
+        which is then attached. ``None`` when there is none."""
+        from ..embeddings import StoreError, open_store
+
+        s = self.slide(key)
+        if s.store is not None and (model is None or s.model == model):
+            return s.store
+        pattern = f"*/features_{model}/{s.slide.name}.h5" if model else \
+            f"*/features_*/{s.slide.name}.h5"  # fmt: skip
+        candidates = sorted(self.out_dir.glob(pattern), key=os.path.getmtime, reverse=True)
+        for path in candidates:
+            try:
+                store = open_store(path, expected_slide=s.slide)
+            except (StoreError, OSError, ValueError):
+                continue
+            self.attach_store(s.uid, store)
+            return store
+        return None
+
+    def _publish(self, s: SlideState) -> None:
+        """Plain-data results on the slide layer's metadata, for other plugins and scripts."""
+        layer = s.layer
+        if layer is None:
+            return
+        meta = dict(layer.metadata.get(META, {}))
+        results: dict[str, Any] = {}
+        if s.store is not None:
+            results.update(store=str(s.store.path), model=s.model, n_patches=s.n,
+                           patch_size_level0=s.patch_size_level0)  # fmt: skip
+        if s.clusters is not None:
+            results["clusters"] = int(s.clusters.labels.max()) + 1
+        if s.predictions:
+            results["predictions"] = {k: list(v[1]) for k, v in s.predictions.items()}
+        meta["results"] = results
+        layer.metadata = {**layer.metadata, META: meta}
+
+    # --- jobs ------------------------------------------------------------------------------
+    def register_job(self, key: Any, cancel: Callable[[], None]) -> int:
+        """Remember how to cancel a job working on a slide; returns a token for
+        :meth:`job_done`. Removing the slide layer calls ``cancel``."""
+        uid = self.slide(key).uid
+        self._job_ids += 1
+        self._jobs.setdefault(uid, {})[self._job_ids] = cancel
+        return self._job_ids
+
+    def job_done(self, token: int) -> None:
+        for jobs in self._jobs.values():
+            jobs.pop(token, None)
+
+    def cancel_jobs(self, uid: int) -> int:
+        jobs = self._jobs.pop(uid, {})
+        for cancel in jobs.values():
+            cancel()
+        return len(jobs)
 
     # --- analyses --------------------------------------------------------------------------
-    def cluster(self, name: str, k: int, seed: int = 0) -> SlideSession:
-        """Run k-means on ``name`` now (see :meth:`set_clusters` for results computed
-        elsewhere, e.g. in a worker thread)."""
-        return self.set_clusters(name, kmeans(self.get(name).features, k, seed=seed))
+    def compatible(self, key: Any) -> list[SlideState]:
+        """Slides whose embeddings are comparable with ``key``'s (same model and width)."""
+        ref = self.get(key)
+        dim = ref.store.embed_dim
+        return [s for s in self.embedded() if s.model == ref.model and s.store.embed_dim == dim]
 
-    def set_clusters(self, name: str, result: ClusterResult) -> SlideSession:
-        session = self.get(name)
-        session.set_clusters(result)
-        self.events.clusters(value=name)
-        return session
+    def set_clusters(self, key: Any, result: ClusterResult) -> SlideState:
+        s = self.get(key)
+        s.set_clusters(result)
+        self._publish(s)
+        self.events.clusters(value=s.uid)
+        return s
 
-    def similarity(self, name: str, indices: Sequence[int] | int, k: int = 10) -> SimilarityResult:
-        """Cosine similarity of every patch of every compatible slide to the query patches."""
+    def similarity(self, key: Any, indices: Sequence[int] | int, k: int = 10
+                   ) -> SimilarityResult:  # fmt: skip
+        """Cosine similarity of every patch of every compatible slide to the query patches.
+        Slides of the same model whose finished stores are in the output folder join in."""
+        s = self.get(key)
+        for other in list(self.slides.values()):
+            if not other.has_store and s.model:
+                self.find_store(other.uid, s.model)
         idx = np.unique(np.atleast_1d(np.asarray(indices, dtype=np.int64)))
-        idx = idx[idx >= 0]
+        idx = idx[(idx >= 0) & (idx < s.n)]
         if idx.size == 0:
-            raise ValueError("no patch under the query point(s)")
-        peers = self.compatible(name)
-        multi = MultiStoreIndex({s.name: s.index for s in peers})
-        scores = multi.query({name: idx})
-        hits = multi.top_k(scores, k, exclude={name: idx})
-        for s in peers:
-            s.values["similarity"] = scores[s.name]
-        result = SimilarityResult(name, idx, scores, hits)
+            raise ValueError("no embedded patch under the query point(s)")
+        peers = self.compatible(s.uid)
+        multi = MultiStoreIndex({p.uid: p.index for p in peers})
+        scores = multi.query({s.uid: idx})
+        hits = multi.top_k(scores, k, exclude={s.uid: idx})
+        for p in peers:
+            p.values["similarity"] = scores[p.uid]
+        result = SimilarityResult(s.uid, idx, scores, hits, {p.uid: p.name for p in peers})
         self.last_similarity = result
         self.events.similarity(value=result)
         return result
 
-    def select(self, name: str, indices: Sequence[int] | np.ndarray) -> None:
-        session = self.get(name)
-        mask = np.zeros(session.n, dtype=bool)
+    def select(self, key: Any, indices: Sequence[int] | np.ndarray) -> None:
+        s = self.get(key)
+        mask = np.zeros(s.n, dtype=bool)
         mask[np.asarray(indices, dtype=np.int64)] = True
-        session.selection = mask
-        self.events.selection(value=(name, np.flatnonzero(mask)))
+        s.selection = mask
+        self.events.selection(value=(s.uid, np.flatnonzero(mask)))
 
-    def hover(self, name: str, index: int) -> None:
-        self.events.hover(value=(name, int(index)))
+    def hover(self, uid: int, index: int) -> None:
+        self.events.hover(value=(int(uid), int(index)))
+
+    def set_classifier(self, source: str, classifier: Any) -> None:
+        self.classifiers[source] = classifier
+        self.events.classifier(value=source)
+
+    def set_prediction(self, key: Any, source: str, rasters: dict, class_names: Sequence[str],
+                       colours: Any, label: str | None = None) -> list[Any]:  # fmt: skip
+        """Keep a classifier's prediction of a slide and paint it (class map, probabilities,
+        uncertainty), aligned with the slide's scale and translate."""
+        from .annotation_layers import prediction_layer_data
+
+        s = self.slide(key)
+        s.predictions[source] = (rasters, list(class_names), colours)
+        prefix = result_name(s.name, label or source)
+        layers = []
+        for data in prediction_layer_data(rasters, class_names, colours, prefix,
+                                          offset=s.offset):  # fmt: skip
+            data[1]["metadata"][META]["slide_uid"] = s.uid
+            data[1]["metadata"][META]["source"] = source
+            layers.append(self._upsert(data))
+        self._publish(s)
+        self.events.prediction(value=(s.uid, source))
+        return layers
 
     # --- layers (main thread) -------------------------------------------------------------
     def _upsert(self, layer_data: convert.LayerData) -> Any:
         viewer = self.viewer
         if viewer is None:
-            raise RuntimeError("this explorer has no viewer to show layers in")
+            raise RuntimeError("this session's viewer is gone")
         return convert.upsert_layer(viewer, layer_data)
 
-    def show_clusters(self, name: str, opacity: float = 0.5) -> Any:
-        s = self.get(name)
-        k = int(s.clusters.labels.max()) + 1
-        ld = convert.labels_layer_data(s.labels(), f"{name} clusters",
-                                       colours=convert.cluster_colours(k), opacity=opacity,
-                                       offset=s.offset, slide=name)  # fmt: skip
-        return self._upsert(ld)
+    def _meta(self, s: SlideState, data: convert.LayerData) -> convert.LayerData:
+        data[1]["metadata"][META]["slide_uid"] = s.uid
+        data[1]["metadata"][META]["slide_layer"] = s.name
+        return data
 
-    def show_heatmap(self, name: str, key: str, *, colormap: str = "viridis",
+    def show_clusters(self, key: Any, opacity: float = 0.5) -> Any:
+        s = self.get(key)
+        k = int(s.clusters.labels.max()) + 1
+        ld = convert.labels_layer_data(s.labels(), result_name(s.name, "clusters"),
+                                       colours=convert.cluster_colours(k), opacity=opacity,
+                                       offset=s.offset, slide=s.name)  # fmt: skip
+        ld[1]["features"] = {"index": np.arange(k + 1),
+                             "cluster": ["none"] + [f"Cluster {i}" for i in range(k)]}
+        return self._upsert(self._meta(s, ld))
+
+    def show_heatmap(self, key: Any, value: str, *, colormap: str = "viridis",
                      opacity: float = 0.6, contrast_limits=None) -> Any:  # fmt: skip
-        s = self.get(name)
+        s = self.get(key)
         ld = convert.heatmap_layer_data(
-            s.heatmap(key), f"{name} {key.replace('_', ' ')}", colormap=colormap,
-            contrast_limits=contrast_limits, opacity=opacity, offset=s.offset, slide=name,
-            metadata={"value": key},
+            s.heatmap(value), result_name(s.name, value.replace("_", " ")), colormap=colormap,
+            contrast_limits=contrast_limits, opacity=opacity, offset=s.offset, slide=s.name,
+            metadata={"value": value},
         )
-        return self._upsert(ld)
+        return self._upsert(self._meta(s, ld))
 
     def show_similarity(self, result: SimilarityResult, colormap: str = "inferno",
                         opacity: float = 0.65) -> list[Any]:  # fmt: skip
@@ -405,57 +622,82 @@ class Explorer:
         allv = np.concatenate([v for v in result.scores.values()])
         lo, hi = float(np.nanmin(allv)), float(np.nanmax(allv))
         layers = []
-        for name in result.scores:
-            layers.append(self.show_heatmap(name, "similarity", colormap=colormap,
-                                            opacity=opacity, contrast_limits=(lo, hi if hi > lo
-                                                                              else lo + 1)))
-            s = self.get(name)
-            mine = [(i, sc) for n, i, sc in result.hits if n == name]
+        for uid in result.scores:
+            if uid not in self.slides:
+                continue  # removed since the query
+            s = self.slides[uid]
+            layers.append(self.show_heatmap(uid, "similarity", colormap=colormap,
+                                            opacity=opacity,
+                                            contrast_limits=(lo, hi if hi > lo else lo + 1)))
+            mine = [(i, sc) for u, i, sc in result.hits if u == uid]
             idx = np.array([i for i, _ in mine], dtype=np.int64)
-            q = result.query if name == result.query_slide else np.empty(0, np.int64)
+            q = result.query if uid == result.query_slide else np.empty(0, np.int64)
+            name = result_name(s.name, "top hits")
             if len(idx) or len(q):
                 ld = convert.top_hits_layer_data(
-                    s.boxes(idx), np.array([sc for _, sc in mine]), f"{name} top hits",
-                    query_boxes=s.boxes(q) if len(q) else None, slide=name,
+                    s.boxes(idx), np.array([sc for _, sc in mine]), name,
+                    query_boxes=s.boxes(q) if len(q) else None, slide=s.name,
                     units=convert.MICROMETRE if s.mpp is not None else convert.PIXEL,
                 )
-                layers.append(self._upsert(ld))
-            elif f"{name} top hits" in self.viewer.layers:
-                self.viewer.layers.remove(f"{name} top hits")
+                layers.append(self._upsert(self._meta(s, ld)))
+            elif name in self.viewer.layers:
+                self.viewer.layers.remove(name)
         return layers
 
-    def show_selection(self, name: str) -> Any:
-        s = self.get(name)
-        ld = convert.mask_layer_data(s.grid, s.selection, f"{name} selection", offset=s.offset,
-                                     slide=name)  # fmt: skip
-        return self._upsert(ld)
+    def show_selection(self, key: Any) -> Any:
+        s = self.get(key)
+        ld = convert.mask_layer_data(s.grid, s.selection, result_name(s.name, "selection"),
+                                     offset=s.offset, slide=s.name)  # fmt: skip
+        return self._upsert(self._meta(s, ld))
 
-    def show_tissue(self, name: str, tissue: Any, grid: Any, offset=(0.0, 0.0)) -> list[Any]:
-        """Tissue mask and the patch grid an embed run would use (before any run)."""
-        slide = self.viewer.layers[name]
-        mpp = layer_slide(slide).mpp
-        out = [self._upsert(convert.tissue_layer_data(tissue.mask, tissue.downsample, mpp,
-                                                      f"{name} tissue", offset=offset,
-                                                      slide=name))]  # fmt: skip
+    def show_preview(self, key: Any, tissue: Any, grid: Any) -> list[Any]:
+        """Tissue mask and the patch grid an embed run would use (replacing older previews)."""
+        s = self.slide(key)
+        self.hide_preview(s.uid)
+        mpp = s.mpp
+        out = [self._upsert(self._meta(s, convert.tissue_layer_data(
+            tissue.mask, tissue.downsample, mpp, result_name(s.name, "tissue"),
+            offset=s.offset, slide=s.name)))]  # fmt: skip
         if len(grid):
             pg = patch_grid(grid.coords, grid.patch_size_level0, mpp)
-            out.append(self._upsert(convert.patch_grid_layer_data(pg, f"{name} patches",
-                                                                  offset=offset, slide=name)))
+            out.append(self._upsert(self._meta(s, convert.patch_grid_layer_data(
+                pg, result_name(s.name, "patches"), offset=s.offset, slide=s.name))))
         return out
 
+    def hide_preview(self, key: Any) -> int:
+        """Remove the tissue and patch-grid previews of a slide (stale after a recipe change,
+        or once results are shown); returns how many layers went."""
+        s = self.slide(key)
+        gone = 0
+        for la in self.result_layers(s.uid):
+            if la.metadata[META].get("kind") in ("tissue", "patch-grid"):
+                self.viewer.layers.remove(la)
+                gone += 1
+        return gone
 
-_EXPLORERS: dict[int, tuple[weakref.ref, Explorer]] = {}
+
+_SESSIONS: dict[int, tuple[weakref.ref, ViewerSession]] = {}
 
 
-def explorer_for(viewer: Any) -> Explorer:
-    """The one :class:`Explorer` of ``viewer`` (created on first use)."""
-    key = id(viewer)
-    entry = _EXPLORERS.get(key)
-    if entry is not None and entry[0]() is viewer:
+def real_viewer(viewer: Any) -> Any:
+    """The viewer behind napari's per-dock ``PublicOnlyProxy`` (itself when not a proxy)."""
+    seen = 0
+    while hasattr(type(viewer), "__wrapped__") and seen < 8:
+        viewer = viewer.__wrapped__
+        seen += 1
+    return viewer
+
+
+def session_for(viewer: Any) -> ViewerSession:
+    """The one :class:`ViewerSession` of ``viewer``'s window (created on first use), the same
+    for the viewer and for every proxy of it napari hands to a dock."""
+    real = real_viewer(viewer)
+    key = id(real)
+    entry = _SESSIONS.get(key)
+    if entry is not None and entry[0]() is real:
         return entry[1]
-    for k in [k for k, (ref, _) in _EXPLORERS.items() if ref() is None]:
-        del _EXPLORERS[k]
-    explorer = Explorer(viewer)
-    _EXPLORERS[key] = (weakref.ref(viewer), explorer)
-    return explorer
-
+    for k in [k for k, (ref, _) in _SESSIONS.items() if ref() is None]:
+        del _SESSIONS[k]
+    session = ViewerSession(real)
+    _SESSIONS[key] = (weakref.ref(real), session)
+    return session

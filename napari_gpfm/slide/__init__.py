@@ -8,6 +8,7 @@ from .errors import (
     SlideReadWarning,
     TileReadError,
 )
+from .identity import SlideFingerprint, slide_fingerprint
 from .open import open_slide, slide_kind
 from .slide import LevelArray, Slide, shared_tile_cache
 
@@ -17,10 +18,12 @@ __all__ = [
     "MissingMppWarning",
     "Slide",
     "SlideError",
+    "SlideFingerprint",
     "SlideOpenError",
     "SlideReadWarning",
     "TileReadError",
     "open_slide",
     "shared_tile_cache",
+    "slide_fingerprint",
     "slide_kind",
 ]

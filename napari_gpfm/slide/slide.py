@@ -8,6 +8,7 @@ does not record it (never guessed).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,18 @@ def _new_uid() -> int:
         return _next_uid
 
 
+def slide_name(backend: SlideBackend) -> str:
+    """TRIDENT's slide name: the file name without its last extension (``case1.HE.svs`` →
+    ``case1.HE``); a DICOM slide (a folder, or one ``.dcm`` instance of it) is named after its
+    folder, since all the folder's instances make up the slide."""
+    path = backend.path
+    if backend.name == "wsidicom" and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        return path.name
+    return os.path.splitext(path.name)[0]
+
+
 @dataclass(frozen=True)
 class _Level:
     info: LevelInfo
@@ -62,7 +75,7 @@ class Slide:
     ):
         self.backend = backend
         self.path = backend.path
-        self.name = backend.path.name.split(".")[0] if backend.path.is_file() else backend.path.name
+        self.name = slide_name(backend)
         self.vendor = backend.vendor
         self.objective_power = backend.objective_power
         self.properties = dict(backend.properties)
@@ -74,6 +87,7 @@ class Slide:
             self.mpp_source = "file" if backend.mpp is not None else None
         self._cache = cache if cache is not None else _shared_cache
         self._uid = _uid if _uid is not None else _new_uid()
+        self._fingerprint = None  # napari_gpfm.slide.identity.slide_fingerprint caches it here
         self._levels = [_Level(info) for info in backend.levels]
         self.has_native_pyramid = len(self._levels) > 1
         if not self.has_native_pyramid:
@@ -122,7 +136,9 @@ class Slide:
         """The same slide with a user-given pixel size (µm/px at level 0)."""
         if not (mpp > 0 and math.isfinite(mpp)):
             raise ValueError(f"{self.path}: mpp must be a positive number, got {mpp!r}")
-        return Slide(self.backend, mpp=mpp, cache=self._cache, _uid=self._uid)
+        other = Slide(self.backend, mpp=mpp, cache=self._cache, _uid=self._uid)
+        other._fingerprint = self._fingerprint  # same file: same fingerprint
+        return other
 
     def require_mpp(self, action: str = "this operation") -> float:
         if self.mpp is None:

@@ -1,42 +1,38 @@
-"""The 'Annotate & classify' dock: palette, shapes, live retraining, GeoJSON, classifier files."""
+"""The 'Annotate & classify' dock as a user drives it: docks from the Plugins menu, slides from
+File > Open (moved in the world), embeddings from the GPFM dock, clicks on the dock's buttons."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+from plugin_docks import (
+    add_dock,
+    click,
+    draw_rectangle,
+    embed,
+    new_shapes_from_menu,
+    open_slide,
+    setup_gpfm,
+    world_rect,
+    write_tiny_card,
+)
 
 from napari_gpfm._qt import annotate_widget as aw
-from napari_gpfm._qt.annotate_widget import AnnotateWidget
-from tiny_models import tiny_card
 
-TINY_CARD = tiny_card("tiny-test", 112)
+OFFSET = (120.0, -80.0)  # where the slide layer is moved to (world µm, y x)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory, sample_svs):
-    """Real feature stores (tiny random ViT) of the sample slide and of a copy named 'other'."""
-    import shutil
-
-    import torch
-
-    from napari_gpfm.embeddings import embed
-    from napari_gpfm.encoders import load_encoder
-    from napari_gpfm.tiles import TissueParams
-
-    d = tmp_path_factory.mktemp("models")
-    (d / "tiny-test.yaml").write_text(TINY_CARD)
-    out = tmp_path_factory.mktemp("project")
-    other = shutil.copy(sample_svs, tmp_path_factory.mktemp("other") / "other.svs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NAPARI_GPFM_MODELS_DIR", str(d))
-        torch.set_num_threads(1)
-        enc = load_encoder("tiny-test", allow_random=True)
-        kw = dict(tissue_params=TissueParams(thumbnail_max_side=512), num_workers=0,
-                  batch_size=64)
-        yield {"sample": embed(sample_svs, enc, None, out, **kw),
-               "other": embed(other, enc, None, out, **kw), "project": out, "other_svs": other}
+@pytest.fixture(autouse=True)
+def tiny_models(tmp_path_factory, tmp_path, monkeypatch):
+    """The tiny random model card; the default output folder is private to the test (no class
+    palette of another run is loaded)."""
+    d = write_tiny_card(tmp_path_factory.getbasetemp() / "qt-models")
+    monkeypatch.setenv("NAPARI_GPFM_MODELS_DIR", str(d))
+    monkeypatch.setenv("NAPARI_GPFM_FEATURES_DIR", str(tmp_path / "default-features"))
+    return d
 
 
 @pytest.fixture
@@ -47,96 +43,131 @@ def errors(monkeypatch):
     return seen
 
 
-def _rect_world(x0, y0, x1, y1, mpp):
-    """A napari rectangle (data = level-0 px centres, layer scale mpp) for level-0 [x0,x1)×[y0,y1)."""
-    return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float) - 0.5
+def _add_classes(qtbot, w, *names):
+    for name in names:
+        w.class_name_edit.setText(name)
+        click(qtbot, w.add_button)
 
 
-def _widget(viewer, stores, sample_svs):
-    (slide,) = viewer.open(str(sample_svs), plugin="napari-gpfm")
-    w = AnnotateWidget(viewer)
-    w.set_store(stores["sample"])
-    assert w.store().n_patches > 20
-    for name in ("Tumor", "Stroma"):  # a palette saved with the project is loaded back
-        if name not in w.palette:
-            w.add_class(name)
-    return slide, w
+def _grid_translate(store, mpp, offset):
+    """Where a patch raster of ``store`` must sit: first cell centre, plus the slide's offset."""
+    c, P = store.coords, store.patch_size_level0
+    return ((c[:, 1].min() + P / 2 - 0.5) * mpp + offset[0],
+            (c[:, 0].min() + P / 2 - 0.5) * mpp + offset[1])  # fmt: skip
 
 
-def test_live_loop_retrains_after_a_shape_is_added(make_napari_viewer, qtbot, stores,
-                                                    sample_svs, errors):
+def test_live_probe_on_the_embeddings_of_the_gpfm_dock(make_napari_viewer, qtbot, sample_svs,
+                                                       tmp_path, errors):  # fmt: skip
     viewer = make_napari_viewer()
-    slide, w = _widget(viewer, stores, sample_svs)
-    store = w.store()
-    c, P, mpp = store.coords, store.patch_size_level0, store.mpp
-    layer = w.new_annotation_layer()
+    slide = open_slide(viewer, sample_svs, OFFSET)
+    mpp = float(slide.scale[-1])
+    w = add_dock(viewer, "annotate")  # before any embeddings exist
+    assert f"{slide.name}: no embeddings yet" in w.store_label.text()
+    assert w.slide_combo.currentText() == slide.name
+
+    store = embed(qtbot, setup_gpfm(viewer, tmp_path), slide)  # in the GPFM dock
+    assert store.path.name in w.store_label.text() and "tiny-qt" in w.store_label.text()
+
+    _add_classes(qtbot, w, "Tumor", "Stroma")
+    assert [w.class_list.item(i).text() for i in range(w.class_list.count())] == ["Tumor",
+                                                                                  "Stroma"]
+    click(qtbot, w.new_layer_button)  # clicked(bool) must not reach the method
+    layer = w.annotation_layer()
+    assert layer is not None and layer.name == f"{slide.name} · annotations"
     assert tuple(layer.scale) == pytest.approx((mpp, mpp))
-    xs = np.sort(np.unique(c[:, 0]))
-    lo, hi = xs[len(xs) // 3], xs[2 * len(xs) // 3]
-    y0, y1 = c[:, 1].min(), c[:, 1].max() + P
+    assert tuple(layer.translate) == pytest.approx(OFFSET)  # on the moved slide
+    click(qtbot, w.new_paint_button)
+    paint = w.paint_layer()
+    assert paint is not None and paint.name == f"{slide.name} · class paint"
+    assert paint.data_to_world((0, 0)) == pytest.approx(
+        slide.data_to_world((7.5, 7.5)))  # label pixel 0 covers level-0 [0, 16)
+    assert not errors
+
+    c, P = store.coords, store.patch_size_level0
+    xs = np.unique(c[:, 0])
+    lo, hi = int(xs[len(xs) // 3]), int(xs[2 * len(xs) // 3])
+    y0, y1 = int(c[:, 1].min()), int(c[:, 1].max() + P)
     w.live_check.setChecked(True)
-    w.set_active_class("Tumor")
-    layer.add_rectangles(_rect_world(c[:, 0].min(), y0, lo, y1, mpp))
-    qtbot.wait(50)
+    w.class_list.setCurrentRow(0)  # Tumor
+    draw_rectangle(layer, world_rect(slide, c[:, 0].min(), y0, lo, y1))
     assert layer.features["class"].tolist() == ["Tumor"]
-    # one class only: the widget says what is missing, no map yet
+    # one class only: the dock says what is missing, no map yet
     qtbot.waitUntil(lambda: "two classes" in w.status_label.text(), timeout=10_000)
-    w.set_active_class("Stroma")
-    layer.add_rectangles(_rect_world(hi, y0, c[:, 0].max() + P, y1, mpp))  # the edit
-    qtbot.waitUntil(lambda: "balanced accuracy" in w.accuracy_label.text(), timeout=20_000)
+    assert f"{slide.name} · probe classes" not in viewer.layers
+
+    w.class_list.setCurrentRow(1)  # Stroma: the next shape gets it, not the previous class
+    draw_rectangle(layer, world_rect(slide, hi, y0, c[:, 0].max() + P, y1))
+    assert layer.features["class"].tolist() == ["Tumor", "Stroma"]
+    assert np.allclose(layer.edge_color[1, :3], np.array(w.palette.colour("Stroma")) / 255)
+    qtbot.waitUntil(lambda: "balanced accuracy" in w.accuracy_label.text(), timeout=30_000)
     qtbot.waitUntil(lambda: not w.busy, timeout=10_000)
     assert not errors
-    assert np.allclose(layer.edge_color[1, :3], np.array(w.palette.colour("Stroma")) / 255)
-    assert "Tumor" in w.status_label.text() and "Stroma" in w.status_label.text()
+    # the shapes were read on the moved slide: exactly the patches inside each rectangle
+    assert w.labels.counts == {"Tumor": int((c[:, 0] < lo).sum()),
+                               "Stroma": int((c[:, 0] >= hi).sum())}  # fmt: skip
+    assert f"Tumor {int((c[:, 0] < lo).sum())}" in w.labels_label.text()
     assert w.table.rowCount() == 2 and w.table.columnCount() == 3
+    assert w.table.verticalHeaderItem(0).text() == "Tumor"
     assert w.table.item(0, 2).text() not in ("", "-")
 
-    cmap = viewer.layers["CMU-1-Small-Region classes"]
+    cmap = viewer.layers[f"{slide.name} · probe classes"]
     assert type(cmap).__name__ == "Labels"
     assert tuple(cmap.scale) == pytest.approx((P * mpp, P * mpp))
-    assert tuple(cmap.translate) == pytest.approx(((c[:, 1].min() + P / 2 - 0.5) * mpp,
-                                                   (c[:, 0].min() + P / 2 - 0.5) * mpp))
+    assert tuple(cmap.translate) == pytest.approx(_grid_translate(store, mpp, OFFSET))
     assert (np.asarray(cmap.data) > 0).sum() == store.n_patches
     assert cmap.colormap.map(np.array([1]))[0, :3] == pytest.approx(np.array([200, 0, 0]) / 255)
-    p = viewer.layers["CMU-1-Small-Region P(Tumor)"]
+    p = viewer.layers[f"{slide.name} · probe P(Tumor)"]
     assert np.isnan(p.data[np.asarray(cmap.data) == 0]).all()
-    assert "CMU-1-Small-Region uncertainty" in viewer.layers
+    assert f"{slide.name} · probe uncertainty" in viewer.layers
+    assert w.session.classifiers["probe"] is w.probe
 
     # a class change on a shape retrains too (features event)
-    acc_before = w.report
+    before = w.report
     from napari_gpfm.layers.annotation_layers import set_class_of
 
-    layer.add_rectangles(_rect_world(lo, y0, lo + P, y0 + P, mpp))
-    set_class_of(layer, [2], "Stroma")
-    qtbot.waitUntil(lambda: w.report is not acc_before and not w.busy, timeout=20_000)
-    assert w.labels.counts["Stroma"] >= 1
+    px, py = (int(v) for v in c[(c[:, 0] >= lo) & (c[:, 0] < hi)][0])  # a middle patch
+    draw_rectangle(layer, world_rect(slide, px, py, px + P, py + P))
+    set_class_of(layer, [2], "Tumor")
+    qtbot.waitUntil(lambda: w.report is not before and not w.busy, timeout=30_000)
+    assert w.labels.counts["Tumor"] == int((c[:, 0] < lo).sum()) + 1
 
-    # classes persist with the project
-    saved = json.loads((stores["project"] / "classes.json").read_text())
-    assert [c["name"] for c in saved["classes"]] == ["Tumor", "Stroma"]
+    # napari's own File > New Layer > Shapes over the slide: new shapes get the active class
+    viewer.layers.selection.active = slide
+    mine = new_shapes_from_menu(viewer)
+    w.set_active_class("Stroma")
+    draw_rectangle(mine, world_rect(slide, px, py, px + P, py + P))
+    assert mine.features["class"].tolist() == ["Stroma"]
+
+    # classes are kept with the project (the output folder)
+    saved = json.loads((tmp_path / "classes.json").read_text())
+    assert [k["name"] for k in saved["classes"]] == ["Tumor", "Stroma"]
 
 
-def test_geojson_round_trip_and_classifier_files(make_napari_viewer, qtbot, stores, sample_svs,
-                                                 tmp_path, errors):
+def test_geojson_classifier_files_and_apply_to_open_slides(make_napari_viewer, qtbot, sample_svs,
+                                                           tmp_path, errors):  # fmt: skip
     viewer = make_napari_viewer()
-    slide, w = _widget(viewer, stores, sample_svs)
-    store = w.store()
+    slide = open_slide(viewer, sample_svs, OFFSET)
+    mpp = float(slide.scale[-1])
+    gpfm = setup_gpfm(viewer, tmp_path / "project")
+    store = embed(qtbot, gpfm, slide)
+    w = add_dock(viewer, "annotate")  # after the embeddings exist
+    assert store.path.name in w.store_label.text()
+
     c, P = store.coords, store.patch_size_level0
     xs = np.sort(np.unique(c[:, 0]))
     lo, hi = int(xs[len(xs) // 3]), int(xs[2 * len(xs) // 3])
     y0, y1 = int(c[:, 1].min()), int(c[:, 1].max() + P)
     mid = c[(c[:, 0] > lo + P) & (c[:, 0] + P < hi)]
     ix, iy = (int(v) for v in mid[len(mid) // 2])  # one patch, all Ignore*
+    x_min, x_max = int(c[:, 0].min()), int(c[:, 0].max() + P)
     qupath = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "id": "t1", "geometry": {"type": "Polygon", "coordinates": [
-            [[int(c[:, 0].min()), y0], [lo, y0], [lo, y1], [int(c[:, 0].min()), y1],
-             [int(c[:, 0].min()), y0]],
+            [[x_min, y0], [lo, y0], [lo, y1], [x_min, y1], [x_min, y0]],
             [[lo - 50, y0 + 10], [lo - 20, y0 + 10], [lo - 20, y0 + 40.5], [lo - 50, y0 + 10]]]},
          "properties": {"objectType": "annotation",
                         "classification": {"name": "Tumor", "color": [255, 0, 0]}}},
         {"type": "Feature", "id": "s1", "geometry": {"type": "MultiPolygon", "coordinates": [
-            [[[hi, y0], [int(c[:, 0].max() + P), y0], [int(c[:, 0].max() + P), y1], [hi, y1],
-              [hi, y0]]],
+            [[[hi, y0], [x_max, y0], [x_max, y1], [hi, y1], [hi, y0]]],
             [[[lo, y0], [lo + 30, y0], [lo + 30, y0 + 30], [lo, y0]]]]},
          "properties": {"objectType": "annotation", "name": "stroma",
                         "classification": {"name": "Stroma", "color": [0, 128, 0]}}},
@@ -144,30 +175,58 @@ def test_geojson_round_trip_and_classifier_files(make_napari_viewer, qtbot, stor
             [[ix, iy], [ix + P, iy], [ix + P, iy + P], [ix, iy + P], [ix, iy]]]},
          "properties": {"objectType": "annotation",
                         "classification": {"name": "Ignore*", "color": [180, 180, 180]}}},
-    ]}
+    ]}  # fmt: skip
     src = tmp_path / "qupath.geojson"
     src.write_text(json.dumps(qupath))
     layer = w.import_geojson(src)
+    assert layer.name == f"{slide.name} · qupath"
+    assert w.palette.names == ["Tumor", "Stroma", "Ignore*"]
     assert w.palette.colour("Tumor") == (255, 0, 0)  # the file's colours win
     assert len(layer.data) == 4
+    # the imported shapes lie on the moved slide: level-0 (x_min, y0) at its world position
+    corner = layer.data_to_world(layer.data[0][0])
+    assert corner == pytest.approx(slide.data_to_world((y0 - 0.5, x_min - 0.5)))
     out = tmp_path / "back.geojson"
     w.export_geojson(out)
     assert json.loads(out.read_text()) == qupath
 
-    w.retrain()
-    qtbot.waitUntil(lambda: w.report is not None and not w.busy, timeout=20_000)
-    assert w.labels.ignored.any() and w.labels.excluded_classes == ["Ignore*"]
-    clf = w.save_classifier(tmp_path / "tumour.npz")
+    w.set_active_class("Stroma")  # a shape drawn on the imported layer gets the active class
+    draw_rectangle(layer, world_rect(slide, lo, y1 - P, lo + P, y1))
+    assert layer.features["class"].tolist()[-1] == "Stroma"
 
-    # apply the saved classifier to another open slide from the widget
-    (other,) = viewer.open(str(stores["other_svs"]), plugin="napari-gpfm")
-    w2 = AnnotateWidget(viewer)
-    w2.set_store(stores["other"], other)
-    w2.slide_combo.setCurrentText(other.name)
-    assert w2.load_classifier(clf) is not None
-    assert "other classes" in viewer.layers
-    viewer.layers.remove("other classes")
-    assert w2.apply_to_open_slides() == 2 and "other classes" in viewer.layers
+    with qtbot.waitSignal(w.jobs.finished, timeout=30_000) as blocker:
+        click(qtbot, w.train_button)
+    assert blocker.args == ["done"], w.status_label.text()
+    assert w.report is not None and "balanced accuracy" in w.accuracy_label.text()
+    assert w.labels.ignored.sum() == 1 and w.labels.excluded_classes == ["Ignore*"]
+    assert "ignored: 1 patches" in w.labels_label.text()
+    clf = w.save_classifier(tmp_path / "tumour.npz")
+    assert clf is not None
+
+    # a second open slide without embeddings is named; the first one is painted
+    other_svs = shutil.copy(sample_svs, tmp_path / "other.svs")
+    other = open_slide(viewer, other_svs, (0.0, 2000.0))
+    viewer.layers.remove(f"{slide.name} · probe classes")
+    click(qtbot, w.apply_button)
+    assert f"{slide.name} · probe classes" in viewer.layers
+    assert "other · probe classes" not in viewer.layers
+    assert "other: no embeddings yet" in w.apply_label.text()
+    assert "1 of 2" in w.status_label.text()
+
+    # once the GPFM dock embedded it, Apply paints it too, on the slide wherever it sits
+    other_store = embed(qtbot, gpfm, other)
+    click(qtbot, w.apply_button)
+    assert "2 of 2" in w.status_label.text() and not errors
+    omap = viewer.layers["other · probe classes"]
+    assert tuple(omap.translate) == pytest.approx(
+        _grid_translate(other_store, mpp, (0.0, 2000.0)))
+    assert (np.asarray(omap.data) > 0).sum() == other_store.n_patches
+
+    # loading the saved classifier for the other slide paints it with the file's classes
+    viewer.layers.remove("other · probe classes")
+    w.select_slide(other)
+    assert w.load_classifier(clf) is not None
+    assert "other · probe classes" in viewer.layers
 
     # a classifier of another recipe is refused with an error notification
     from napari_gpfm.analyses.probe import load_probe
@@ -175,6 +234,6 @@ def test_geojson_round_trip_and_classifier_files(make_napari_viewer, qtbot, stor
     bad = load_probe(clf)
     bad.recipe = dict(bad.recipe, model="gpfm", weights_sha256="f" * 64)
     bad.save(tmp_path / "bad.npz")
-    assert w2.load_classifier(tmp_path / "bad.npz") is None
+    assert w.load_classifier(tmp_path / "bad.npz") is None
     assert errors and "another model or recipe" in errors[-1] and "gpfm" in errors[-1]
-    assert "another model or recipe" in w2.status_label.text()
+    assert "another model or recipe" in w.status_label.text()

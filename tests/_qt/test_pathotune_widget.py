@@ -1,106 +1,170 @@
-"""The PathoTune dock: trains on a Shapes layer's classes in a worker, paints the slide, cancels."""
+"""The PathoTune dock as a user drives it: docks from the Plugins menu, embeddings from the GPFM
+dock, classes and shapes from the Annotate dock, clicks on Train / Predict / Cancel."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 
 import numpy as np
 import pytest
-import yaml
+from plugin_docks import (
+    TINY,
+    add_dock,
+    click,
+    draw_rectangle,
+    embed,
+    open_slide,
+    setup_gpfm,
+    world_rect,
+    write_tiny_card,
+)
 
-TINY = {
-    "name": "pt-widget-tiny", "display_name": "tiny", "is_gpfm": False,
-    "architecture": {"timm_name": "vit_small_patch14_dinov2",
-                     "kwargs": {"img_size": 56, "embed_dim": 48, "depth": 2, "num_heads": 2,
-                                "num_classes": 0, "init_values": 1.0}},
-    "checkpoint_layout": "timm",
-    "input": {"size": 56, "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
-              "std": [0.229, 0.224, 0.225]},
-    "embed_dim": 48,
-    "weights": {"file": None, "env": None, "default_path": None, "hf_hub": None, "url": None,
-                "sha256": None},
-    "license": "Apache-2.0", "gated": False,
-    "recommended_tiles": {"target_mpp": 0.5, "patch_size": 224}, "provenance": {},
-}
+OFFSET = (-300.0, 700.0)  # where the slide layer is moved to (world µm, y x)
 
 
 class FakeText:
+    """Deterministic stand-in for the MiniLM sentence encoder."""
+
     name, dim = "fake-text", 384
 
     def encode(self, sentences):
         rows = [np.random.default_rng(int(hashlib.sha256(s.encode()).hexdigest()[:8], 16))
-                .standard_normal(384) for s in sentences]
+                .standard_normal(384) for s in sentences]  # fmt: skip
         return np.stack(rows).astype(np.float32)
 
 
-@pytest.fixture
-def dock(make_napari_viewer, sample_svs, tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def tiny_models(tmp_path_factory, tmp_path, monkeypatch):
     import torch
 
-    monkeypatch.setenv("NAPARI_GPFM_MODELS_DIR", str(tmp_path))
+    d = write_tiny_card(tmp_path_factory.getbasetemp() / "qt-models")
+    monkeypatch.setenv("NAPARI_GPFM_MODELS_DIR", str(d))
+    monkeypatch.setenv("NAPARI_GPFM_FEATURES_DIR", str(tmp_path / "default-features"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only add contention on a shared CPU
-    request_cleanup = lambda: torch.set_num_threads(threads)  # noqa: E731
-    (tmp_path / "pt-widget-tiny.yaml").write_text(yaml.safe_dump(TINY))
-    from napari_gpfm._qt.pathotune_widget import PathoTuneWidget
+    yield d
+    torch.set_num_threads(threads)
+
+
+def _configure(pt, epochs=2):
+    pt.random_check.setChecked(True)
+    pt.text_encoder = FakeText()
+    pt.n_spin.setValue(2)
+    pt.epochs_spin.setValue(epochs)
+
+
+def test_trains_on_the_embedded_grid_beside_the_probe(make_napari_viewer, qtbot, sample_svs,
+                                                      tmp_path):  # fmt: skip
+    viewer = make_napari_viewer()
+    slide = open_slide(viewer, sample_svs, OFFSET)
+    mpp = float(slide.scale[-1])
+    pt = add_dock(viewer, "pathotune")
+    assert f"{slide.name}: no embeddings" in pt.grid_label.text()
+    store = embed(qtbot, setup_gpfm(viewer, tmp_path), slide)
+    # the dock follows the GPFM dock's embeddings: their grid, their backbone
+    assert "the embedded patches" in pt.grid_label.text()
+    assert store.path.name in pt.grid_label.text()
+    assert pt.model_combo.currentText() == TINY
+
+    # classes in the (shared) palette: "lower" first; the first shape drawn is "upper"
+    ann = add_dock(viewer, "annotate")
+    for name in ("lower", "upper"):
+        ann.class_name_edit.setText(name)
+        click(qtbot, ann.add_button)
+    click(qtbot, ann.new_layer_button)
+    layer = ann.annotation_layer()
+    c, P = store.coords, store.patch_size_level0
+    ys = np.unique(c[:, 1])
+    ymid, ymid2 = int(ys[len(ys) // 2]), int(ys[len(ys) // 2 + 1])
+    x0, x1 = int(c[:, 0].min()), int(c[:, 0].max() + P)
+    ann.set_active_class("upper")
+    draw_rectangle(layer, world_rect(slide, x0, int(ys[0]), x1, ymid))
+    ann.set_active_class("lower")
+    draw_rectangle(layer, world_rect(slide, x0, ymid2, x1, int(ys[-1]) + P))
+    assert layer.features["class"].tolist() == ["upper", "lower"]
+    assert pt.shapes_combo.currentText() == layer.name
+
+    _configure(pt)
+    with qtbot.waitSignal(pt.jobs.finished, timeout=180_000) as blocker:
+        click(qtbot, pt.train_button)
+        assert not pt.train_button.isEnabled() and pt.cancel_button.isEnabled()
+    assert blocker.args == ["done"], pt.status.text()
+    res = pt.last
+    # trained on the embedded grid, shapes read on the moved slide, classes in palette order
+    assert res.labels.labels.shape == (store.n_patches,)
+    assert res.labels.counts == {"lower": int((c[:, 1] >= ymid2).sum()),
+                                 "upper": int((c[:, 1] < ymid).sum())}  # fmt: skip
+    assert pt.classifier.class_names == ["lower", "upper"]
+    assert res.probe_val_bal_acc is not None
+    m = re.search(r"linear probe on the same split: (\d\.\d{3})", pt.scores.text())
+    assert m and float(m.group(1)) == pytest.approx(res.probe_val_bal_acc, abs=5e-4)
+    assert f"{res.n_labelled} labelled patches" in pt.scores.text()
+
+    classes = viewer.layers[f"{slide.name} · PathoTune classes"]
+    assert tuple(classes.scale) == pytest.approx((P * mpp, P * mpp))
+    assert tuple(classes.translate) == pytest.approx(
+        ((c[:, 1].min() + P / 2 - 0.5) * mpp + OFFSET[0],
+         (c[:, 0].min() + P / 2 - 0.5) * mpp + OFFSET[1]))  # fmt: skip
+    assert (np.asarray(classes.data) > 0).sum() == store.n_patches
+    lower = np.array(ann.palette.colour("lower")) / 255
+    assert classes.colormap.map(np.array([1]))[0, :3] == pytest.approx(lower)
+    assert f"{slide.name} · PathoTune P(upper)" in viewer.layers
+    assert f"{slide.name} · PathoTune uncertainty" in viewer.layers
+    assert pt.session.classifiers["pathotune"] is pt.classifier
+    assert "patches predicted" in pt.status.text()
+
+    # Predict slide repaints with the trained classifier
+    viewer.layers.remove(classes)
+    with qtbot.waitSignal(pt.jobs.finished, timeout=120_000) as blocker:
+        click(qtbot, pt.predict_button)
+    assert blocker.args == ["done"], pt.status.text()
+    assert f"{slide.name} · PathoTune classes" in viewer.layers
+
+    path = pt.save(tmp_path / "clf")
+    assert path.exists() and pt.load(path) is not None
+    assert "loaded clf.safetensors" in pt.scores.text()
+
+
+def test_too_few_classes_is_shown_and_cancel_stops_training(make_napari_viewer, qtbot,
+                                                            sample_svs):  # fmt: skip
+    from napari_gpfm.layers.annotation_layers import set_class_of
 
     viewer = make_napari_viewer()
-    (slide_layer,) = viewer.open(str(sample_svs), plugin="napari-gpfm")
-    mpp = float(slide_layer.scale[-1])
-    # two classes: upper and lower part of the sample (level-0 px, y then x)
-    top = np.array([[0, 0], [0, 2220], [1300, 2220], [1300, 0]], float)
-    bottom = np.array([[1500, 0], [1500, 2220], [2967, 2220], [2967, 0]], float)
-    viewer.add_shapes([top, bottom], shape_type="polygon", scale=(mpp, mpp), name="annotations",
-                      features={"class": np.array(["upper", "lower"], dtype=object)})
-    widget = PathoTuneWidget(viewer)
-    widget.model_combo.setCurrentText("pt-widget-tiny")
-    widget.random_check.setChecked(True)
-    widget.text_encoder = FakeText()
-    widget.n_spin.setValue(2)
-    yield viewer, widget
-    request_cleanup()
+    slide = open_slide(viewer, sample_svs)
+    mpp = float(slide.scale[-1])
+    pt = add_dock(viewer, "pathotune")
+    assert "no embeddings" in pt.grid_label.text()  # PathoTune tiles the slide itself
+    # the user's own Shapes layer (µm), one class only
+    top = np.array([[0, 0], [0, 2220], [1300, 2220], [1300, 0]], float) * mpp
+    bottom = np.array([[1500, 0], [1500, 2220], [2967, 2220], [2967, 0]], float) * mpp
+    shapes = viewer.add_shapes([top], shape_type="polygon", name="mine",
+                               features={"class": np.array(["upper"], dtype=object)})
+    assert pt.shapes_combo.currentText() == "mine"
+    _configure(pt, epochs=500)
+    pt.val_spin.setValue(0.0)
 
+    with qtbot.waitSignal(pt.jobs.finished, timeout=120_000) as blocker:
+        click(qtbot, pt.train_button)
+    assert blocker.args == ["error"]
+    assert "at least two classes" in pt.status.text() and "upper" in pt.status.text()
+    assert pt.train_button.isEnabled() and not pt.cancel_button.isEnabled()
 
-def test_trains_in_a_worker_and_paints_the_slide(dock, qtbot, tmp_path):
-    viewer, widget = dock
-    assert widget.slide_combo.currentText() == "CMU-1-Small-Region"
-    assert widget.shapes_combo.currentText() == "annotations"
-    widget.epochs_spin.setValue(2)
-    worker = widget.train()
-    assert worker is not None and not widget.train_button.isEnabled()
-    # the worker is running already: wait on the widget's state rather than a late-connected signal
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=90_000)
-    assert widget.last is not None and widget.last.prediction is not None
-    assert widget.classifier is not None and widget.classifier.class_names == ["upper", "lower"]
-    assert widget.last.n_labelled >= 4 and "validation balanced accuracy" in widget.scores.text()
-    assert "linear probe on the same split" in widget.scores.text()
-    classes = viewer.layers["CMU-1-Small-Region PathoTune classes"]
-    assert set(np.unique(classes.data)) <= {0, 1, 2} and classes.data.max() >= 1
-    assert "CMU-1-Small-Region PathoTune P(upper)" in viewer.layers
-    assert "CMU-1-Small-Region PathoTune uncertainty" in viewer.layers
-    # predicted patches sit on the slide: the class map covers the slide's extent in µm
-    slide_extent = viewer.layers["CMU-1-Small-Region"].extent.world[1]
-    map_extent = classes.extent.world[1]
-    assert np.all(map_extent <= slide_extent + 1e-6 + classes.scale[-1])
-    path = widget.save(tmp_path / "clf")
-    assert path.exists() and widget.load(path) is not None
+    shapes.add_polygons([bottom])
+    set_class_of(shapes, [1], "lower")
+    click(qtbot, pt.train_button)
 
+    def training():
+        p = pt.jobs.last_progress
+        return p is not None and p.stage == "training" and p.status == "running"
 
-def test_cancel_stops_training(dock, qtbot):
-    viewer, widget = dock
-    widget.epochs_spin.setValue(500)
-    widget.val_spin.setValue(0.0)
-    steps = []
-    worker = widget.train()
-    worker.yielded.connect(lambda r: steps.append(r) if getattr(r, "status", "") == "step"
-                           else None)
-    qtbot.waitUntil(lambda: len(steps) >= 1, timeout=90_000)
+    qtbot.waitUntil(training, timeout=120_000)
     t0 = time.perf_counter()
-    widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    click(qtbot, pt.cancel_button)
+    qtbot.waitUntil(lambda: not pt.jobs.busy, timeout=30_000)
     assert time.perf_counter() - t0 < 20
-    assert len(steps) <= 3  # stopped within a step of the request (signals may be in flight)
-    assert widget.classifier is None and widget.status.text() == "cancelled"
-    assert "CMU-1-Small-Region PathoTune classes" not in viewer.layers
-    assert widget.train_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert pt.jobs.last_progress.done < 20  # stopped within a few steps of 500 epochs
+    assert pt.classifier is None and "ancel" in pt.status.text()
+    assert f"{slide.name} · PathoTune classes" not in viewer.layers
+    assert pt.train_button.isEnabled() and not pt.cancel_button.isEnabled()

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from napari_gpfm.embeddings import open_store, store_path
+from napari_gpfm.embeddings import open_store, store_path, tiling_dir_name
 from napari_gpfm.embeddings._cli import main, register
 
 QUICK = ["--model", "tiny-test", "--allow-random-weights", "--num-workers", "0",
@@ -44,9 +44,9 @@ def test_one_bad_slide_reported_others_done_nonzero_exit(tmp_path, sample_path, 
     assert rc == 1
     assert "FAILED" in err and "broken.svs" in err
     for name in ("first", "third"):
-        store = open_store(store_path(out, "tiny-test", name))
+        store = open_store(store_path(out, "tiny-test", name, tiling_dir_name(1.0, 224)))
         assert store.n_patches > 0
-    assert not store_path(out, "tiny-test", "broken").exists()
+    assert not list(out.rglob("broken*"))
     # a second call skips the finished ones and still reports the broken one
     rc = main([good[0], str(bad), "--out", str(out), *QUICK, "--target-mpp", "1.0"])
     captured = capsys.readouterr()
@@ -61,7 +61,7 @@ def test_torchrun_rank_takes_its_share(tmp_path, sample_path, monkeypatch, rank,
     out = tmp_path / "out"
     rc = main([*slides, "--out", str(out), *QUICK, "--target-mpp", "2.0", "--min-tissue", "0.3"])
     assert rc == 0
-    made = {p.stem for p in (out / "features_tiny-test").glob("*.h5")}
+    made = {p.stem for p in (out / "2mpp_224px_0px_overlap" / "features_tiny-test").glob("*.h5")}
     assert made == expected
 
 
@@ -70,7 +70,7 @@ def test_magnification_and_patch_options_reach_the_recipe(tmp_path, sample_path)
     rc = main([slide, "--out", str(tmp_path), *QUICK, "--magnification", "5",
                "--patch-size", "128", "--overlap", "32", "--min-tissue", "0.25"])
     assert rc == 0
-    r = open_store(store_path(tmp_path, "tiny-test", "m")).recipe
+    r = open_store(store_path(tmp_path, "tiny-test", "m", "2mpp_128px_32px_overlap")).recipe
     assert r.target_mpp == 2.0 and r.patch_size == 128 and r.overlap == 32
     assert r.min_tissue == 0.25 and r.patch_size_level0 == round(128 * 2.0 / 0.499)
 
@@ -80,7 +80,9 @@ def test_missing_mpp_needs_flag(tmp_path, nompp_tiff, capsys):
     assert main([str(nompp_tiff), "--out", str(out), *QUICK]) == 1
     assert "--mpp" in capsys.readouterr().err
     assert main([str(nompp_tiff), "--out", str(out), *QUICK, "--mpp", "0.5"]) == 0
-    assert open_store(store_path(out, "tiny-test", "nompp")).recipe.mpp_source == "user"
+    (path,) = out.rglob("*.h5")
+    assert path == store_path(out, "tiny-test", "nompp", tiling_dir_name(0.5, 224, 0))
+    assert open_store(path).recipe.mpp_source == "user"
 
 
 def test_missing_weights_is_a_setup_error(tmp_path, sample_path, capsys):

@@ -16,12 +16,14 @@ from napari_gpfm.embeddings import (
     open_store,
     partial_path,
     store_path,
+    tiling_dir_name,
 )
 from napari_gpfm.slide import MissingMppError, open_slide
 from napari_gpfm.tiles import PRESETS, GridSpec, TissueParams
 
 FAST = TissueParams(thumbnail_max_side=512)
 SPEC = PRESETS["gpfm-20x-224"]
+TILING = tiling_dir_name(SPEC.target_mpp, SPEC.patch_size, SPEC.overlap)
 
 
 def run(path, encoder, out, **kw):
@@ -35,7 +37,8 @@ def test_embed_writes_complete_trident_store(sample_path, encoder, tmp_path):
     records = list(embed_slide(sample_path, encoder, SPEC, tmp_path, tissue_params=FAST,
                                batch_size=16, num_workers=0))
     path = records[-1].path
-    assert path == store_path(tmp_path, "tiny-test", "CMU-1-Small-Region")
+    assert path == store_path(tmp_path, "tiny-test", "CMU-1-Small-Region", TILING)
+    assert path.parent.parent.name == "0.5mpp_224px_0px_overlap"
     assert [r.status for r in records][:1] == ["started"] and records[-1].status == "done"
     running = [r for r in records if r.status == "running"]
     total = records[0].total
@@ -57,7 +60,7 @@ def test_resume_after_crash_gives_identical_features(sample_path, encoder, tmp_p
     out = tmp_path / "crash"
     with pytest.raises(RuntimeError, match="injected"):
         run(sample_path, FailingEncoder(encoder, fail_after=3), out)
-    final = store_path(out, "tiny-test", "CMU-1-Small-Region")
+    final = store_path(out, "tiny-test", "CMU-1-Small-Region", TILING)
     assert not final.exists()
     with h5py.File(partial_path(final), "r") as f:
         assert f.attrs["gpfm_n_done"] == 24 and not f.attrs["gpfm_complete"]
@@ -179,7 +182,7 @@ def test_resume_after_sigkill_gives_identical_features(sample_path, encoder, tmp
     finally:
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    final = store_path(out, "tiny-test", "CMU-1-Small-Region")
+    final = store_path(out, "tiny-test", "CMU-1-Small-Region", TILING)
     assert partial_path(final).exists() and not final.exists()
 
     records = list(embed_slide(sample_path, encoder, SPEC, out, tissue_params=FAST,

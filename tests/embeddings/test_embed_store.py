@@ -19,8 +19,11 @@ from napari_gpfm.embeddings import (
     open_store,
     partial_path,
     store_path,
+    tiling_dir_name,
 )
 from napari_gpfm.tiles import TissueParams
+
+TILING = tiling_dir_name(0.5, 224, 0)
 
 
 def recipe(**kw) -> EmbeddingRecipe:
@@ -35,7 +38,7 @@ def recipe(**kw) -> EmbeddingRecipe:
 def write_store(out, n=10, d=4, chunks=(4, 4, 2), finish=True, r=None):
     r = r or recipe()
     coords = np.stack([np.arange(n) * 448, np.zeros(n)], 1).astype(np.int64)
-    final = store_path(out, r.model, "slide-1")
+    final = store_path(out, r.model, "slide-1", TILING)
     w = StoreWriter.create(final, recipe=r, coords=coords, embed_dim=d, slide_name="slide-1",
                            level0_width=5000, level0_height=900,
                            tissue_fraction=np.linspace(0.5, 1, n))
@@ -52,7 +55,7 @@ def write_store(out, n=10, d=4, chunks=(4, 4, 2), finish=True, r=None):
 
 def test_layout_and_every_attr(tmp_path):
     path, feats, coords = write_store(tmp_path)
-    assert path == tmp_path / "features_tiny-test" / "slide-1.h5"
+    assert path == tmp_path / "0.5mpp_224px_0px_overlap" / "features_tiny-test" / "slide-1.h5"
     assert not partial_path(path).exists()
     with h5py.File(path, "r") as f:
         assert f["features"].dtype == np.float32 and f["features"].shape == (10, 4)

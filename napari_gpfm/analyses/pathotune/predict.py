@@ -9,7 +9,6 @@ i.e. aligned row for row with a feature store's ``coords`` (``predict_store``), 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from napari_gpfm.encoders.device import autocast
 
 from .model import PathoTuneClassifier
 
@@ -93,16 +94,9 @@ class PredictResult:
         return out
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def _proba(clf: PathoTuneClassifier, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-    with _autocast(clf.device):
+    with autocast(clf.device):
         logits = clf.model(clf.encoder.preprocess(batch)).float()
     return logits.softmax(dim=1).cpu().numpy().astype(np.float32)
 

@@ -4,7 +4,8 @@ Recipe: stratified validation split (``val_fraction`` of every class with at lea
 patches), class-balanced cross-entropy, AdamW (no weight decay on prompt tokens, queries,
 norms and biases), linear warm-up then cosine decay per step, early stopping on validation
 balanced accuracy (ties: lower validation loss) with the best epoch's weights restored, and
-bf16/fp16 autocast on CUDA only (CPU trains in fp32).
+bf16/fp16 autocast on CUDA only (CPU trains in fp32); device and precision come from
+:mod:`napari_gpfm.encoders.device`, the one place every job resolves them.
 
 Augmentation is pathology-safe: the eight dihedral symmetries of a square (random 90° rotation
 and flip; tissue has no up or left) and mild colour jitter (brightness, contrast and saturation
@@ -20,7 +21,6 @@ request. A cancelled run restores the best weights seen so far and returns with
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from napari_gpfm.encoders.device import autocast, autocast_dtype, resolve_device
 
 from ..probe import balanced_accuracy
 from .model import PathoTuneClassifier, PromptConfig, build_classifier
@@ -209,24 +211,6 @@ def augment_batch(
     return (img - mean) / std
 
 
-def _device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use cpu")
-    return dev
-
-
-def _autocast(device: torch.device, amp: bool) -> tuple[Any, torch.dtype | None]:
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
-    return contextlib.nullcontext, None
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -256,14 +240,14 @@ def _batches(
 @torch.inference_mode()
 def _evaluate(
     clf: PathoTuneClassifier, images: np.ndarray, labels: np.ndarray, idx: np.ndarray,
-    batch: int, weights: torch.Tensor, autocast: Any,
+    batch: int, weights: torch.Tensor, amp: bool,
 ) -> tuple[float, float]:
     """(balanced accuracy, mean weighted loss) over ``idx``."""
     clf.model.eval()
     preds, losses, wsum = [], 0.0, 0.0
     for sel, x in _batches(images, idx, batch):
         y = torch.as_tensor(labels[sel], device=clf.device)
-        with autocast():
+        with autocast(clf.device, amp):
             logits = clf.model(clf.encoder.preprocess(x)).float()
         losses += float(F.cross_entropy(logits, y, weight=weights, reduction="sum"))
         wsum += float(weights[y].sum())
@@ -299,10 +283,10 @@ def train_classifier(
             f"{[classifier.class_names[c] for c in np.unique(y_all[train_idx])]}"
         )
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     classifier.encoder.to(device)
     model = classifier.model.to(device)
-    autocast, amp_dtype = _autocast(device, cfg.amp)
+    amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     counts = np.bincount(y_all[train_idx], minlength=model.n_classes).astype(np.float64)
     present = counts > 0
@@ -347,7 +331,7 @@ def train_classifier(
                 xb = classifier.encoder.preprocess(x)
                 if cfg.augment:
                     xb = augment_batch(xb, gen, mean, std, cfg.colour_jitter)
-                with autocast():
+                with autocast(device, cfg.amp):
                     logits = model(xb).float()
                 loss = F.cross_entropy(logits, y, weight=weights)
                 opt.zero_grad(set_to_none=True)
@@ -370,7 +354,7 @@ def train_classifier(
             }
             if val_idx.size:
                 bal, vloss = _evaluate(classifier, images, y_all, val_idx,
-                                       cfg.eval_batch_size, weights, autocast)
+                                       cfg.eval_batch_size, weights, cfg.amp)
                 entry.update(val_bal_acc=bal, val_loss=vloss)
                 key = (bal, -vloss)
                 improved = best_key is None or key > best_key

@@ -1,0 +1,203 @@
+"""One way every dock runs a long job: progress bar, stage and message, Cancel, errors.
+
+:class:`JobPanel` runs a :mod:`napari_gpfm.jobs` generator in a thread worker and shows its
+:class:`~napari_gpfm.jobs.Progress` records: a bar (busy while a stage has no total), the
+stage and message, rate and time left. Cancel closes the generator at its next yield. Failures
+end the job with the message in the panel and a napari notification; whatever happens, the
+dock's buttons are enabled again when the job ends. A job tied to a slide is registered with
+the session, so removing the slide layer cancels it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from . import _workers
+
+__all__ = ["JobPanel", "fmt_time"]
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "…"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
+
+
+def describe(p: Any) -> str:
+    """One line for a Progress record: message (or stage), rate and time left."""
+    text = p.message or f"{p.stage}…"
+    if p.status == "running" and p.rate:
+        unit = f" {p.unit}" if p.unit else ""
+        text += f" · {p.rate:.1f}{unit}/s · {fmt_time(p.eta_s)} left"
+    return text
+
+
+class JobPanel(QWidget):
+    """Progress bar + Cancel + status line; runs one job at a time.
+
+    ``finished(outcome)`` is emitted on the main thread when a job ends, with outcome "done",
+    "cancelled" or "error".
+    """
+
+    finished = Signal(str)
+
+    def __init__(self, title: str, session: Any = None, buttons: Sequence[QWidget] = ()):
+        super().__init__()
+        self.title = title
+        self.session = session
+        self.buttons = list(buttons)  # disabled while a job runs
+        self.worker: Any = None
+        self.last_progress: Any = None
+        self.last_error: BaseException | None = None
+        self.outcome: str | None = None
+        self.cancel_latency_s: float | None = None
+        self._cancel_t: float | None = None
+        self._token: int | None = None
+        self._on_result: Callable[[Any], None] | None = None
+        self._on_error: Callable[[BaseException], bool | None] | None = None
+
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.bar.setTextVisible(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(row)
+        lay.addWidget(self.status)
+
+    # ------------------------------------------------------------------ API
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def say(self, text: str, error: bool = False) -> None:
+        self.status.setStyleSheet("color: #ff6b6b;" if error else "")
+        self.status.setText(text)
+
+    def run(self, job: Generator | Callable[[], Generator], *,
+            on_result: Callable[[Any], None] | None = None,
+            on_error: Callable[[BaseException], bool | None] | None = None,
+            slide: Any = None, message: str = "") -> Any:  # fmt: skip
+        """Start ``job`` (a generator, or a function returning one) unless one is running.
+
+        ``on_result(value)`` gets the generator's return value on the main thread;
+        ``on_error(exc)`` may handle an error (return True to suppress the standard message).
+        ``slide`` (uid/layer) ties the job to a slide: removing it cancels the job."""
+        if self.worker is not None:
+            return None
+        gen = job() if callable(job) else job
+        self._on_result, self._on_error = on_result, on_error
+        self.last_progress, self.last_error, self.outcome = None, None, None
+        self._cancel_t = None
+        self.worker = _workers.create_worker(
+            _drive, gen, _worker_class=_workers.ClosingGeneratorWorker, _start_thread=False,
+            _connect={"yielded": self._progress, "returned": self._returned,
+                      "errored": self._errored, "aborted": self._aborted,
+                      "finished": self._finished},
+        )  # fmt: skip
+        if slide is not None and self.session is not None:
+            self._token = self.session.register_job(slide, self.cancel)
+        self._set_running(True)
+        self.bar.setRange(0, 0)  # busy until the first record with a total
+        self.say(message or f"{self.title}…")
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self._cancel_t = time.perf_counter()
+            self.say("Cancelling…")
+            self.worker.quit()
+
+    def wait(self, timeout_s: float = 60.0) -> str | None:
+        """Block (processing Qt events) until the job ends; for scripts and tests."""
+        from qtpy.QtWidgets import QApplication
+
+        t0 = time.perf_counter()
+        while self.worker is not None and time.perf_counter() - t0 < timeout_s:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return self.outcome
+
+    # ------------------------------------------------------------------ slots
+    def _set_running(self, running: bool) -> None:
+        for b in self.buttons:
+            b.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    def _progress(self, p: Any) -> None:
+        self.last_progress = p
+        if p.total > 0:
+            self.bar.setRange(0, max(int(p.total), 1))
+            self.bar.setValue(int(p.done))
+            self.bar.setFormat(f"%v / %m {p.unit}".rstrip())
+        else:
+            self.bar.setRange(0, 0)
+        self.say(describe(p))
+
+    def _returned(self, value: Any) -> None:
+        self.outcome = "done"
+        self.bar.setRange(0, 1)
+        self.bar.setValue(1)
+        self.bar.setFormat("%p%")
+        if self._on_result is not None:
+            try:
+                self._on_result(value)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, the dock stays usable
+                self._errored(exc)
+
+    def _errored(self, exc: BaseException) -> None:
+        self.outcome = "error"
+        self.last_error = exc
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        if self._on_error is not None and self._on_error(exc):
+            return
+        message = str(exc) or type(exc).__name__
+        self.say(message, error=True)
+        show_error(f"{self.title}: {message}")
+
+    def _aborted(self) -> None:
+        self.outcome = "cancelled"
+
+    def _finished(self) -> None:
+        self.worker = None
+        if self._token is not None and self.session is not None:
+            self.session.job_done(self._token)
+        self._token = None
+        self._set_running(False)
+        if self.outcome is None:
+            self.outcome = "cancelled" if self._cancel_t is not None else "done"
+        if self.outcome == "cancelled":
+            self.cancel_latency_s = time.perf_counter() - (self._cancel_t or time.perf_counter())
+            self.bar.setRange(0, 1)
+            p = self.last_progress
+            done = (f" ({p.done:,} / {p.total:,} {p.unit} kept; run again to resume)"
+                    if p is not None and p.total and p.job == "embed" else "")  # fmt: skip
+            self.say(f"Cancelled{done}.")
+        self.finished.emit(self.outcome)
+
+
+def _drive(gen: Generator) -> Generator:
+    """Re-yield ``gen`` so that closing the worker's generator closes the job's too."""
+    try:
+        return (yield from gen)
+    finally:
+        gen.close()

@@ -1,0 +1,197 @@
+"""Embed a slide, or load its finished store: the job behind the GPFM dock, the demo and the CLI.
+
+:func:`embed_or_load` is a generator of :class:`~napari_gpfm.jobs.Progress` records whose return
+value is an :class:`EmbedOutcome` (the store, its features read and its similarity index
+built, so the caller's thread has nothing heavy left). Stages, in order: "looking for a
+finished store" (no model is built for that: the weights' digest is cached by path, size and
+mtime), "loading model", "detecting tissue", "embedding" (patches; the cancel points),
+"indexing". Closing the generator cancels the run and leaves a resumable store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .progress import Progress
+
+__all__ = ["EmbedOutcome", "EmbedRequest", "embed_or_load", "find_store_for", "weights_digest"]
+
+JOB = "embed"
+
+#: Encoders built in this process, by (model, device, allow_random): a second run reuses one.
+_ENCODERS: dict[tuple[str, str, bool], Any] = {}
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Everything an embed run needs (plain data, gathered on the caller's thread)."""
+
+    slide: Any
+    model: str
+    spec: Any
+    tissue_params: Any
+    out_dir: Path
+    device: str = "auto"
+    allow_random: bool = False
+    batch_size: int | None = None
+    num_workers: int | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedOutcome:
+    """A finished store ready for analysis; ``loaded`` when it existed before the run."""
+
+    store: Any
+    index: Any
+    loaded: bool
+
+
+def weights_digest(card: Any, allow_random: bool = False, seed: int = 0) -> str | None:
+    """The ``weights_sha256`` a run with ``card`` would record, without loading the model.
+
+    The card's recorded sha256 when known, else the file's (hashed once per process and file
+    version), ``random-init-seed-<seed>`` for random weights, ``None`` when no weights exist.
+    """
+    status = card.status()
+    if not status.found:
+        return f"random-init-seed-{seed}" if allow_random else None
+    if card.weights.sha256:
+        return str(card.weights.sha256)
+    path = Path(status.path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        from ..encoders import sha256_file
+
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir: str | Path,
+                   allow_random: bool = False) -> Any | None:  # fmt: skip
+    """The finished store of ``slide`` under exactly this recipe, or ``None`` (no model load).
+
+    Raises :class:`~napari_gpfm.embeddings.SlideMismatchError` when the store there was made
+    from another file with the same name, and ``RecipeMismatchError`` when it has another
+    recipe (the caller decides whether to overwrite)."""
+    from ..embeddings import find_store
+    from ..embeddings.run import make_recipe
+
+    digest = weights_digest(card, allow_random)
+    if digest is None or slide.mpp is None:
+        return None
+    recipe = make_recipe(SimpleNamespace(card=card, weights_sha256=digest), slide, spec,
+                         tissue_params)  # fmt: skip
+    return find_store(out_dir, slide, recipe)
+
+
+def _encoder(req: EmbedRequest, dev: str) -> Any:
+    from ..encoders import load_encoder
+
+    key = (req.model, dev, req.allow_random)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_encoder(req.model, device=dev, allow_random=req.allow_random)
+    return _ENCODERS[key]
+
+
+def batch_size_for(card: Any, device: str) -> int:
+    """Small CPU batches keep Cancel prompt (a batch is the cancel granularity)."""
+    if device.startswith("cuda"):
+        return 64
+    return 16 if card.embed_dim <= 512 else 4
+
+
+def embed_or_load(req: EmbedRequest) -> Generator[Progress, None, EmbedOutcome]:
+    """Load the slide's finished store for this recipe, or embed the slide (resuming a partial
+    store); see the module docstring for the stages."""
+    from ..embeddings import open_store
+    from ..encoders import get_card, resolve_device
+
+    name = req.slide.name
+    yield Progress(JOB, "looking for a finished store", status="started",
+                   message=f"{name}: looking for a finished feature file…")  # fmt: skip
+    card = get_card(req.model)
+    req.slide.require_mpp()
+    if not req.overwrite:
+        store = find_store_for(req.slide, card, req.spec, req.tissue_params, req.out_dir,
+                               req.allow_random)  # fmt: skip
+        if store is not None:
+            yield Progress(JOB, "loading features", store.n_patches, store.n_patches,
+                           status="skipped", unit="patches",
+                           message=f"{name}: found a finished feature file with the same "
+                                   f"recipe: {store.path}")  # fmt: skip
+            return _outcome(store, loaded=True)
+    dev = str(resolve_device(req.device))
+    yield Progress(JOB, "loading model", status="note",
+                   message=f"{name}: loading {card.display_name} on {dev}…")  # fmt: skip
+    encoder = _encoder(req, dev)
+    yield Progress(JOB, "detecting tissue", status="note",
+                   message=f"{name}: detecting tissue and laying out patches…")  # fmt: skip
+    path = yield from _embed(req, encoder, card, dev)
+    yield Progress(JOB, "indexing", status="note", message=f"{name}: reading the features…")
+    return _outcome(open_store(path, expected_slide=req.slide), loaded=False)
+
+
+def _embed(req: EmbedRequest, encoder: Any, card: Any, dev: str) -> Generator[Progress, None, Path]:
+    from ..embeddings import embed_slide
+
+    gen = embed_slide(
+        req.slide, encoder, req.spec, req.out_dir,
+        tissue_params=req.tissue_params,
+        batch_size=req.batch_size or batch_size_for(card, dev),
+        num_workers=req.num_workers, device=dev, overwrite=req.overwrite,
+    )  # fmt: skip
+    try:
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield _translate(req.slide.name, p)
+    finally:
+        gen.close()
+
+
+def _translate(name: str, p: Any) -> Progress:
+    status = {"started": "started", "running": "running", "done": "done"}.get(p.status, "running")
+    if p.status == "started":
+        msg = (f"{name}: resuming at {p.done:,} / {p.total:,} patches…" if p.done
+               else f"{name}: embedding {p.total:,} patches…")  # fmt: skip
+    elif p.status == "skipped":
+        msg = f"{name}: already embedded ({p.total:,} patches)"
+        status = "skipped"
+    else:
+        msg = f"{name}: {p.done:,} / {p.total:,} patches"
+    return Progress(JOB, "embedding", p.done, p.total, p.rate or None, p.eta_s, status, msg,
+                    "patches", data=p)  # fmt: skip
+
+
+def _outcome(store: Any, loaded: bool) -> EmbedOutcome:
+    from ..analyses.similarity import SimilarityIndex
+
+    index = SimilarityIndex(store.features, model=store.model, name=store.slide_name)
+    return EmbedOutcome(store, index, loaded)
+
+
+def preview_job(slide: Any, spec: Any, tissue_params: Any, encoder_input: int | None = None
+                ) -> Generator[Progress, None, tuple[Any, Any]]:  # fmt: skip
+    """Tissue mask and the patch grid an embed run would use: returns ``(TissueMask,
+    TileGrid)``; raises ``NoTissueError`` (naming the slide) when there is no tissue."""
+    from ..tiles import NoTissueError, detect_tissue, make_grid
+    from ..tiles.tissue import no_tissue_message
+
+    yield Progress("preview", "detecting tissue", status="started",
+                   message=f"{slide.name}: detecting tissue…")  # fmt: skip
+    tissue = detect_tissue(slide, tissue_params)
+    if tissue.is_empty:
+        raise NoTissueError(no_tissue_message(slide.path, tissue_params))
+    yield Progress("preview", "laying out patches", status="note",
+                   message=f"{slide.name}: laying out patches…")  # fmt: skip
+    grid = make_grid(slide, spec, tissue, encoder_input=encoder_input)
+    return tissue, grid

@@ -1,0 +1,92 @@
+"""What a user does, as functions: open a slide, add a dock from the Plugins menu, click."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from gpfm_helpers import TINY
+
+PLUGIN = "napari-gpfm"
+
+
+def new_window(make_napari_viewer):
+    """A shown napari window (offscreen platform) of a laptop's size."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 800)
+    return viewer
+
+
+def open_slide(viewer, path):
+    """File > Open with napari-gpfm's reader; returns the slide layer."""
+    layers = viewer.open(str(path), plugin=PLUGIN)
+    assert len(layers) == 1
+    return layers[0]
+
+
+def add_dock(viewer, name: str, qtbot=None):
+    """Plugins > napari-gpfm > <name>; returns the dock's widget (shown: napari shows a new
+    dock on the next turn of the event loop)."""
+    from qtpy.QtWidgets import QApplication
+
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    for _ in range(20):
+        QApplication.processEvents()
+        if dock.isVisible():
+            break
+    return widget
+
+
+def click(qtbot, button) -> None:
+    from qtpy.QtCore import Qt
+
+    assert button.isVisible(), f"{button.text()!r} is not visible"
+    assert button.isEnabled(), f"{button.text()!r} is disabled"
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def tick(qtbot, box) -> None:
+    """Click a check box on its indicator (a wide box's centre may be empty space)."""
+    from qtpy.QtCore import QPoint, Qt
+
+    assert box.isVisible() and box.isEnabled()
+    qtbot.mouseClick(box, Qt.MouseButton.LeftButton, pos=QPoint(6, box.height() // 2))
+
+
+def gpfm_dock(viewer, qtbot, patch_size: int = 112):
+    """The GPFM dock set up as a user would for the tiny model: random weights ticked, the
+    model picked, custom 112 px patches at 0.5 µm/px."""
+    from qtpy.QtCore import Qt
+
+    dock = add_dock(viewer, "GPFM")
+    if not dock.random_check.isChecked():
+        tick(qtbot, dock.random_check)
+    assert dock.random_check.isChecked()
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData(TINY))
+    dock.preset_combo.setCurrentText("custom")
+    dock.mpp_spin.setValue(0.5)
+    dock.size_spin.setValue(patch_size)
+    dock.batch_size = 16  # speed only (not a user setting)
+    return dock
+
+
+def compute(qtbot, dock, expect: str = "done", timeout: int = 120_000) -> str:
+    """Click Compute embeddings and wait for the job to end."""
+    with qtbot.waitSignal(dock.jobs.finished, timeout=timeout, raising=False) as blocker:
+        click(qtbot, dock.compute_button)
+        assert dock.jobs.busy, f"Compute did not start: {dock.status.text()}"
+    assert blocker.signal_triggered, f"no end: {dock.status.text()!r} {dock.jobs.last_progress}"
+    assert blocker.args == [expect], dock.status.text()
+    return dock.status.text()
+
+
+def write_white_slide(path: Path, size: int = 2048, mpp: float = 0.5) -> Path:
+    """A tiled, 2-level pyramid of plain white (no tissue anywhere)."""
+    img = np.full((size, size, 3), 255, np.uint8)
+    res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img, tile=(256, 256), compression="jpeg", photometric="rgb", **res)
+        tif.write(img[::2, ::2].copy(), tile=(256, 256), compression="jpeg", photometric="rgb",
+                  subfiletype=1)
+    return path

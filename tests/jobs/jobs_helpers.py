@@ -1,0 +1,85 @@
+"""Shared by the job tests: driving a generator, a tiny PathoTune backbone card, a fake text
+encoder, rectangles in level-0 px, and where the 32 labelled H&E tiles live."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_gpfm.jobs import Progress
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
+# shared/ sits beside the repository (see ../shared/data/SOURCES.md)
+TILES = REPO.parent / "shared" / "data" / "tiles" / "crc-he" / "CRC-VAL-HE-7K"
+
+
+def drive(gen, on_record: Any = None) -> tuple[list[Progress], Any]:
+    """(every record, the return value) of a job generator; ``on_record(record)`` sees each."""
+    records = []
+    while True:
+        try:
+            records.append(next(gen))
+        except StopIteration as stop:
+            return records, stop.value
+        if on_record is not None:
+            on_record(records[-1])
+
+
+def assert_progress(records: list, job: str, first: str = "started") -> None:
+    """Only Progress records of ``job``, sane counts, ``first`` first and a done last."""
+    assert records and all(type(r) is Progress for r in records), [type(r) for r in records]
+    assert {r.job for r in records} == {job}
+    assert records[0].status == first and records[-1].status == "done"
+    for r in records:
+        assert r.status in ("started", "running", "done", "skipped", "note"), r
+        assert r.done >= 0 and r.total >= 0 and isinstance(r.stage, str) and r.stage
+        if r.total:
+            assert r.done <= r.total, r
+
+
+def tiny_card(name: str = "jobs-tiny") -> dict:
+    """A tiny random DINOv2-style ViT (48-d, 3 blocks, 56 px; LayerScale 1 so blocks matter)
+    whose recommended tiling is 224 px at 0.5 µm/px."""
+    return {
+        "name": name, "display_name": name, "is_gpfm": False,
+        "architecture": {"timm_name": "vit_small_patch14_dinov2",
+                         "kwargs": {"img_size": 56, "embed_dim": 48, "depth": 3, "num_heads": 2,
+                                    "num_classes": 0, "init_values": 1.0}},
+        "checkpoint_layout": "timm",
+        "input": {"size": 56, "interpolation": "bicubic",
+                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "embed_dim": 48,
+        "weights": {"file": None, "env": None, "default_path": None, "hf_hub": None,
+                    "url": None, "sha256": None},
+        "license": "Apache-2.0", "gated": False,
+        "recommended_tiles": {"target_mpp": 0.5, "patch_size": 224}, "provenance": {},
+    }
+
+
+class FakeText:
+    """Deterministic stand-in for MiniLM: a unit vector seeded by the sentence's hash."""
+
+    name = "fake-text"
+    dim = 384
+
+    def encode(self, sentences):
+        out = []
+        for s in sentences:
+            seed = int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+
+
+def rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+
+
+def annotation(cls: str, x0: float, y0: float, x1: float, y1: float):
+    from napari_gpfm.annotations.geojson import Annotation
+
+    return Annotation(polygons=[[rect(x0, y0, x1, y1)]], class_name=cls)
