@@ -7,8 +7,19 @@ import atexit
 import os
 import shutil
 import subprocess
+import sys
 
 SCREEN = "1600x1000x24"
+_PDEATHSIG = sys.platform.startswith("linux")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent process ends (Linux)."""
+    if _PDEATHSIG:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def ensure_display() -> str:
@@ -27,6 +38,7 @@ def ensure_display() -> str:
         pass_fds=(write_fd,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     os.close(write_fd)
     with os.fdopen(read_fd) as pipe:
@@ -34,6 +46,11 @@ def ensure_display() -> str:
     if not number:
         proc.kill()
         raise RuntimeError("Xvfb did not start; cannot render headless")
-    atexit.register(proc.terminate)
+    # Xvfb must outlive every X connection of this process: stopping it at ``atexit`` (before
+    # Qt and GLX let go of the display at interpreter teardown) makes Xlib's fatal-IO handler
+    # exit the process with status 1 after everything passed. The kernel stops it instead
+    # when this process ends (PR_SET_PDEATHSIG); elsewhere it is stopped at exit as before.
+    if not _PDEATHSIG:
+        atexit.register(proc.terminate)
     os.environ["DISPLAY"] = f":{number}"
     return "xvfb"

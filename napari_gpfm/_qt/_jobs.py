@@ -154,9 +154,14 @@ class JobPanel(QWidget):
 
     def _returned(self, value: Any) -> None:
         self.outcome = "done"
-        self.bar.setRange(0, 1)
-        self.bar.setValue(1)
-        self.bar.setFormat("%p%")
+        p = self.last_progress
+        if p is not None and p.total > 0:  # full: "total / total <unit>"
+            self.bar.setRange(0, int(p.total))
+            self.bar.setValue(int(p.total))
+        else:
+            self.bar.setRange(0, 1)
+            self.bar.setValue(1)
+            self.bar.setFormat("%p%")
         if self._on_result is not None:
             try:
                 self._on_result(value)
@@ -164,6 +169,7 @@ class JobPanel(QWidget):
                 self._errored(exc)
 
     def _errored(self, exc: BaseException) -> None:
+        exc = getattr(exc, "original", exc)
         self.outcome = "error"
         self.last_error = exc
         self.bar.setRange(0, 1)
@@ -195,9 +201,25 @@ class JobPanel(QWidget):
         self.finished.emit(self.outcome)
 
 
+class JobFailed(Exception):
+    """Carries a job's exception through the worker (see :func:`_drive`)."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
 def _drive(gen: Generator) -> Generator:
-    """Re-yield ``gen`` so that closing the worker's generator closes the job's too."""
+    """Re-yield ``gen`` so that closing the worker's generator closes the job's too.
+
+    superqt's generator worker takes any ``RuntimeError`` escaping the generator for "the
+    worker was deleted" and ends silently, without ``errored`` or ``finished`` (a dock would
+    wait forever): many real errors are RuntimeErrors (no tissue, CUDA unavailable, ...), so
+    every exception travels wrapped in :class:`JobFailed` and is unwrapped on the main thread.
+    """
     try:
         return (yield from gen)
+    except Exception as exc:  # noqa: BLE001 - re-raised, wrapped, for the main thread
+        raise JobFailed(exc) from exc
     finally:
         gen.close()

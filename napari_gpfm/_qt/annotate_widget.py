@@ -78,7 +78,8 @@ CV_FOLDS = 5
 SOURCE = "probe"  # the session's classifier / prediction key
 #: What the dock catches from the package and shows (never a bare ``Exception``).
 USER_ERRORS = (ValueError, LookupError, OSError, StoreError)
-NO_STORE = "{name}: no embeddings yet. Compute them in the GPFM dock (Plugins > napari-gpfm > GPFM)."
+NO_STORE = ("{name}: no embeddings yet. Compute them in the GPFM dock "
+            "(Plugins > napari-gpfm > GPFM).")
 
 
 def _swatch(rgb: tuple[int, int, int]) -> QIcon:
@@ -316,7 +317,7 @@ class AnnotateWidget(QWidget):
         ev = self.session.events
         hooks = [(layers.events.inserted, self._on_inserted),
                  (layers.events.removed, self._on_removed),
-                 (ev.slides, self._update_layer_lists), 
+                 (ev.slides, self._update_layer_lists), (ev.store, self._on_store),
                  (ev.out_dir, self._on_out_dir)]  # fmt: skip
         for emitter, cb in hooks:
             emitter.connect(cb)

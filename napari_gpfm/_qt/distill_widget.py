@@ -18,11 +18,9 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -30,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..layers.session import session_for
+from ._jobs import JobPanel
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "distill" / "configs" / "experiments"
 
@@ -85,7 +84,6 @@ class DistillWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self.worker = None
         self.stop_event = threading.Event()
         self.result = None
 
@@ -104,11 +102,14 @@ class DistillWidget(QWidget):
         self.extra_edit = QLineEdit()
         self.extra_edit.setPlaceholderText("more overrides, e.g. train.batch_size=8")
         self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        self.progress = QProgressBar()
-        self.status = QLabel("Pick slides and a config, then Start.")
-        self.status.setWordWrap(True)
+        self.jobs = JobPanel("Finetune", self.session, [self.start_button])
+        self.jobs.cancel_button.setText("Stop")
+        self.jobs.cancel_button.clicked.disconnect()
+        self.jobs.cancel_button.clicked.connect(self.stop)
+        self.stop_button = self.jobs.cancel_button
+        self.progress = self.jobs.bar
+        self.status = self.jobs.status
+        self.jobs.say("Pick slides and a config, then Start.")
         self.plot = LossPlot()
 
         config_row = QHBoxLayout()
@@ -121,14 +122,10 @@ class DistillWidget(QWidget):
         form.addRow("Output", self.out_edit)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Overrides", self.extra_edit)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
+        layout.addWidget(self.start_button)
+        layout.addWidget(self.jobs)
         layout.addWidget(self.plot)
 
         self.start_button.clicked.connect(self.start)
@@ -159,10 +156,13 @@ class DistillWidget(QWidget):
         return [it.data(Qt.ItemDataRole.UserRole) for it in items if it.checkState() == Qt.CheckState.Checked]
 
     # ------------------------------------------------------------------ run
-    def start(self) -> None:
-        from napari.qt.threading import create_worker
+    @property
+    def worker(self):
+        return self.jobs.worker
 
-        from ..distill import iter_distillation, load_config
+    def start(self) -> None:
+        from ..distill import load_config
+        from ..jobs.distill import distill_job
 
         overrides = run_overrides(
             self.selected_slides(),
@@ -171,35 +171,34 @@ class DistillWidget(QWidget):
             self.steps_spin.value(),
             self.extra_edit.text(),
         )
-        cfg = load_config(self.config_combo.currentText(), overrides)
+        try:
+            cfg = load_config(self.config_combo.currentText(), overrides)
+        except (OSError, ValueError, KeyError) as exc:
+            self.jobs.say(f"Config {self.config_combo.currentText()!r}: {exc}", True)
+            return
         if not cfg["data"]["slides"] and not cfg["data"]["tiles"]:
-            self.status.setText("No data: tick at least one open slide or give a tiles folder.")
+            self.jobs.say("No data: tick at least one open slide or give a tiles folder.", True)
             return
         self.stop_event = threading.Event()
         self.result = None
         self.plot.clear()
-        self.progress.setRange(0, int(cfg["train"]["steps"]))
-        self.status.setText("Starting (building the model and data)…")
-        self.worker = create_worker(iter_distillation, cfg, self.stop_event, _start_thread=False)
-        self.worker.yielded.connect(self._on_step)
-        self.worker.returned.connect(self._on_done)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
-        self.start_button.setEnabled(False)
-        self.stop_button.setEnabled(True)
-        self.worker.start()
+        self.jobs.run(distill_job(cfg, self.stop_event), on_result=self._on_done,
+                      message="Starting (building the model and data)…")  # fmt: skip
+        self.jobs.worker.yielded.connect(self._on_step)
 
     def stop(self) -> None:
         """Ask the run to stop after the current step; it saves a checkpoint to resume from."""
         self.stop_event.set()
         self.stop_button.setEnabled(False)
-        self.status.setText("Stopping after this step (a checkpoint is saved)…")
+        self.jobs.say("Stopping after this step (a checkpoint is saved)…")
 
-    def _on_step(self, record) -> None:
-        self.progress.setValue(record.step + 1)
+    def _on_step(self, p) -> None:
+        record = p.data
+        if p.status != "running" or record is None or not hasattr(record, "losses"):
+            return
         self.plot.add(record.losses["total"])
         terms = ", ".join(f"{k} {v:.3f}" for k, v in record.losses.items() if k != "total")
-        self.status.setText(
+        self.jobs.say(
             f"step {record.step + 1}/{record.total_steps}: loss {record.losses['total']:.4f} "
             f"({terms}); {record.images_per_s:.1f} images/s"
         )
@@ -207,17 +206,9 @@ class DistillWidget(QWidget):
     def _on_done(self, result) -> None:
         self.result = result
         if result.finished and result.card_path is not None:
-            self.status.setText(f"Done: student saved as model '{Path(result.card_path).stem}' ({result.card_path}).")
+            self.jobs.say(f"Done: student saved as model '{Path(result.card_path).stem}' ({result.card_path}).")
         else:
-            self.status.setText(
+            self.jobs.say(
                 f"Stopped at step {result.next_step}/{result.total_steps}; checkpoint in "
                 f"{result.output_dir}. Start again to resume."
             )
-
-    def _on_error(self, exc: Exception) -> None:
-        self.status.setText(f"The run failed: {exc}")
-
-    def _on_finished(self) -> None:
-        self.start_button.setEnabled(True)
-        self.stop_button.setEnabled(False)
-        self.worker = None

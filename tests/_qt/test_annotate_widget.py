@@ -131,6 +131,16 @@ def test_live_probe_on_the_embeddings_of_the_gpfm_dock(make_napari_viewer, qtbot
     qtbot.waitUntil(lambda: w.report is not before and not w.busy, timeout=30_000)
     assert w.labels.counts["Tumor"] == int((c[:, 0] < lo).sum()) + 1
 
+    # an edit while a run is going: that run is dropped and a new one trains after it
+    w.live_check.setChecked(False)
+    outcomes: list[str] = []
+    w.jobs.finished.connect(outcomes.append)
+    w.retrain()
+    assert w.busy
+    w.retrain()  # what the debounced edit calls
+    qtbot.waitUntil(lambda: len(outcomes) == 2 and not w.busy, timeout=30_000)
+    assert outcomes[-1] == "done" and outcomes[0] in ("cancelled", "done")
+
     # napari's own File > New Layer > Shapes over the slide: new shapes get the active class
     viewer.layers.selection.active = slide
     mine = new_shapes_from_menu(viewer)

@@ -181,7 +181,14 @@ def test_cli_train_classifier_and_classify(store, sample_svs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "balanced accuracy" in out and clf.exists()
-    assert (tmp_path / "clf" / "features_tiny-test" / "CMU-1-Small-Region.h5").exists()
+    # the features land in <store dir>/<tiling>/features_<model>/<slide>.h5 (default store
+    # dir: the classifier's folder; tiling: the card's 112 px at 0.5 µm/px, no overlap)
+    feature_file = (tmp_path / "clf" / "0.5mpp_112px_0px_overlap" / "features_tiny-test"
+                    / "CMU-1-Small-Region.h5")  # fmt: skip
+    assert feature_file.exists()
+    assert sorted(p.relative_to(tmp_path / "clf").as_posix()
+                  for p in (tmp_path / "clf").rglob("*.h5")) == [
+        "0.5mpp_112px_0px_overlap/features_tiny-test/CMU-1-Small-Region.h5"]  # fmt: skip
     assert (tmp_path / "clf" / "tumour.classes.json").exists()
     probe = load_probe(clf)
     assert probe.class_names == ["Tumor", "Stroma"] and probe.colours.tolist()[0] == [200, 0, 0]

@@ -1,4 +1,4 @@
-"""Analysis results -> napari layers, without Qt: geometry, colours, the headless explorer."""
+"""Analysis results -> napari layers: geometry, colours, and the window's session."""
 
 from __future__ import annotations
 
@@ -115,44 +115,83 @@ def test_upsert_updates_in_place():
     assert np.nanmax(b.data) == len(coords) - 1 and b.colormap.name == "magma"
 
 
-def test_session_click_similarity_clusters_and_export(tmp_path):
-    from napari_gpfm.layers.session import Explorer, SlideSession  # session API being rewritten
+def _open(viewer, path):
+    """File > Open with napari-gpfm's reader; returns the slide layer."""
+    layers = viewer.open(str(path), plugin="napari-gpfm")
+    assert len(layers) == 1
+    return layers[0]
+
+
+def test_session_click_similarity_clusters_and_export(make_napari_viewer, sample_svs, tmp_path,
+                                                      monkeypatch):  # fmt: skip
+    import shutil
+
+    from napari_gpfm.jobs.cluster import cluster_job
+    from napari_gpfm.layers.session import result_name, session_for
+
+    monkeypatch.setenv("NAPARI_GPFM_FEATURES_DIR", str(tmp_path / "features"))
+    viewer = make_napari_viewer()
+    layers = {}
+    for name in ("s", "t", "o"):  # three slide layers named s, t and o
+        shutil.copy(sample_svs, tmp_path / f"{name}.svs")
+        layers[name] = _open(viewer, tmp_path / f"{name}.svs")
+    assert [la.name for la in layers.values()] == ["s", "t", "o"]
+    session = session_for(viewer)
+    # slides are keyed by their layer's unique_id (napari's UUID, as an int)
+    assert set(session.slides) == {int(la.unique_id) for la in layers.values()}
 
     coords = _grid_coords()
-    session = SlideSession("s", None, _store(coords, 64))
-    # a click at each patch centre finds that patch; a click off the grid finds none
-    centres = np.array([session.centre(i) for i in range(session.n)])
-    np.testing.assert_array_equal(session.patch_at(centres), np.arange(session.n))
-    assert session.patch_at((-100.0, -100.0)) == -1
+    s = session.attach_store("s", _store(coords, 64))
+    t = session.attach_store(layers["t"], _store(coords, 64, seed=1))
+    o = session.attach_store(int(layers["o"].unique_id), _store(coords, 64, model="uni"))
+    assert s.mpp == pytest.approx(MPP)  # the slide's own pixel size
+    assert layers["s"].metadata["napari_gpfm"]["results"]["n_patches"] == len(coords)
 
-    vm = ViewerModel()
-    ex = Explorer(vm)
-    ex.sessions["s"] = session
-    ex.sessions["t"] = SlideSession("t", None, _store(coords, 64, seed=1))
-    ex.sessions["other-model"] = SlideSession("o", None, _store(coords, 64, model="uni"))
-    res = ex.similarity("s", session.patch_at(centres[7]), k=5)
-    assert set(res.scores) == {"s", "t"}
-    assert int(np.argmax(res.scores["s"])) == 7 and res.scores["s"][7] == pytest.approx(1.0)
-    assert len(res.hits) == 5 and ("s", 7) not in [(n, i) for n, i, _ in res.hits]
-    layers = ex.show_similarity(res)
-    heat = ex.viewer.layers["s similarity"]
-    assert heat in layers and "t similarity" in ex.viewer.layers
+    # a click at each patch centre finds that patch; a click off the grid finds none
+    centres = np.array([s.centre(i) for i in range(s.n)])
+    x, y = coords[7]
+    np.testing.assert_allclose(centres[7], ((y + 32 - 0.5) * MPP, (x + 32 - 0.5) * MPP))
+    np.testing.assert_array_equal(s.patch_at(centres), np.arange(s.n))
+    assert s.patch_at((-100.0, -100.0)) == -1
+
+    # similarity to patch 7: every slide of the same model, none of another model
+    res = session.similarity("s", s.patch_at(centres[7]), k=5)
+    assert set(res.scores) == {s.uid, t.uid} and o.uid not in res.scores
+    assert res.names == {s.uid: "s", t.uid: "t"}
+    assert int(np.argmax(res.scores[s.uid])) == 7
+    assert res.scores[s.uid][7] == pytest.approx(1.0)
+    assert len(res.hits) == 5 and (s.uid, 7) not in [(u, i) for u, i, _ in res.hits]
+    shown = session.show_similarity(res)
+    heat = viewer.layers[result_name("s", "similarity")]
+    assert heat.name == "s · similarity"
+    assert heat in shown and result_name("t", "similarity") in viewer.layers
+    assert result_name("o", "similarity") not in viewer.layers
     r, c = np.round(heat.world_to_data(centres[7])).astype(int)
     assert heat.data[r, c] == np.nanmax(heat.data)
 
-    ex.cluster("s", 4)
-    rows = session.cluster_rows()
-    assert sum(r["count"] for r in rows) == session.n
-    grid_area = session.grid.coverage().sum() * (64 * MPP) ** 2
-    assert sum(r["area_um2"] for r in rows) == pytest.approx(grid_area)
-    lay = ex.show_clusters("s")
-    assert lay.data.max() == 4
+    # k-means (the dock's job) -> table, Labels layer
+    gen = cluster_job(s.features, 4)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            clusters = stop.value
+            break
+    session.set_clusters("s", clusters)
+    rows = s.cluster_rows()
+    assert sum(r["count"] for r in rows) == s.n
+    # stride == patch size: patches do not overlap, each covers (64 px × MPP)²
+    assert sum(r["area_um2"] for r in rows) == pytest.approx(s.n * (64 * MPP) ** 2)
+    lay = session.show_clusters("s")
+    assert lay.name == result_name("s", "clusters") and lay.data.max() == 4
 
-    ex.select("s", [1, 2, 3])
-    sel = ex.show_selection("s")
+    session.select("s", [1, 2, 3])
+    sel = session.show_selection("s")
+    assert sel.name == result_name("s", "selection")
     assert sel.metadata["napari_gpfm"]["n_selected"] == 3 and (sel.data > 0).sum() == 3
 
-    files = session.export(tmp_path)
+    files = s.export(tmp_path / "exports")
+    out = tmp_path / "exports"
     names = {p.name for p in files}
     want = {"s_clusters.png", "s_similarity.png", "s_patches.geojson", "s_clusters.geojson"}
     assert want <= names
@@ -160,24 +199,31 @@ def test_session_click_similarity_clusters_and_export(tmp_path):
     if table.suffix == ".csv":
         with open(table) as fh:
             rows_csv = list(csv.DictReader(fh))
-        assert len(rows_csv) == session.n
-        assert int(rows_csv[5]["cluster"]) == session.clusters.labels[5]
+    else:
+        import pyarrow.parquet as pq
+
+        rows_csv = pq.read_table(table).to_pylist()
+    assert len(rows_csv) == s.n
+    assert int(rows_csv[5]["cluster"]) == s.clusters.labels[5]
     from PIL import Image
 
     from napari_gpfm.annotations.geojson import read_geojson
 
-    png = np.asarray(Image.open(tmp_path / "s_clusters.png"))
-    assert png.shape[:2] == session.grid.shape and png.shape[2] == 4
-    side = json.loads((tmp_path / "s_clusters.png.json").read_text())
-    np.testing.assert_allclose(side["translate_yx"], session.grid.translate)
+    png = np.asarray(Image.open(out / "s_clusters.png"))
+    g = s.grid
+    assert png.shape[:2] == g.shape and png.shape[2] == 4
+    side = json.loads((out / "s_clusters.png.json").read_text())
+    # the overlay's first cell is centred on the top-left patch's centre (pixel-centre rule)
+    P = 64
+    np.testing.assert_allclose(side["translate_yx"], ((coords[:, 1].min() + P / 2 - 0.5) * MPP,
+                                                      (coords[:, 0].min() + P / 2 - 0.5) * MPP))
     pal = (convert.CLUSTER_COLOURS * 255).round()
-    g = session.grid
-    np.testing.assert_allclose(png[g.rows[0], g.cols[0], :3], pal[session.clusters.labels[0]],
+    np.testing.assert_allclose(png[g.rows[0], g.cols[0], :3], pal[s.clusters.labels[0]],
                                atol=1)  # fmt: skip
-    assert len(read_geojson(tmp_path / "s_patches.geojson")) == session.n
-    merged = read_geojson(tmp_path / "s_clusters.geojson")
-    assert sum(a.properties["measurements"]["patches"] for a in merged) == session.n
-    assert sum(a.area for a in merged) == pytest.approx(session.n * 64**2)
+    assert len(read_geojson(out / "s_patches.geojson")) == s.n
+    merged = read_geojson(out / "s_clusters.geojson")
+    assert sum(a.properties["measurements"]["patches"] for a in merged) == s.n
+    assert sum(a.area for a in merged) == pytest.approx(s.n * 64**2)
 
 
 def test_patch_grid_preview_layer_checkerboard():
