@@ -742,7 +742,6 @@ class AnnotateWidget(QWidget):
     def _on_job_finished(self, outcome: str) -> None:
         if self._rerun:
             self._rerun = False
-            self.retrain()
 
     def _current_run(self, generation: int, uid: int) -> bool:
         return generation == self._generation and not self._rerun and uid in self.session.slides

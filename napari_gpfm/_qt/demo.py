@@ -72,8 +72,7 @@ class DemoFlow:
 
     def _plotted(self) -> None:
         self._mark("plot")
-        bar = self.dock.scroll.verticalScrollBar()
-        bar.setValue(min(bar.maximum(), self.dock.cluster_box.y()))
+        self.dock.dock_widgets[2].raise_()  # the Annotate tab: it sees the same store
         self.done = True
 
 
@@ -101,8 +100,10 @@ def build(viewer, model: str, allow_random: bool = False, out: Path | None = Non
     from qtpy.QtCore import Qt
 
     qt_window = viewer.window._qt_window
-    qt_window.resizeDocks([dw1, dw2, dw3], [420, 300, 380], Qt.Orientation.Vertical)
-    qt_window.resizeDocks([dw1], [460], Qt.Orientation.Horizontal)
+    qt_window.tabifyDockWidget(dw1, dw3)  # GPFM and Annotate share the top, the plot below
+    dock.dock_widgets = (dw1, dw2, dw3)
+    qt_window.resizeDocks([dw1, dw2], [560, 420], Qt.Orientation.Vertical)
+    qt_window.resizeDocks([dw1], [480], Qt.Orientation.Horizontal)
     viewer.scale_bar.visible = True
     return dock, plot
 

@@ -16,6 +16,7 @@ def write_tiny_card(directory: Path) -> Path:
 
 
 def add_slide(viewer, path, mpp=None):
+    """A slide layer as napari-gpfm's reader makes it (``mpp`` overrides the file's)."""
     from napari_gpfm.layers.reader import slide_layer_data
     from napari_gpfm.slide import open_slide
 
@@ -33,5 +34,6 @@ def make_widget(viewer, out_dir: Path, patch_size: int = 112, batch_size: int = 
     w.mpp_spin.setValue(0.5)
     w.size_spin.setValue(patch_size)
     w.out_edit.setText(str(out_dir))
+    w.session.set_out_dir(out_dir)  # as when the user confirms the folder (editingFinished)
     w.batch_size = batch_size
     return w

@@ -97,8 +97,9 @@ def test_pca_plot_and_box_lasso_selection(plot, qtbot):
 
     # lasso through simulated mouse drags on the vispy canvas
     w.mode_combo.setCurrentText("lasso select")
-    c = w.xy.mean(0)
-    r = 0.5 * w.xy.std(0)
+    group = w.xy[s.clusters.labels == 0]  # around one cluster (the overall mean lies between)
+    c = group.mean(0)
+    r = 0.5 * group.std(0)
     poly = np.array([[c[0] - r[0], c[1] - r[1]], [c[0] + r[0], c[1] - r[1]],
                      [c[0] + r[0], c[1] + r[1]], [c[0] - r[0], c[1] + r[1]]])  # fmt: skip
     tr = w.canvas.scene.node_transform(w.view.scene).inverse
