@@ -3,6 +3,7 @@ layer at 100,000 patches, and a similarity click at 100,000 patches; prints a ma
 
     python bench/bench_viewer.py                 # all three, ViT-S/14-sized random model
     python bench/bench_viewer.py --n 20000       # smaller synthetic slide for (b) and (c)
+    python bench/bench_viewer.py --n 2000 --dim 64 --no-full-kmeans   # quick look (~30 s)
 
 (a) A 10 ms QTimer runs on the Qt main thread while the "GPFM" dock embeds the sample slide in
     its worker; the worst gap between ticks beyond 10 ms is the longest freeze a user would feel
@@ -99,11 +100,9 @@ def bench_stall(viewer, app, tmp: Path, patch_size: int) -> dict:
     from napari_gpfm._resources import sample_slide_path
     from napari_gpfm.embeddings import embed
     from napari_gpfm.encoders import load_encoder
-    from napari_gpfm.layers.reader import slide_layer_data
-    from napari_gpfm.slide import open_slide
+    from napari_gpfm.layers.reader import layer_slide
 
-    data, kwargs, _ = slide_layer_data(open_slide(sample_slide_path()))
-    viewer.add_image(data, **kwargs)
+    viewer.open(str(sample_slide_path()), plugin="napari-gpfm")
     dock = GPFMWidget(viewer, allow_random=True)
     viewer.window.add_dock_widget(dock, name="GPFM")
     dock.set_model("bench-vits14")
@@ -111,6 +110,7 @@ def bench_stall(viewer, app, tmp: Path, patch_size: int) -> dict:
         dock.preset_combo.setCurrentText("custom")
         dock.size_spin.setValue(patch_size)
     dock.out_edit.setText(str(tmp / "ui"))
+    dock.session.set_out_dir(tmp / "ui")
     pump(app, 1.0)
     mon = TickMonitor()
     mon.start()
@@ -127,20 +127,22 @@ def bench_stall(viewer, app, tmp: Path, patch_size: int) -> dict:
         time.sleep(0.001)
     run_s = time.perf_counter() - t0
     busy = mon.stop()
-    n = dock.session().n if dock.session() is not None else 0
+    state = dock.session_state()
+    n = state.n if state is not None else 0
 
     # naive baseline: the same run on the main thread (the GUI is frozen for all of it)
     enc = load_encoder("bench-vits14", allow_random=True)
     t = time.perf_counter()
-    embed(dock.current_layer().metadata["napari_gpfm"]["slide"], enc, dock.spec(), tmp / "sync")
+    embed(layer_slide(dock.current_layer()), enc, dock.spec(), tmp / "sync")
     sync_s = time.perf_counter() - t
     return {"idle": idle, "busy": busy, "run_s": run_s, "n": n, "sync_s": sync_s,
             "outcome": outcome[0]}  # fmt: skip
 
 
-def synthetic_session(n: int, dim: int, k: int = 8, seed: int = 0):
+def synthetic_store(n: int, dim: int, k: int = 8, seed: int = 0):
+    """A feature store of ``n`` 224 px patches on a square grid (``side`` patches a row) with
+    ``k`` blocky clusters; returns ``(store, side)``."""
     from napari_gpfm.embeddings.store import FeatureStore
-    from napari_gpfm.layers.session import SlideSession
 
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(n)))
@@ -153,18 +155,28 @@ def synthetic_session(n: int, dim: int, k: int = 8, seed: int = 0):
     feats += 3 * centres[truth] / np.sqrt(dim)
     attrs = {"gpfm_model": "bench", "gpfm_mpp": MPP, "patch_size_level0": 224, "name": "big"}
     store = FeatureStore(Path("big.h5"), "gpfm", coords, attrs, _features=feats)
-    return SlideSession("big", None, store), side
+    return store, side
 
 
-def bench_clusters(viewer, app, n: int, dim: int, k: int, full: bool) -> dict:
+def open_big_slide(viewer, tmp: Path, n: int, dim: int):
+    """A synthetic slide layer "big" (a tiled copy of the sample, as large as the grid) with a
+    synthetic store of ``n`` patches attached; returns its state in the window's session."""
+    from napari_gpfm.layers.session import session_for
+    from napari_gpfm.slide.synthetic import make_large_pyramid
+
+    store, side = synthetic_store(n, dim)
+    path = make_large_pyramid(tmp / "big.tif", side * 224, side * 224, mpp=MPP)
+    (layer,) = viewer.open(str(path), plugin="napari-gpfm")
+    assert layer.name == "big", layer.name
+    return session_for(viewer).attach_store(layer, store)
+
+
+def bench_clusters(viewer, app, tmp: Path, n: int, dim: int, k: int, full: bool) -> dict:
     from napari_gpfm.analyses.clusters import kmeans
-    from napari_gpfm.layers.session import explorer_for
+    from napari_gpfm.layers.session import session_for
 
-    ex = explorer_for(viewer)
-    session, side = synthetic_session(n, dim)
-    viewer.add_image(np.zeros((8, 8), np.uint8), name="big", scale=(side * 224 * MPP / 8,) * 2,
-                     units=("micrometer", "micrometer"))
-    ex.sessions["big"] = session
+    session = session_for(viewer)
+    s = open_big_slide(viewer, tmp, n, dim)
     # napari JIT-compiles (numba) its label-colour kernels on the first Labels layer of a
     # session: a one-off cost, measured apart
     t = time.perf_counter()
@@ -179,18 +191,18 @@ def bench_clusters(viewer, app, n: int, dim: int, k: int, full: bool) -> dict:
     viewer.layers.remove("warm-up")
     t_jit = time.perf_counter() - t
     t = time.perf_counter()
-    res = kmeans(session.features, k)
+    res = kmeans(s.features, k)
     t_km = time.perf_counter() - t
     t = time.perf_counter()
-    ex.set_clusters("big", res)
-    ex.show_clusters("big")
+    session.set_clusters(s.uid, res)
+    session.show_clusters(s.uid)
     app.processEvents()
     viewer.screenshot(canvas_only=True)  # force a draw of the new layer
     t_layer = time.perf_counter() - t
     out = {"kmeans_s": t_km, "layer_s": t_layer, "method": res.method, "jit_s": t_jit}
     if full:
         t = time.perf_counter()
-        kmeans(session.features, k, method="full")
+        kmeans(s.features, k, method="full")
         out["full_s"] = time.perf_counter() - t
     return out
 
@@ -199,13 +211,12 @@ def bench_click(viewer, app, repeat: int = 7) -> dict:
     from sklearn.metrics.pairwise import cosine_similarity
 
     from napari_gpfm._qt.gpfm_widget import GPFMWidget
+    from napari_gpfm.analyses.heatmap import heatmap_raster
     from napari_gpfm.layers import convert
-    from napari_gpfm.layers.session import explorer_for
 
     dock = GPFMWidget(viewer)
-    dock.layer_combo.setCurrentText("big")
-    ex = explorer_for(viewer)
-    s = ex.sessions["big"]
+    dock.select_slide("big")
+    s = dock.session_state()
     rng = np.random.default_rng(1)
     picks = rng.integers(0, s.n, repeat + 1)
     dock.handle_click(s.centre(int(picks[0])))  # warm-up (first index build: normalisation)
@@ -221,9 +232,8 @@ def bench_click(viewer, app, repeat: int = 7) -> dict:
     for i in picks[1:4]:
         t = time.perf_counter()
         scores = cosine_similarity(s.features, s.features[int(i) : int(i) + 1])[:, 0]
-        ld = convert.heatmap_layer_data(
-            __import__("napari_gpfm.analyses.heatmap", fromlist=["x"]).heatmap_raster(
-                scores, s.grid), "big similarity (baseline)")  # fmt: skip
+        ld = convert.heatmap_layer_data(heatmap_raster(scores, s.grid),
+                                        "big · similarity (baseline)")  # fmt: skip
         convert.upsert_layer(viewer, ld)
         app.processEvents()
         base.append(time.perf_counter() - t)
@@ -238,16 +248,16 @@ def bench_click(viewer, app, repeat: int = 7) -> dict:
 def bench_plot(viewer, app) -> dict:
     """Embedding plot at N points: draw, box and lasso selections (highlight layer included)."""
     from napari_gpfm._qt.plot_widget import EmbeddingPlotWidget
-    from napari_gpfm.layers.session import explorer_for
+    from napari_gpfm.layers.session import session_for
 
     plot = EmbeddingPlotWidget(viewer)
     plot.canvas.size = (400, 400)
-    s = explorer_for(viewer).sessions["big"]
+    s = session_for(viewer).slide("big")
     t = time.perf_counter()
     xy = s.project("pca")
     t_pca = time.perf_counter() - t
     t = time.perf_counter()
-    plot.set_data("big", xy)
+    plot.set_data(s.uid, xy)
     plot.canvas.render()
     t_draw = time.perf_counter() - t
     lo, hi = np.percentile(xy, 30, axis=0), np.percentile(xy, 70, axis=0)
@@ -288,6 +298,7 @@ def main() -> int:
     (tmp / "models").mkdir()
     (tmp / "models" / "bench-vits14.yaml").write_text(VITS_CARD)
     os.environ["NAPARI_GPFM_MODELS_DIR"] = str(tmp / "models")
+    os.environ["NAPARI_GPFM_FEATURES_DIR"] = str(tmp / "features")  # not the user's cache
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -311,7 +322,7 @@ def main() -> int:
         ]  # fmt: skip
         for la in list(viewer.layers):
             viewer.layers.remove(la)
-    b = bench_clusters(viewer, app, args.n, args.dim, args.k, not args.no_full_kmeans)
+    b = bench_clusters(viewer, app, tmp, args.n, args.dim, args.k, not args.no_full_kmeans)
     rows.append((f"(b) k-means ({b['method']}) of {args.n:,}×{args.dim} + Labels layer",
                  f"{b['kmeans_s'] + b['layer_s']:.2f} s ({b['kmeans_s']:.2f} + "
                  f"{b['layer_s']:.2f})", "< 5 s",

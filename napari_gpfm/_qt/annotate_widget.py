@@ -182,9 +182,13 @@ class AnnotateWidget(QWidget):
     # ================================================================== UI
     def _build(self) -> None:
         self.slide_combo = QComboBox()
+        self.store_edit = QLineEdit()  # the store's path, to read or copy
+        self.store_edit.setReadOnly(True)
+        self.store_edit.setPlaceholderText("the slide's feature file (.h5)")
         self.store_label = QLabel("-")
         self.store_label.setWordWrap(True)
-        self.store_button = QPushButton("Features file…")
+        self.store_button = QPushButton("…")
+        self.store_button.setFixedWidth(28)
         self.store_button.setToolTip(
             "Use a feature file (.h5, e.g. from TRIDENT or the napari-gpfm CLI) for this slide. "
             "Embeddings computed in the GPFM dock are picked up automatically.")
@@ -228,8 +232,11 @@ class AnnotateWidget(QWidget):
 
         src = QFormLayout()
         src.addRow("Slide", self.slide_combo)
-        src.addRow("Features", self.store_label)
-        src.addRow("", self.store_button)
+        row = QHBoxLayout()
+        row.addWidget(self.store_edit)
+        row.addWidget(self.store_button)
+        src.addRow("Features", row)
+        src.addRow(self.store_label)
 
         classes = QGroupBox("Classes")
         cl = QGridLayout(classes)
@@ -410,6 +417,7 @@ class AnnotateWidget(QWidget):
 
     def _show_store(self) -> None:
         s = self.slide_state()
+        self.store_edit.setText("" if s is None or s.store is None else str(s.store.path))
         if s is None:
             self.store_label.setText("Open a whole-slide image (File > Open).")
         elif s.store is None:
@@ -742,6 +750,7 @@ class AnnotateWidget(QWidget):
     def _on_job_finished(self, outcome: str) -> None:
         if self._rerun:
             self._rerun = False
+            self.retrain()
 
     def _current_run(self, generation: int, uid: int) -> bool:
         return generation == self._generation and not self._rerun and uid in self.session.slides

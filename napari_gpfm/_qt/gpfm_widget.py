@@ -136,7 +136,8 @@ class GPFMWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.out_edit = QLineEdit(str(self.session.out_dir))
-        self.out_edit.setToolTip("Feature files go to <folder>/features_<model>/<slide>.h5. "
+        self.out_edit.setToolTip("Feature files go to <folder>/<tiling>/features_<model>/"
+                                 "<slide>.h5. "
                                  "Default: ~/.cache/napari-gpfm/features (writable even when "
                                  "slides are on read-only shares).")  # fmt: skip
         self.out_button = QPushButton("…")
@@ -270,6 +271,7 @@ class GPFMWidget(QWidget):
             lambda: self.session.set_out_dir(self.out_edit.text()))
         self.preview_button.clicked.connect(lambda: self.preview_tissue())
         self.compute_button.clicked.connect(lambda: self.compute())
+        self.jobs.finished.connect(self._after_job)
         self.cluster_button.clicked.connect(lambda: self.cluster())
         self.heatmap_button.clicked.connect(lambda: self.show_heatmap())
         self.points_button.clicked.connect(lambda: self.query_points())
@@ -481,7 +483,8 @@ class GPFMWidget(QWidget):
         self._refresh_results()
 
     def _on_error(self, uid: int, exc: BaseException) -> bool:
-        from ..embeddings import RecipeMismatchError
+        from ..embeddings import RecipeMismatchError, SlideMismatchError
+        from ..embeddings.store import format_diff
         from ..slide import MissingMppError
 
         s = self.session.slides.get(uid)
@@ -489,19 +492,33 @@ class GPFMWidget(QWidget):
         if isinstance(exc, MissingMppError):
             self.say(MISSING_MPP.format(name=name), True)
             return True
+        if isinstance(exc, SlideMismatchError):
+            self.say(f"{name}: the feature file {exc.path} was computed from {exc.recorded}, "
+                     f"but this slide is {exc.current}: a different slide with the same name. "
+                     "Choose another output folder for it.", True)  # fmt: skip
+            return False  # the standard notification too
         if isinstance(exc, RecipeMismatchError) and s is not None:
-            if self.confirm_overwrite(str(exc)):
-                from qtpy.QtCore import QTimer
-
-                QTimer.singleShot(0, lambda: self.compute(overwrite=True))
+            question = (f"{name}: a feature file for this model and tiling already exists "
+                        f"({exc.path}), made with different settings: {format_diff(exc.diff)}.")
+            if self.confirm_overwrite(question):
+                self._overwrite_next = True  # run again once this job has ended
+                self.say("Replacing the feature file…")
                 return True
+            self.say(f"{question} Kept it; choose another output folder to keep both.", True)
+            return True
         return False
+
+    def _after_job(self, outcome: str) -> None:
+        if getattr(self, "_overwrite_next", False):
+            self._overwrite_next = False
+            self.compute(overwrite=True)
 
     def confirm_overwrite(self, message: str) -> bool:
         """Ask before replacing a feature file made with another recipe."""
         answer = QMessageBox.question(
             self, "Replace the feature file?",
-            f"{message}\n\nReplace it with features computed with the current settings?",
+            f"{message}\n\nReplace it with features computed with the current settings? (The old "
+            "file is kept until the new one is complete.)",
         )  # fmt: skip
         return answer == QMessageBox.StandardButton.Yes
 

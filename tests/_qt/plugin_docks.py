@@ -34,8 +34,14 @@ __all__ = ["DOCKS", "PLUGIN", "TINY", "add_dock", "click", "draw_rectangle", "em
 def add_dock(viewer: Any, name: str) -> Any:
     """Plugins > napari-gpfm > ``name`` (a key of :data:`DOCKS` or a display name); returns
     the dock's widget."""
+    from qtpy.QtWidgets import QApplication
+
     dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, DOCKS.get(name, name))
     assert dock.widget() is not None
+    for _ in range(20):  # a shown window shows a new dock on the next turn of the event loop
+        QApplication.processEvents()
+        if dock.isVisible() or not dock.window().isVisible():
+            break
     return widget
 
 

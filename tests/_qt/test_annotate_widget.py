@@ -1,5 +1,6 @@
 """The 'Annotate & classify' dock as a user drives it: docks from the Plugins menu, slides from
-File > Open (moved in the world), embeddings from the GPFM dock, clicks on the dock's buttons."""
+File > Open (moved in the world), embeddings from the GPFM dock, clicks on the dock's buttons,
+shapes drawn with the mouse."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from mouse import draw_rectangle as mouse_rectangle
 from plugin_docks import (
     add_dock,
     click,
@@ -58,7 +60,8 @@ def _grid_translate(store, mpp, offset):
 
 def test_live_probe_on_the_embeddings_of_the_gpfm_dock(make_napari_viewer, qtbot, sample_svs,
                                                        tmp_path, errors):  # fmt: skip
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # shapes are drawn with the mouse on the canvas
+    viewer.window._qt_window.resize(1280, 800)
     slide = open_slide(viewer, sample_svs, OFFSET)
     mpp = float(slide.scale[-1])
     w = add_dock(viewer, "annotate")  # before any embeddings exist
@@ -88,15 +91,16 @@ def test_live_probe_on_the_embeddings_of_the_gpfm_dock(make_napari_viewer, qtbot
     lo, hi = int(xs[len(xs) // 3]), int(xs[2 * len(xs) // 3])
     y0, y1 = int(c[:, 1].min()), int(c[:, 1].max() + P)
     w.live_check.setChecked(True)
+    viewer.reset_view()
     w.class_list.setCurrentRow(0)  # Tumor
-    draw_rectangle(layer, world_rect(slide, c[:, 0].min(), y0, lo, y1))
+    mouse_rectangle(qtbot, viewer, layer, *world_rect(slide, c[:, 0].min(), y0, lo, y1)[::2])
     assert layer.features["class"].tolist() == ["Tumor"]
     # one class only: the dock says what is missing, no map yet
     qtbot.waitUntil(lambda: "two classes" in w.status_label.text(), timeout=10_000)
     assert f"{slide.name} · probe classes" not in viewer.layers
 
     w.class_list.setCurrentRow(1)  # Stroma: the next shape gets it, not the previous class
-    draw_rectangle(layer, world_rect(slide, hi, y0, c[:, 0].max() + P, y1))
+    mouse_rectangle(qtbot, viewer, layer, *world_rect(slide, hi, y0, c[:, 0].max() + P, y1)[::2])
     assert layer.features["class"].tolist() == ["Tumor", "Stroma"]
     assert np.allclose(layer.edge_color[1, :3], np.array(w.palette.colour("Stroma")) / 255)
     qtbot.waitUntil(lambda: "balanced accuracy" in w.accuracy_label.text(), timeout=30_000)

@@ -88,3 +88,28 @@ def test_a_recipe_change_makes_a_new_store_and_drops_the_stale_preview(
     status = compute(qtbot, dock)
     assert "loaded" in status and dock.session.slide(layer).store.path == first.path
     np.testing.assert_array_equal(dock.session.slide(layer).coords, np.asarray(first.coords))
+
+
+def test_a_store_with_other_settings_is_replaced_only_after_asking(make_napari_viewer, qtbot,
+                                                                    sample_svs, monkeypatch):
+    """Same model and tiling, other weights (e.g. a replaced weights file): the dock asks;
+    "No" keeps the old file, "Yes" replaces it."""
+    import napari_gpfm.jobs.embed as embed_job
+
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, sample_svs)
+    dock = gpfm_dock(viewer, qtbot)
+    compute(qtbot, dock)
+    path = dock.session.slide(layer).store.path
+    before = path.stat().st_mtime_ns
+    monkeypatch.setattr(embed_job, "weights_digest", lambda *a, **k: "another-weights-file")
+    asked: list[str] = []
+    monkeypatch.setattr(dock, "confirm_overwrite", lambda q: asked.append(q) or False)
+    compute(qtbot, dock, expect="error")
+    assert len(asked) == 1 and "weights" in asked[0] and str(path) in asked[0]
+    assert path.stat().st_mtime_ns == before and "Kept it" in dock.status.text()
+    monkeypatch.setattr(dock, "confirm_overwrite", lambda q: asked.append(q) or True)
+    with qtbot.waitSignal(dock.jobs.finished, timeout=60_000):  # the refused run
+        click(qtbot, dock.compute_button)
+    qtbot.waitUntil(lambda: dock.jobs.outcome == "done" and not dock.jobs.busy, timeout=60_000)
+    assert len(asked) == 2 and path.stat().st_mtime_ns != before

@@ -1,0 +1,154 @@
+"""Classes, annotation layers drawn with the mouse, the live probe's class map, and class maps
+on a second, translated slide, through the docks a pathologist opens from the Plugins menu."""
+
+from __future__ import annotations
+
+import numpy as np
+from mouse import draw_rectangle
+from qtpy.QtCore import Qt
+from user import add_dock, click, compute, gpfm_dock, new_window, open_slide, tick
+
+
+def add_class(qtbot, annotate, name: str) -> None:
+    """Type a class name and click Add."""
+    annotate.class_name_edit.clear()
+    qtbot.keyClicks(annotate.class_name_edit, name)
+    click(qtbot, annotate.add_button)
+
+
+def choose_class(qtbot, annotate, name: str) -> None:
+    """Click the class in the list."""
+    items = annotate.class_list.findItems(name, Qt.MatchFlag.MatchExactly)
+    assert items, f"no class {name!r} in the list"
+    rect = annotate.class_list.visualItemRect(items[0])
+    qtbot.mouseClick(annotate.class_list.viewport(), Qt.MouseButton.LeftButton,
+                     pos=rect.center())  # fmt: skip
+    assert annotate.session.palette.active == name
+
+
+def region(state, indices) -> tuple[np.ndarray, np.ndarray]:
+    """World corners (y, x) of the box around these patches, a little inside their edges."""
+    boxes = state.boxes(indices).reshape(-1, 2)
+    lo, hi = boxes.min(0), boxes.max(0)
+    pad = 0.1 * (hi - lo).min()
+    return lo + pad, hi - pad
+
+
+def class_maps(viewer, uid) -> list:
+    return [la for la in viewer.layers
+            if la.metadata.get("napari_gpfm", {}).get("kind") == "class-map"
+            and la.metadata["napari_gpfm"].get("slide_uid") == uid]  # fmt: skip
+
+
+def two_regions(state):
+    """Two groups of 4 neighbouring patches far apart (top and bottom of the tissue)."""
+    order = np.lexsort((state.coords[:, 0], state.coords[:, 1]))
+    P = state.patch_size_level0
+    where = {tuple(c): i for i, c in enumerate(state.coords.tolist())}
+
+    def block(start):
+        for i in start:
+            x, y = state.coords[i]
+            quad = [where.get((x + dx, y + dy)) for dx, dy in ((P, 0), (0, P), (P, P))]
+            if None not in quad:
+                return [int(i), *quad]
+        raise AssertionError("no 2x2 block of patches")
+
+    return block(order), block(order[::-1])
+
+
+def test_draw_two_classes_and_see_the_live_class_map(make_napari_viewer, qtbot, sample_svs):
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, sample_svs)
+    dock = gpfm_dock(viewer, qtbot)
+    compute(qtbot, dock)
+    annotate = add_dock(viewer, "Annotate & classify")
+    state = annotate.session.slide(layer)
+    add_class(qtbot, annotate, "Tumour")
+    add_class(qtbot, annotate, "Stroma")
+    click(qtbot, annotate.new_layer_button)
+    shapes = annotate.annotation_layer()
+    assert shapes is not None and type(shapes).__name__ == "Shapes"
+    tick(qtbot, annotate.live_check)
+    viewer.reset_view()
+    qtbot.wait(100)
+    top, bottom = two_regions(state)
+    choose_class(qtbot, annotate, "Tumour")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
+    choose_class(qtbot, annotate, "Stroma")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    # each shape took the class active when it was drawn
+    assert list(shapes.features["class"]) == ["Tumour", "Stroma"]
+    # the live probe paints a class map on the embedded grid
+    qtbot.waitUntil(lambda: class_maps(viewer, state.uid), timeout=30_000)
+    cmap = class_maps(viewer, state.uid)[0]
+    g = state.grid
+    for idx, value in ((top, 1), (bottom, 2)):  # class i is painted i + 1
+        for i in idx:
+            assert cmap.data[g.rows[i], g.cols[i]] == value
+    assert "Tumour" in annotate.labels_label.text() + annotate.status_label.text()
+
+
+def test_class_maps_follow_a_translated_second_slide(make_napari_viewer, qtbot, sample_svs,
+                                                     tmp_path):  # fmt: skip
+    viewer = new_window(make_napari_viewer)
+    a = open_slide(viewer, sample_svs)
+    copy = tmp_path / "neighbour.svs"
+    copy.write_bytes(sample_svs.read_bytes())
+    b = open_slide(viewer, copy)
+    shift = (250.0, a.extent.world[1][1] + 200.0)
+    b.translate = shift
+    dock = gpfm_dock(viewer, qtbot)
+    for la in (a, b):
+        dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(la.name))
+        compute(qtbot, dock)
+    annotate = add_dock(viewer, "Annotate & classify")
+    annotate.slide_combo.setCurrentIndex(annotate.slide_combo.findText(a.name))
+    sa, sb = annotate.session.slide(a), annotate.session.slide(b)
+    add_class(qtbot, annotate, "Tumour")
+    add_class(qtbot, annotate, "Stroma")
+    click(qtbot, annotate.new_layer_button)
+    shapes = annotate.annotation_layer()
+    viewer.reset_view()
+    qtbot.wait(100)
+    top, bottom = two_regions(sa)
+    choose_class(qtbot, annotate, "Tumour")
+    draw_rectangle(qtbot, viewer, shapes, *region(sa, top))
+    choose_class(qtbot, annotate, "Stroma")
+    draw_rectangle(qtbot, viewer, shapes, *region(sa, bottom))
+    click(qtbot, annotate.train_button)
+    qtbot.waitUntil(lambda: class_maps(viewer, sa.uid), timeout=30_000)
+    click(qtbot, annotate.apply_button)
+    qtbot.waitUntil(lambda: class_maps(viewer, sb.uid), timeout=30_000)
+    cmap = class_maps(viewer, sb.uid)[0]
+    # the cell of patch i of slide b covers patch i's footprint on slide b, not on slide a
+    g, P, m = sb.grid, sb.patch_size_level0, sb.mpp
+    for i in (0, sb.n // 2, sb.n - 1):
+        x, y = sb.coords[i]
+        lo = cmap.data_to_world((g.rows[i] - 0.5, g.cols[i] - 0.5))
+        np.testing.assert_allclose(lo, ((y - 0.5) * m + shift[0], (x - 0.5) * m + shift[1]),
+                                   atol=1e-6)  # fmt: skip
+        hi = cmap.data_to_world((g.rows[i] + g.k - 0.5, g.cols[i] + g.k - 0.5))
+        np.testing.assert_allclose(hi, ((y + P - 0.5) * m + shift[0], (x + P - 0.5) * m + shift[1]),
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_napari_own_new_shapes_button_with_the_dock_open(make_napari_viewer, qtbot, sample_svs):
+    """The layer list's "new shapes layer" button, then a rectangle drawn: no error, and the
+    shape takes the active class."""
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, sample_svs)
+    annotate = add_dock(viewer, "Annotate & classify")
+    add_class(qtbot, annotate, "Tumour")
+    add_class(qtbot, annotate, "Stroma")
+    choose_class(qtbot, annotate, "Stroma")
+    buttons = viewer.window._qt_viewer.layerButtons
+    click(qtbot, buttons.newShapesButton)
+    shapes = viewer.layers[-1]
+    assert type(shapes).__name__ == "Shapes"
+    qtbot.wait(50)
+    ext = np.asarray(layer.extent.world)
+    c = ext.mean(0)
+    draw_rectangle(qtbot, viewer, shapes, c - 40, c + 40)
+    assert len(shapes.data) == 1
+    assert list(shapes.features["class"]) == ["Stroma"]
