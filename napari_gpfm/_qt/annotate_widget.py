@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -120,13 +120,24 @@ def _is_paint(layer: Any) -> bool:
         and meta.get("kind") == "class-paint"  # fmt: skip
 
 
+class _Relay(QObject):
+    """Carries a job's records from its worker thread to the dock. Not a child of the dock: it
+    lives as long as the job, so a job outliving a closed dock never emits on a deleted
+    object (Qt drops the connection to the deleted dock)."""
+
+    record = Signal(object)
+
+
 def _teardown(palette: ClassPalette, palette_cb: Callable, disconnects: list[Callable],
-              detaches: dict[int, Callable]) -> Callable:  # fmt: skip
+              detaches: dict[int, Callable], running: dict[str, Any]) -> Callable:  # fmt: skip
     """A slot undoing the dock's connections to longer-lived objects (the session's palette
-    and events, the layer list, the Shapes layers) once the dock is deleted (a closure: the
-    widget itself is gone by then)."""
+    and events, the layer list, the Shapes layers) and stopping its job once the dock is
+    deleted (a closure: the widget itself is gone by then)."""
 
     def run(*_: Any) -> None:
+        worker = running.pop("worker", None)
+        if worker is not None:
+            worker.quit()
         palette.disconnect(palette_cb)
         for fn in disconnects + list(detaches.values()):
             try:
@@ -145,9 +156,6 @@ class AnnotateWidget(QWidget):
     session behind them is one).
     """
 
-    #: (generation, slide uid, Progress) of a probe run, sent from the worker thread.
-    _record = Signal(object)
-
     def __init__(self, napari_viewer: Any):
         super().__init__()
         self.viewer = napari_viewer
@@ -162,6 +170,7 @@ class AnnotateWidget(QWidget):
         self._shown_uid: int | None = None  # the slide whose store was looked up
         self._watched: list[Any] = []  # emitters connected to _on_annotations_changed
         self._detach: dict[int, Callable[[], None]] = {}  # Shapes layer uid -> detach
+        self._running: dict[str, Any] = {}  # "worker": the probe job's worker while it runs
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
@@ -317,7 +326,6 @@ class AnnotateWidget(QWidget):
         self.load_button.clicked.connect(lambda: self._load_clicked())
         self.apply_button.clicked.connect(lambda: self.apply_to_open_slides())
         self.jobs.finished.connect(self._on_job_finished)
-        self._record.connect(self._on_record)
 
         self.palette.connect(self._on_palette_changed)
         layers = self.layers
@@ -330,7 +338,7 @@ class AnnotateWidget(QWidget):
             emitter.connect(cb)
         disconnects = [lambda e=e, c=c: e.disconnect(c) for e, c in hooks]
         self.destroyed.connect(_teardown(self.palette, self._on_palette_changed, disconnects,
-                                         self._detach))  # fmt: skip
+                                         self._detach, self._running))  # fmt: skip
 
     def _guard(self, fn: Callable, *args: Any) -> Any:
         """Run a user action; the package's errors are shown, not raised."""
@@ -739,15 +747,19 @@ class AnnotateWidget(QWidget):
         self._generation += 1
         generation, uid = self._generation, s.uid
         job = probe_job(anns, store, names, colours, self.min_fraction.value(), extra, CV_FOLDS)
-        emit = self._record.emit
+        relay = _Relay()  # (generation, slide uid, Progress) from the worker thread
+        relay.record.connect(self._on_record)
         self._notes = notes
-        return self.jobs.run(
-            _tap(job, lambda p: emit((generation, uid, p))), slide=uid,
+        worker = self.jobs.run(
+            _tap(job, lambda p: relay.record.emit((generation, uid, p))), slide=uid,
             on_result=lambda r: self._on_result(generation, uid, r),
             message=f"Training a linear probe on {s.name}…",
         )  # fmt: skip
+        self._running["worker"] = worker
+        return worker
 
     def _on_job_finished(self, outcome: str) -> None:
+        self._running.pop("worker", None)
         if self._rerun:
             self._rerun = False
             self.retrain()

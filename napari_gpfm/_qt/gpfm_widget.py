@@ -670,7 +670,7 @@ class GPFMWidget(QWidget):
         canvas = tuple(self.viewer.canvas.size)
         centre, zoom = convert.camera_for_patch(s.coords[idx], s.patch_size_level0, s.mpp,
                                                 canvas, offset=s.offset)  # fmt: skip
-        camera = self.viewer.camera
+        camera = self.viewer.scene.camera
         camera.center = centre
         camera.zoom = zoom
         if s.layer is not None:

@@ -69,6 +69,7 @@ class PathoTuneWidget(QWidget):
         self.last: Any = None  # the last run's JobResult
         self.text_encoder = None
         self._stop = threading.Event()
+        self._running: dict[str, Any] = {}  # the running job's worker and stop event
         self._build()
         self._connect()
         self._refresh_layers()
@@ -191,8 +192,16 @@ class PathoTuneWidget(QWidget):
         for emitter, cb in hooks:
             emitter.connect(cb)
         disconnects = [lambda e=e, c=c: e.disconnect(c) for e, c in hooks]
+        running = self._running
+        self.jobs.finished.connect(lambda _: running.clear())
 
         def teardown(*_: Any) -> None:
+            """The dock is deleted: its job stops, the session forgets it (a closure: the
+            widget is gone by then)."""
+            if running:
+                running["stop"].set()
+                running["worker"].quit()
+                running.clear()
             for fn in disconnects:
                 fn()
 
@@ -338,9 +347,11 @@ class PathoTuneWidget(QWidget):
         uid = self.current_uid()
         s = self.session.slides[uid]
         what = "Predicting" if classifier is not None else "Training PathoTune on"
-        return self.jobs.run(pathotune_job(job, self._stop), slide=uid,
-                             on_result=lambda r: self._on_done(uid, r),
-                             message=f"{what} {s.name}…")  # fmt: skip
+        worker = self.jobs.run(pathotune_job(job, self._stop), slide=uid,
+                               on_result=lambda r: self._on_done(uid, r),
+                               message=f"{what} {s.name}…")  # fmt: skip
+        self._running.update(worker=worker, stop=self._stop)
+        return worker
 
     def cancel(self) -> None:
         """Stop the run within one training step / prediction batch."""

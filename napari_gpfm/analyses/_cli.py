@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_gpfm.errors import UsageError, require_file
+
 __all__ = ["register", "run_train", "run_classify"]
 
 TRAIN_EPILOG = """\
@@ -94,7 +96,8 @@ def register(subparsers: Any) -> None:
 
 
 def _err(msg: str) -> None:
-    print(f"napari-gpfm: error: {msg}", file=sys.stderr)
+    """One ``error:`` line on stderr (the CLI's form; see :func:`napari_gpfm.errors.error_line`)."""
+    print("error: " + " ".join(msg.split()), file=sys.stderr)
 
 
 def _embed_store(slide: Any, encoder: Any, spec: Any, store_dir: Path, args: Any,
@@ -119,8 +122,11 @@ def train_store(args: argparse.Namespace) -> Any:
     store_dir = args.store_dir or args.out.resolve().parent
     name = args.model or default_model_name()
     slide = open_slide(args.slide, mpp=args.mpp)
-    spec = default_spec(SimpleNamespace(card=get_card(name))).replace(
-        target_mpp=args.target_mpp, patch_size=args.patch_size)
+    try:
+        spec = default_spec(SimpleNamespace(card=get_card(name))).replace(
+            target_mpp=args.target_mpp, patch_size=args.patch_size)
+    except ValueError as exc:  # GridSpec refuses a non-positive mpp or size
+        raise UsageError(f"--target-mpp / --patch-size: {exc}") from exc
     tiling = tiling_dir_name(spec.target_mpp, spec.patch_size, spec.overlap)
     path = store_path(store_dir, name, slide.name, tiling)
     if path.exists() and args.weights is None:
@@ -131,18 +137,17 @@ def train_store(args: argparse.Namespace) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``train-classifier``: 0 ok, 1 training impossible (labels), 2 bad input or setup."""
+    """``train-classifier``: 0 ok, 1 training impossible (labels); bad input or setup raises a
+    :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
     from napari_gpfm.annotations import read_geojson
     from napari_gpfm.annotations.classes import ClassPalette
 
     from .classify import train_classifier
 
-    try:
-        anns = read_geojson(args.annotations)
-        store = train_store(args)
-    except Exception as exc:
-        _err(str(exc))
-        return 2
+    require_file(args.annotations, "annotations file")  # both inputs, before any work
+    require_file(args.slide, "slide")
+    anns = read_geojson(args.annotations)
+    store = train_store(args)
     palette = ClassPalette.from_annotations(anns)
     names = [s.strip() for s in args.classes.split(",")] if args.classes else (
         palette.training_names)
@@ -253,15 +258,14 @@ def classify_store(slide_path: str, probe: Any, args: argparse.Namespace, cache:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    """``classify``: 0 ok, 1 a slide failed, 2 unreadable classifier."""
+    """``classify``: 0 ok, 1 a slide failed; a missing input file or an unreadable classifier
+    raises a :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
     from .classify import predict_store, write_outputs
     from .probe import load_probe
 
-    try:
-        probe = load_probe(args.classifier)
-    except Exception as exc:
-        _err(str(exc))
-        return 2
+    probe = load_probe(require_file(args.classifier, "classifier file"))
+    for slide_path in args.slides:  # before any slide is embedded
+        require_file(slide_path, "slide")
     failed = []
     cache: dict = {}
     for slide_path in args.slides:

@@ -203,22 +203,30 @@ def train_classifier(
 # --- applying ----------------------------------------------------------------------------------
 
 
-def check_recipe(probe: LinearProbe, store: Any, source: str = "classifier") -> None:
-    """Raise :class:`RecipeMismatchError` when ``store``'s features are not the probe's kind."""
+def check_recipe(probe: LinearProbe, store: Any, source: str | os.PathLike | None = None) -> None:
+    """Raise :class:`RecipeMismatchError` when ``store``'s features are not the probe's kind.
+
+    The error names ``source`` (the classifier file) when given, else the store's file.
+    """
     expected = store_recipe(store)
+    store_file = getattr(store, "path", None)
+    refused = source if source is not None else (store_file or "features")
+    features = store_file if source is not None and store_file else "these features"
     diff = _recipe_diff(probe.recipe or {}, expected)
     if diff:
         lines = "; ".join(f"{k}: classifier has {a!r}, features have {b!r}"
                           for k, (a, b) in diff.items())
         raise RecipeMismatchError(
-            f"{source} was trained on embeddings of another model or recipe than "
-            f"{getattr(store, 'path', 'these features')} ({lines}); retrain it on these "
-            "features or embed the slide with the classifier's model and tiling"
+            refused, diff,
+            f"the classifier was trained on embeddings of another model or recipe than "
+            f"{features} ({lines}); retrain it on these features or embed the slide with the "
+            "classifier's model and tiling",
         )
     if probe.n_features != store.embed_dim:
         raise RecipeMismatchError(
-            f"{source} expects {probe.n_features}-d features, "
-            f"{getattr(store, 'path', 'the store')} has {store.embed_dim}-d"
+            refused, {"embed_dim": (probe.n_features, store.embed_dim)},
+            f"the classifier expects {probe.n_features}-d features, {features} have "
+            f"{store.embed_dim}-d",
         )
 
 

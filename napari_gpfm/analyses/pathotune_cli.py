@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_gpfm.errors import InputFileError, UsageError, require_file
+
 __all__ = ["read_tiles_csv", "register", "train_patch_labels", "train_tiles_csv"]
 
 
@@ -43,24 +45,38 @@ def _print_progress(record: Any) -> None:
 def read_tiles_csv(path: str | Path, size: int | None = None) -> tuple[np.ndarray, list[str],
                                                                        list[str]]:
     """(uint8 tiles (N, S, S, 3), labels, files) from a CSV with ``file`` and ``label``
-    columns; tiles are resized to ``size`` when given (they must share a size otherwise)."""
+    columns; tiles are resized to ``size`` when given (they must share a size otherwise).
+
+    Raises :class:`~napari_gpfm.errors.InputFileNotFoundError` for a missing CSV and
+    :class:`~napari_gpfm.errors.InputFileError` (naming the CSV) for an unreadable one, a missing
+    ``file`` column or a tile that cannot be read.
+    """
     from PIL import Image
 
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise SystemExit(f"napari-gpfm pathotune: cannot read {path}: {exc}") from exc
+    path = require_file(path, "tiles CSV")
+    rows = _read_csv(path)
     if not rows or "file" not in rows[0]:
-        raise SystemExit(f"napari-gpfm pathotune: {path}: needs a 'file' column (and 'label')")
+        raise InputFileError(path, "needs a 'file' column (and 'label')")
     images = []
-    for r in rows:
-        img = Image.open(path.parent / r["file"]).convert("RGB")
+    for i, r in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            img = Image.open(path.parent / r["file"]).convert("RGB")
+        except OSError as exc:  # missing file, not an image
+            raise InputFileError(path, f"line {i}: cannot read tile {r['file']!r} ({exc})") from exc
         if size:
             img = img.resize((size, size), Image.BILINEAR)
         images.append(np.asarray(img))
+    if len({im.shape for im in images}) > 1:
+        raise InputFileError(path, "the tiles differ in size; give the model's input size")
     return np.stack(images), [r.get("label", "") for r in rows], [r["file"] for r in rows]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFileError(path, f"cannot read it as a CSV table ({exc})") from exc
 
 
 def _prompt_config(args: argparse.Namespace):
@@ -123,17 +139,36 @@ def train_patch_labels(encoder: Any, slide: str | Path, coords: np.ndarray,
 
 
 def _read_patch_labels(path: Path) -> tuple[np.ndarray, list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_csv(require_file(path, "patch labels CSV"))
     if not rows or not {"x", "y", "label"} <= set(rows[0]):
-        raise SystemExit(f"napari-gpfm pathotune: {path}: needs columns x, y, label")
-    coords = np.array([[int(float(r["x"])), int(float(r["y"]))] for r in rows], dtype=np.int64)
+        raise InputFileError(path, "needs columns x, y, label")
+    try:
+        coords = np.array([[int(float(r["x"])), int(float(r["y"]))] for r in rows],
+                          dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise InputFileError(path, f"x and y must be numbers ({exc})") from exc
     return coords, [r["label"] for r in rows]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .pathotune import save_classifier
 
+    # inputs first (named when missing or malformed), then the backbone (slow)
+    if args.tiles_csv:
+        require_file(args.tiles_csv, "tiles CSV")
+    else:
+        if not (args.slide and args.patch_labels):
+            raise UsageError("pathotune train: give --tiles-csv, or --slide with --patch-labels")
+        require_file(args.slide, "slide")
+        coords, labels = _read_patch_labels(args.patch_labels)
+        size0 = args.patch_size_level0
+        if args.store:
+            from napari_gpfm.embeddings import open_store
+
+            size0 = open_store(require_file(args.store, "feature file")).patch_size_level0
+        if not size0:
+            raise UsageError("pathotune train: the patch side is unknown; give --store or "
+                             "--patch-size-level0")
     enc = _encoder(args)
     common = dict(prompt_config=_prompt_config(args), template=_template(args),
                   train_config=_train_config(args), on_progress=_print_progress)
@@ -141,18 +176,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train_tiles_csv(enc, args.tiles_csv, _classes([], args.classes) or None,
                                  **common)
     else:
-        if not (args.slide and args.patch_labels):
-            raise SystemExit("napari-gpfm pathotune train: give --tiles-csv, or --slide with "
-                             "--patch-labels")
-        coords, labels = _read_patch_labels(args.patch_labels)
-        size0 = args.patch_size_level0
-        if args.store:
-            from napari_gpfm.embeddings import open_store
-
-            size0 = open_store(args.store).patch_size_level0
-        if not size0:
-            raise SystemExit("napari-gpfm pathotune train: the patch side is unknown; give "
-                             "--store or --patch-size-level0")
         result = train_patch_labels(enc, args.slide, coords, size0, labels,
                                     _classes(labels, args.classes), mpp=args.mpp, **common)
     if result is None or result.cancelled:
@@ -173,6 +196,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from napari_gpfm.encoders.device import resolve_device
 
+    # inputs first (named when missing), then the classifier and its backbone (slow)
+    require_file(args.classifier, "classifier file")
+    if args.tiles_csv:
+        require_file(args.tiles_csv, "tiles CSV")
+    elif not (args.slide and args.store):
+        raise UsageError("pathotune predict: give --tiles-csv, or --slide with --store")
+    else:
+        require_file(args.slide, "slide")
+        require_file(args.store, "feature file")
     device = str(resolve_device(args.device))
     clf = load_classifier(args.classifier, weights=args.weights, device=device)
     if args.tiles_csv:
@@ -181,9 +213,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         coords = np.zeros((len(files), 2), np.int64)
         extra = {"file": np.asarray(files)}
     else:
-        if not (args.slide and args.store):
-            raise SystemExit("napari-gpfm pathotune predict: give --tiles-csv, or --slide with "
-                             "--store")
         from napari_gpfm.embeddings import open_store
 
         store = open_store(args.store)

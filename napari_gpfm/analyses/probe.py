@@ -25,6 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from napari_gpfm.embeddings.recipe import recipe_diff
+from napari_gpfm.embeddings.store import RecipeMismatchError
+from napari_gpfm.errors import NapariGpfmError
+
 __all__ = [
     "RECIPE_KEYS",
     "ProbeFileError",
@@ -43,12 +47,12 @@ _ALIASES = {"model_name": "model", "encoder": "model", "weights_hash": "weights_
 _FORMAT = "napari-gpfm-linear-probe/1"
 
 
-class ProbeFileError(ValueError):
+class ProbeFileError(NapariGpfmError, ValueError):
     """A probe file is missing, unreadable or corrupt (the message names the file)."""
 
 
-class RecipeMismatchError(ValueError):
-    """A probe was trained on embeddings of another recipe than the one requested."""
+# RecipeMismatchError (a probe trained on embeddings of another recipe than the features it would
+# be applied to) is the embeddings' class, re-exported here: one class, one diff (recipe_diff).
 
 
 def _recipe_dict(recipe: Any) -> dict:
@@ -70,18 +74,8 @@ def _recipe_dict(recipe: Any) -> dict:
 
 
 def _recipe_diff(found: Mapping, expected: Mapping) -> dict[str, tuple[Any, Any]]:
-    diff = {}
-    for key in RECIPE_KEYS:
-        a, b = found.get(key), expected.get(key)
-        if key not in expected:
-            continue  # the caller does not constrain this key
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            same = math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-        else:
-            same = a == b
-        if not same:
-            diff[key] = (a, b)
-    return diff
+    """The :data:`RECIPE_KEYS` that differ, by the embeddings' one rule (``recipe_diff``)."""
+    return recipe_diff(found, expected, RECIPE_KEYS)
 
 
 @dataclass(eq=False)
@@ -401,9 +395,10 @@ def balanced_accuracy(true: np.ndarray, pred: np.ndarray, classes: np.ndarray | 
 def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearProbe:
     """Read a probe file; refuse it when its recipe differs from ``expected_recipe``.
 
-    Only the keys in :data:`RECIPE_KEYS` that ``expected_recipe`` provides are compared (floats
-    with a relative tolerance of 1e-6). Raises :class:`ProbeFileError` for unreadable or
-    corrupt files and :class:`RecipeMismatchError` naming the file and each differing key.
+    Only the keys in :data:`RECIPE_KEYS` that ``expected_recipe`` provides are compared (with
+    :func:`~napari_gpfm.embeddings.recipe.recipe_diff`: floats rounded to 6 decimals). Raises
+    :class:`ProbeFileError` for unreadable or corrupt files and :class:`RecipeMismatchError`
+    naming the file and each differing key.
     """
     path = os.fspath(path)
     try:
@@ -433,8 +428,9 @@ def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearPr
                 f"{k}: file has {a!r}, features have {b!r}" for k, (a, b) in diff.items()
             )
             raise RecipeMismatchError(
-                f"{path}: this probe was trained on embeddings of another recipe ({lines}); "
-                "retrain it on these features or embed the slide with the probe's recipe"
+                path, diff,
+                f"this probe was trained on embeddings of another recipe ({lines}); "
+                "retrain it on these features or embed the slide with the probe's recipe",
             )
     return LinearProbe(
         class_names=[str(s) for s in data["class_names"].tolist()],

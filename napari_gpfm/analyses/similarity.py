@@ -12,10 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from napari_gpfm.errors import NapariGpfmError
+
 __all__ = ["SimilarityIndex", "MultiStoreIndex", "ModelMismatchError"]
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(NapariGpfmError, ValueError):
     """Stores embedded by different models (or dimensions) cannot be compared."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from napari_gpfm.errors import NapariGpfmError
+
 __all__ = [
     "GeoJSONError",
     "Annotation",
@@ -54,7 +56,7 @@ _LEGACY_TYPES = {
 }
 
 
-class GeoJSONError(ValueError):
+class GeoJSONError(NapariGpfmError, ValueError):
     """A GeoJSON file or object cannot be read (the message names the file and the place)."""
 
 

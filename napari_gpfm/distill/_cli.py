@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from napari_gpfm.errors import error_line
+
 HELP = "train a student with GPFM unified knowledge distillation"
 
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         result = run_distillation(cfg)
     except (ConfigError, NonFiniteLossError) as exc:
-        print(f"napari-gpfm distill: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     finally:
         shutdown()

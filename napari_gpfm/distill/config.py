@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from napari_gpfm.errors import NapariGpfmError
+
 Config = dict[str, Any]
 
 DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "default.yaml"
@@ -27,7 +29,7 @@ LR_SCALING_RULES = ("sqrt", "linear", "none")
 CONFIG_FILENAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(NapariGpfmError, ValueError):
     """A config file or override names an unknown key or holds an invalid value."""
 
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_gpfm.errors import error_line, require_file
+
 __all__ = ["build_spec", "main", "rank_and_world", "register", "run_embed", "shard"]
 
 EPILOG = """\
@@ -127,7 +129,7 @@ def _describe_failure(path: str, exc: BaseException) -> str:
 
 def run_embed(args: argparse.Namespace) -> int:
     """Run ``embed`` for parsed ``args``; returns the exit code (0 ok, 1 a slide failed,
-    2 bad setup such as missing weights)."""
+    2 bad setup such as missing weights or a slide path that does not exist)."""
     from tqdm import tqdm
 
     from napari_gpfm.embeddings.run import embed_slide, resolve_device
@@ -140,6 +142,8 @@ def run_embed(args: argparse.Namespace) -> int:
         print(f"{tag}{len(slides)} of {len(args.slides)} slides", file=sys.stderr)
 
     try:
+        for path in args.slides:  # every rank checks every path: all stop alike, before the model
+            require_file(path, "slide")
         device = resolve_device(_device_for_rank(args.device))
         name = args.model or default_model_name()
         encoder = load_encoder(
@@ -147,7 +151,7 @@ def run_embed(args: argparse.Namespace) -> int:
         )
         spec = build_spec(args, encoder)
     except Exception as exc:  # setup problems concern every slide: stop here
-        print(f"{tag}error: {exc}", file=sys.stderr)
+        print(f"{tag}{error_line(exc)}", file=sys.stderr)
         return 2
     if getattr(encoder.card, "is_gpfm", True) is False:
         print(f"{tag}note: model '{encoder.card.name}' is not GPFM", file=sys.stderr)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EmbeddingRecipe", "KEY_FIELDS", "current_versions"]
+__all__ = ["EmbeddingRecipe", "KEY_FIELDS", "current_versions", "format_diff", "recipe_diff"]
 
 #: Fields hashed by :meth:`EmbeddingRecipe.key`.
 KEY_FIELDS: tuple[str, ...] = (
@@ -91,8 +92,7 @@ class EmbeddingRecipe:
 
     def diff(self, other: EmbeddingRecipe) -> dict[str, tuple[Any, Any]]:
         """Key fields whose (normalised) values differ: ``{name: (self value, other value)}``."""
-        a, b = self.key_fields(), other.key_fields()
-        return {k: (a[k], b[k]) for k in KEY_FIELDS if a[k] != b[k]}
+        return recipe_diff(self.key_fields(), other.key_fields())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""
@@ -115,6 +115,20 @@ class EmbeddingRecipe:
     def from_json(cls, text: str) -> EmbeddingRecipe:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
+
+
+def recipe_diff(
+    found: Mapping[str, Any], expected: Mapping[str, Any], keys: Iterable[str] = KEY_FIELDS
+) -> dict[str, tuple[Any, Any]]:
+    """The one recipe comparison: ``{key: (found value, expected value)}`` for each of ``keys``
+    that ``expected`` sets and whose values differ after the normalisation of
+    :meth:`EmbeddingRecipe.key` (floats rounded to 6 decimals, ints and floats alike, dicts
+    key-sorted). Keys absent from ``expected`` are not constrained."""
+    return {
+        k: (found.get(k), expected[k])
+        for k in keys
+        if k in expected and _normalise(found.get(k)) != _normalise(expected[k])
+    }
 
 
 def format_diff(

@@ -44,6 +44,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from napari_gpfm.errors import NapariGpfmError
 from napari_gpfm.slide.identity import SlideFingerprint, slide_fingerprint
 
 from .recipe import EmbeddingRecipe, format_diff
@@ -78,7 +79,7 @@ TRIDENT_ATTRS = (
 )
 
 
-class StoreError(Exception):
+class StoreError(NapariGpfmError):
     """A feature file is missing, unreadable or unusable; the message names the file."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
@@ -91,16 +92,27 @@ class IncompleteStoreError(StoreError):
     """The feature file belongs to a run that has not finished (or was interrupted)."""
 
 
-class RecipeMismatchError(StoreError):
-    """The feature file was made with another recipe than the one expected."""
+class RecipeMismatchError(StoreError, ValueError):
+    """Features were made with another embedding recipe than the one expected: a feature file
+    refused by :func:`open_store` / :func:`find_store`, or a classifier (linear probe) refused
+    for features of another recipe (``napari_gpfm.analyses.probe`` re-exports this class).
 
-    def __init__(self, path: str | Path, diff: dict[str, tuple[Any, Any]]) -> None:
-        self.diff = diff
-        super().__init__(
-            path,
-            "made with a different recipe than expected (" + format_diff(diff) + "). "
-            "Re-embed with --overwrite, or point to another output folder.",
-        )
+    Attributes:
+        path: the file refused (feature file or classifier file).
+        diff: ``{recipe key: (found value, expected value)}``, from
+            :func:`~napari_gpfm.embeddings.recipe.recipe_diff`.
+    """
+
+    def __init__(
+        self, path: str | Path, diff: dict[str, tuple[Any, Any]], problem: str | None = None
+    ) -> None:
+        self.diff = dict(diff)
+        if problem is None:
+            problem = (
+                "made with a different recipe than expected (" + format_diff(self.diff) + "). "
+                "Re-embed with --overwrite, or point to another output folder."
+            )
+        super().__init__(path, problem)
 
 
 class SlideMismatchError(StoreError):

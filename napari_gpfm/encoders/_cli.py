@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from napari_gpfm.errors import error_line
+
 from .card import ModelCard
 from .errors import EncoderError
 from .registry import list_cards
@@ -36,7 +38,7 @@ def run_models(args: argparse.Namespace) -> int:
             return _download(args.download, args.json)
         rows = [card_row(card) for card in list_cards()]
     except EncoderError as exc:
-        print(f"napari-gpfm models: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from napari_gpfm.errors import NapariGpfmError
 
-class EncoderError(Exception):
+
+class EncoderError(NapariGpfmError):
     """Base class: a model card, checkpoint or encoder cannot be used."""
 
 

@@ -41,6 +41,7 @@ slides often sit on read-only shares and the bundled sample lives inside the pac
 from __future__ import annotations
 
 import os
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -416,6 +417,8 @@ class ViewerSession:
     # --- look-ups ------------------------------------------------------------------------
     def slide(self, key: int | str | Any) -> SlideState:
         """The state of a slide by uid, layer name or layer; ``LookupError`` when unknown."""
+        if isinstance(key, uuid.UUID):  # a layer's unique_id as napari gives it
+            key = int(key)
         if isinstance(key, (int, np.integer)) and int(key) in self.slides:
             return self.slides[int(key)]
         if isinstance(key, str):
@@ -465,8 +468,12 @@ class ViewerSession:
         s = self.slide(key)
         if s.store is not None and (model is None or s.model == model):
             return s.store
-        pattern = f"*/features_{model}/{s.slide.name}.h5" if model else \
-            f"*/features_*/{s.slide.name}.h5"  # fmt: skip
+        from glob import escape
+
+        from ..embeddings.store import safe_name
+
+        folder = f"features_{escape(safe_name(model))}" if model else "features_*"
+        pattern = f"*/{folder}/{escape(s.slide.name)}.h5"
         candidates = sorted(self.out_dir.glob(pattern), key=os.path.getmtime, reverse=True)
         for path in candidates:
             try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from napari_gpfm.errors import NapariGpfmError
 
-class SlideError(Exception):
+
+class SlideError(NapariGpfmError):
     """Base class: something is wrong with a slide file."""
 
     def __init__(self, path: str | Path, problem: str):

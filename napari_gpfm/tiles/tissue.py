@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from napari_gpfm.errors import NapariGpfmError
+
 __all__ = [
     "NoTissueError",
     "TissueParams",
@@ -29,8 +31,9 @@ __all__ = [
 ]
 
 
-class NoTissueError(RuntimeError):
-    """No tissue (or no patch with enough tissue) was found in a slide."""
+class NoTissueError(NapariGpfmError, RuntimeError):
+    """No tissue (or no patch with enough tissue) was found in a slide (``RuntimeError`` too,
+    for callers that catch that)."""
 
 
 class _ThumbnailSource(Protocol):

@@ -80,7 +80,7 @@ def test_draw_two_classes_and_see_the_live_class_map(make_napari_viewer, qtbot, 
     # each shape took the class active when it was drawn
     assert list(shapes.features["class"]) == ["Tumour", "Stroma"]
     # the live probe paints a class map on the embedded grid
-    qtbot.waitUntil(lambda: class_maps(viewer, state.uid), timeout=30_000)
+    qtbot.waitUntil(lambda: bool(class_maps(viewer, state.uid)), timeout=30_000)
     cmap = class_maps(viewer, state.uid)[0]
     g = state.grid
     for idx, value in ((top, 1), (bottom, 2)):  # class i is painted i + 1
@@ -117,9 +117,9 @@ def test_class_maps_follow_a_translated_second_slide(make_napari_viewer, qtbot, 
     choose_class(qtbot, annotate, "Stroma")
     draw_rectangle(qtbot, viewer, shapes, *region(sa, bottom))
     click(qtbot, annotate.train_button)
-    qtbot.waitUntil(lambda: class_maps(viewer, sa.uid), timeout=30_000)
+    qtbot.waitUntil(lambda: bool(class_maps(viewer, sa.uid)), timeout=30_000)
     click(qtbot, annotate.apply_button)
-    qtbot.waitUntil(lambda: class_maps(viewer, sb.uid), timeout=30_000)
+    qtbot.waitUntil(lambda: bool(class_maps(viewer, sb.uid)), timeout=30_000)
     cmap = class_maps(viewer, sb.uid)[0]
     # the cell of patch i of slide b covers patch i's footprint on slide b, not on slide a
     g, P, m = sb.grid, sb.patch_size_level0, sb.mpp

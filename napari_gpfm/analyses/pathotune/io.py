@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_gpfm.errors import NapariGpfmError
+
 from .model import PathoTuneClassifier, PathoTuneModel, PromptConfig, backbone_identity
 from .text import TextTemplate
 
@@ -42,7 +44,7 @@ _RANDOM_PREFIX = "random-init-seed-"
 _IDENTITY_KEYS = ("name", "weights_sha256", "timm_name", "kwargs", "embed_dim", "depth")
 
 
-class ClassifierFileError(ValueError):
+class ClassifierFileError(NapariGpfmError, ValueError):
     """A PathoTune classifier file is missing, unreadable or inconsistent (names the file)."""
 
     def __init__(self, path: str | os.PathLike, problem: str) -> None:

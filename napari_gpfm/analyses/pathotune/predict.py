@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from napari_gpfm.encoders.device import autocast
+from napari_gpfm.errors import NapariGpfmError
 
 from .model import PathoTuneClassifier
 
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class GeometryMismatchError(ValueError):
+class GeometryMismatchError(NapariGpfmError, ValueError):
     """The patches to predict have another physical size than the training patches."""
 
 
