@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from napari_gpfm.embeddings import embed_slide  # noqa: E402
-from napari_gpfm.embeddings.run import _autocast, cpu_threads_for, precision_name  # noqa: E402
+from napari_gpfm.embeddings.run import cpu_threads_for  # noqa: E402
+from napari_gpfm.encoders.device import autocast, precision_name  # noqa: E402
 from napari_gpfm.slide import open_slide  # noqa: E402
 from napari_gpfm.tiles import PRESETS, TissueParams, detect_tissue, make_grid  # noqa: E402
 
@@ -132,7 +133,7 @@ def model_only_rate(encoder, patches: np.ndarray, batch_size: int, device: torch
     """patches/s of preprocess + embed on pre-loaded uint8 patches."""
     x = torch.from_numpy(patches)
     with torch.inference_mode():  # warm-up
-        with _autocast(device):
+        with autocast(device):
             encoder.embed(encoder.preprocess(x[:batch_size].to(device)))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -142,7 +143,7 @@ def model_only_rate(encoder, patches: np.ndarray, batch_size: int, device: torch
         for i in range(0, len(x), batch_size):
             with torch.inference_mode():
                 xb = encoder.preprocess(x[i : i + batch_size].to(device, non_blocking=True))
-                with _autocast(device):
+                with autocast(device):
                     f = encoder.embed(xb)
                 f.float().cpu()
             n += min(batch_size, len(x) - i)

@@ -223,3 +223,19 @@ def _drive(gen: Generator) -> Generator:
         raise JobFailed(exc) from exc
     finally:
         gen.close()
+
+
+def scrolling_layout(dock: QWidget) -> QVBoxLayout:
+    """The layout to fill for a dock whose content scrolls (a small screen never clips it)."""
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    inner = QWidget()
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setWidget(inner)
+    outer = QVBoxLayout(dock)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    dock.scroll = scroll
+    return QVBoxLayout(inner)

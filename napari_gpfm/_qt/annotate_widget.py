@@ -68,7 +68,7 @@ from ..layers.annotation_layers import (
 )
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import JobPanel
+from ._jobs import JobPanel, scrolling_layout
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["AnnotateWidget", "relative_to_slide"]
@@ -288,7 +288,7 @@ class AnnotateWidget(QWidget):
         tl.addWidget(self.apply_button)
         tl.addWidget(self.apply_label)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(src)
         layout.addWidget(classes)
         layout.addWidget(ann)
@@ -395,17 +395,17 @@ class AnnotateWidget(QWidget):
     def set_store(self, store_or_path: Any, slide: Any = None) -> Any:
         """Use a feature store (object or path) for a slide (default: the current one); every
         dock sees it. Returns the store, or ``None`` (the reason is shown)."""
-        from ..embeddings import open_store
-
         try:
             s = self.session.slide(slide if slide is not None else self.current_uid())
         except LookupError:
             self._error("Open a whole-slide image first (File > Open, or napari-gpfm's sample).")
             return None
         try:
-            store = open_store(store_or_path, expected_slide=s.slide) \
-                if isinstance(store_or_path, (str, Path)) else store_or_path  # fmt: skip
-            self.session.attach_store(s.uid, store)
+            if isinstance(store_or_path, (str, Path)):
+                store = self.session.use_store_file(s.uid, store_or_path)
+            else:
+                store = store_or_path
+                self.session.attach_store(s.uid, store)
         except USER_ERRORS as exc:
             self._error(str(exc))
             return None

@@ -20,6 +20,7 @@ import numpy as np
 from ..layers.session import result_name
 
 DEMO_TIMEOUT_S = 600
+DEMO_CLASSES = ("Demo class A", "Demo class B")
 
 
 class DemoFlow:
@@ -73,6 +74,39 @@ class DemoFlow:
     def _plotted(self) -> None:
         self._mark("plot")
         self.dock.dock_widgets[2].raise_()  # the Annotate tab: it sees the same store
+        self._annotate()
+
+    def _annotate(self) -> None:
+        """Two demo classes, each annotated with squares on the most typical patches of one of
+        the two largest clusters (a stand-in for a pathologist's strokes), then the live probe:
+        the Annotate dock trains on the store the GPFM dock computed and paints a class map."""
+        ann, s = self.dock.annotate, self.dock.session_state()
+        labels, dist = s.clusters.labels, s.clusters.distances
+        largest = np.argsort(-np.bincount(labels))[:2]
+        shapes = ann.new_annotation_layer()
+        P = s.patch_size_level0
+        for name, c in zip(DEMO_CLASSES, largest):
+            ann.add_class(name)
+            ann.set_active_class(name)
+            members = np.flatnonzero(labels == c)
+            for i in members[np.argsort(dist[members])][:4]:
+                x, y = s.coords[i]
+                shapes.add_rectangles(np.array([[y, x], [y + P - 1, x + P - 1]], float))
+        ann.jobs.finished.connect(self._classified)
+        ann.retrain()
+
+    def _classified(self, outcome: str) -> None:
+        self.dock.annotate.jobs.finished.disconnect(self._classified)
+        if outcome != "done":
+            return self._fail(f"the linear probe did not train: {self.dock.annotate.status_label.text()}")
+        self._mark("classifier")
+        s = self.dock.session_state()
+        for la in self.viewer.layers:
+            meta = la.metadata.get("napari_gpfm", {})
+            if meta.get("slide_uid") == s.uid and meta.get("kind") == "class-map":
+                la.opacity = 0.45
+                la.visible = False  # the similarity heatmap stays in front in the screenshot
+        self.viewer.layers.selection.active = self.viewer.layers[result_name(s.name, "similarity")]
         self.done = True
 
 

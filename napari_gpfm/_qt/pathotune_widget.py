@@ -46,7 +46,7 @@ from ..embeddings import StoreError
 from ..encoders.errors import EncoderError
 from ..layers.annotation_layers import annotations_from_layer, is_annotation_layer
 from ..layers.session import session_for
-from ._jobs import JobPanel
+from ._jobs import JobPanel, scrolling_layout
 from .annotate_widget import relative_to_slide
 from .gpfm_widget import fill_slide_combo
 
@@ -155,7 +155,7 @@ class PathoTuneWidget(QWidget):
         files = QHBoxLayout()
         files.addWidget(self.save_button)
         files.addWidget(self.load_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(src)
         layout.addWidget(text)
         layout.addWidget(prompts)

@@ -60,6 +60,7 @@ class EmbeddingPlotWidget(QWidget):
         self.jobs.say("Compute embeddings in the GPFM dock, then Plot.")
 
         self.canvas = scene.SceneCanvas(keys=None, show=False, bgcolor="#262930", size=(360, 360))
+        self.canvas.native.setMinimumHeight(200)
         self.view = self.canvas.central_widget.add_view()
         self.view.camera = scene.PanZoomCamera(aspect=1)
         self.markers = scene.visuals.Markers(parent=self.view.scene)

@@ -83,14 +83,15 @@ class DistillResult:
 
 
 def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
-    """``train.device`` (auto: CUDA when available), pinned to LOCAL_RANK's GPU."""
-    choice = cfg["train"]["device"]
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
+    """``train.device`` resolved like every job (:func:`napari_gpfm.encoders.device.
+    resolve_device`: auto = CUDA when available), pinned to LOCAL_RANK's GPU."""
+    from napari_gpfm.encoders.device import resolve_device as resolve
+
+    dev = resolve(cfg["train"]["device"])
+    if dev.type == "cuda" and dev.index is None:
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
-    return torch.device(choice)
+    return dev
 
 
 def hardware_description(device: torch.device, world_size: int) -> str:

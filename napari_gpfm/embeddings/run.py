@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_gpfm.encoders.device import autocast, resolve_device
 from napari_gpfm.slide.errors import MissingMppError
 from napari_gpfm.slide.identity import slide_fingerprint
 from napari_gpfm.tiles.grid import PRESETS, GridSpec, level0_size, make_grid
@@ -67,35 +68,6 @@ class EmbedProgress:
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 1.0
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else CPU; a CUDA request without CUDA is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {device!r} requested but CUDA is not available; use --device cpu"
-        )
-    return dev
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, nothing (fp32) elsewhere."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def precision_name(device: torch.device) -> str:
-    """Name of the compute precision :func:`embed_slide` uses on ``device``."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def cpu_threads_for(num_workers: int) -> int:
@@ -382,7 +354,7 @@ def _forward(encoder: Any, patches: torch.Tensor, device: torch.device) -> np.nd
         x = encoder.preprocess(x)
         if isinstance(x, torch.Tensor) and x.device != device:
             x = x.to(device)
-        with _autocast(device):
+        with autocast(device):
             f = encoder.embed(x)
         return f.float().cpu().numpy()
 

@@ -459,6 +459,16 @@ class ViewerSession:
         self.events.store(value=s.uid)
         return s
 
+    def use_store_file(self, key: Any, path: str | Path) -> Any:
+        """Attach the feature file at ``path`` to a slide (checked against the slide's
+        fingerprint: another file's features are refused, naming both)."""
+        from ..embeddings import open_store
+
+        s = self.slide(key)
+        store = open_store(path, expected_slide=s.slide)
+        self.attach_store(s.uid, store)
+        return store
+
     def find_store(self, key: Any, model: str | None = None) -> Any | None:
         """The slide's store: the attached one, else the newest finished store of this slide
         (same file: checked by fingerprint) in the output folder (of ``model`` when given),
