@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from . import _workers
@@ -230,12 +230,55 @@ def scrolling_layout(dock: QWidget) -> QVBoxLayout:
     from qtpy.QtWidgets import QFrame, QScrollArea
 
     inner = QWidget()
+    layout = QVBoxLayout(inner)
+    fit_width(dock, wrap_in_scroll(dock, inner))
+    return layout
+
+
+def wrap_in_scroll(dock: QWidget, inner: QWidget) -> Any:
+    """Put ``inner`` in a vertical scroll area filling ``dock``; returns the area."""
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
     scroll = QScrollArea()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     scroll.setWidget(inner)
     outer = QVBoxLayout(dock)
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(scroll)
     dock.scroll = scroll
-    return QVBoxLayout(inner)
+    return scroll
+
+
+class _WidthKeeper(QObject):
+    """Keeps a dock's minimum width at its content's (fonts and styles are only final once the
+    dock is shown, and content changes later)."""
+
+    def __init__(self, dock: QWidget):
+        super().__init__(dock)
+        self.dock = dock
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt name
+        if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+            settle_width(self.dock)
+        return False
+
+
+def fit_width(dock: QWidget, scroll: Any) -> None:
+    """Scroll vertically only, and never clip horizontally: the dock asks for the width its
+    content needs (plus the scroll bar), now and whenever its layout changes."""
+    dock._width_scroll = scroll
+    scroll.widget().installEventFilter(_WidthKeeper(dock))
+
+
+def settle_width(dock: QWidget) -> None:
+    """Call at the end of a dock's construction: minimum width = content + scroll bar."""
+    scroll = getattr(dock, "_width_scroll", None)
+    if scroll is None:
+        return
+    inner = scroll.widget()
+    bar = scroll.verticalScrollBar().sizeHint().width()
+    width = inner.minimumSizeHint().width() + bar + 4
+    if dock.minimumWidth() != width:
+        dock.setMinimumWidth(width)

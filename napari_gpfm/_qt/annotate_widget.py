@@ -68,7 +68,7 @@ from ..layers.annotation_layers import (
 )
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import JobPanel, scrolling_layout
+from ._jobs import JobPanel, scrolling_layout, settle_width
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["AnnotateWidget", "relative_to_slide"]
@@ -176,6 +176,7 @@ class AnnotateWidget(QWidget):
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._on_debounced)
         self._build()
+        settle_width(self)
         self._connect()
         self._load_palette()
         self._fill_palette()

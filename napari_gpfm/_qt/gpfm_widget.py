@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QPushButton,
-    QScrollArea,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -37,7 +36,7 @@ from qtpy.QtWidgets import (
 
 from ..layers import convert
 from ..layers.session import HEATMAP_LABELS, session_for
-from ._jobs import JobPanel
+from ._jobs import JobPanel, fit_width, settle_width, wrap_in_scroll
 
 CUSTOM = "custom"
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,6 +101,7 @@ class GPFMWidget(QWidget):
         self.viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
         self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.destroyed.connect(_detacher(self.viewer, self._on_mouse_drag, self._on_mouse_move))
+        settle_width(self)
 
     @property
     def run_finished(self):
@@ -118,7 +118,9 @@ class GPFMWidget(QWidget):
             "Models of the registry (models/*.yaml and your models folder). Non-GPFM models "
             "are flagged '(not GPFM)'."
         )
-        self.random_check = QCheckBox("Allow random weights (testing only)")
+        self.random_check = QCheckBox("Random weights (testing)")
+        self.random_check.setToolTip("Allow a randomly initialised model when its weights are "
+                                     "missing: for testing the workflow only.")
         self.random_check.setChecked(allow_random)
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([*PRESETS, CUSTOM])
@@ -245,12 +247,7 @@ class GPFMWidget(QWidget):
         for box in (embed_box, cl_box, hm_box, sim_box, ex_box):
             lay.addWidget(box)
         lay.addStretch(1)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setWidget(inner)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
+        fit_width(self, wrap_in_scroll(self, inner))
         self.cluster_jobs.buttons = [self.cluster_button]
         for combo in (self.layer_combo, self.model_combo, self.points_combo, self.value_combo):
             combo.setSizeAdjustPolicy(
@@ -493,10 +490,14 @@ class GPFMWidget(QWidget):
             self.say(MISSING_MPP.format(name=name), True)
             return True
         if isinstance(exc, SlideMismatchError):
-            self.say(f"{name}: the feature file {exc.path} was computed from {exc.recorded}, "
-                     f"but this slide is {exc.current}: a different slide with the same name. "
-                     "Choose another output folder for it.", True)  # fmt: skip
-            return False  # the standard notification too
+            from napari.utils.notifications import show_error
+
+            text = (f"{name}: the feature file {exc.path} was computed from {exc.recorded}, "
+                    f"but this slide is {exc.current}: a different slide with the same name. "
+                    "Choose another output folder for it (Output folder above).")
+            self.say(text, True)
+            show_error(text)
+            return True
         if isinstance(exc, RecipeMismatchError) and s is not None:
             question = (f"{name}: a feature file for this model and tiling already exists "
                         f"({exc.path}), made with different settings: {format_diff(exc.diff)}.")

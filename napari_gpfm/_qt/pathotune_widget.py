@@ -46,7 +46,7 @@ from ..embeddings import StoreError
 from ..encoders.errors import EncoderError
 from ..layers.annotation_layers import annotations_from_layer, is_annotation_layer
 from ..layers.session import session_for
-from ._jobs import JobPanel, scrolling_layout
+from ._jobs import JobPanel, scrolling_layout, settle_width
 from .annotate_widget import relative_to_slide
 from .gpfm_widget import fill_slide_combo
 
@@ -71,6 +71,7 @@ class PathoTuneWidget(QWidget):
         self._stop = threading.Event()
         self._running: dict[str, Any] = {}  # the running job's worker and stop event
         self._build()
+        settle_width(self)
         self._connect()
         self._refresh_layers()
 

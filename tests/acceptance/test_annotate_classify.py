@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from mouse import draw_rectangle
 from qtpy.QtCore import Qt
-from user import add_dock, click, compute, gpfm_dock, new_window, open_slide, tick
+from user import add_dock, click, compute, gpfm_dock, new_window, open_slide, snap, tick
 
 
 def add_class(qtbot, annotate, name: str) -> None:
@@ -87,6 +87,7 @@ def test_draw_two_classes_and_see_the_live_class_map(make_napari_viewer, qtbot, 
         for i in idx:
             assert cmap.data[g.rows[i], g.cols[i]] == value
     assert "Tumour" in annotate.labels_label.text() + annotate.status_label.text()
+    snap(viewer, "annotate_live_probe")
 
 
 def test_class_maps_follow_a_translated_second_slide(make_napari_viewer, qtbot, sample_svs,
@@ -121,6 +122,8 @@ def test_class_maps_follow_a_translated_second_slide(make_napari_viewer, qtbot, 
     click(qtbot, annotate.apply_button)
     qtbot.waitUntil(lambda: bool(class_maps(viewer, sb.uid)), timeout=30_000)
     cmap = class_maps(viewer, sb.uid)[0]
+    viewer.reset_view()
+    snap(viewer, "class_maps_two_slides")
     # the cell of patch i of slide b covers patch i's footprint on slide b, not on slide a
     g, P, m = sb.grid, sb.patch_size_level0, sb.mpp
     for i in (0, sb.n // 2, sb.n - 1):

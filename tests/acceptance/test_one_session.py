@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from user import add_dock, click, compute, gpfm_dock, new_window, open_slide
+from user import add_dock, click, compute, gpfm_dock, new_window, open_slide, snap
 
 from napari_gpfm.layers.session import result_name
 
@@ -33,6 +33,7 @@ def test_docks_added_before_and_after_see_one_store(make_napari_viewer, qtbot, s
     # the Annotate dock (added before) shows the store the GPFM dock computed
     assert str(store.path) in annotate.store_label.text() + annotate.store_edit.text()
     assert "embed the slide first" not in annotate.store_label.text()
+    snap(viewer, "one_session_docks")
 
     # the slide layer publishes the results as plain data for other plugins and scripts
     results = layer.metadata["napari_gpfm"]["results"]
@@ -102,3 +103,4 @@ def test_cross_slide_similarity_by_mouse_twice(make_napari_viewer, qtbot, sample
         sim = viewer.layers[result_name(state.name, "similarity")]
         r, c = np.round(sim.world_to_data(state.centre(index))).astype(int)
         assert sim.data[r, c] == np.nanmax(sim.data)
+        snap(viewer, f"similarity_click_{index}")

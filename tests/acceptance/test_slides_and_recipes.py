@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-from user import click, compute, gpfm_dock, new_window, open_slide, write_white_slide
+from user import click, compute, gpfm_dock, new_window, open_slide, snap, write_white_slide
 
 from napari_gpfm.layers.session import result_name
 
@@ -39,6 +39,7 @@ def test_slides_sharing_a_stem_get_their_own_stores(make_napari_viewer, qtbot, s
     assert str(a_path) in text and str(other) in text, text
     assert dock.compute_button.isEnabled()
     assert not dock.session.slide(c).has_store  # nothing was mixed in
+    snap(viewer, "same_name_other_file")
 
 
 def test_no_tissue_is_reported_and_the_dock_stays_usable(make_napari_viewer, qtbot, tmp_path,
@@ -50,6 +51,7 @@ def test_no_tissue_is_reported_and_the_dock_stays_usable(make_napari_viewer, qtb
     assert "no tissue" in dock.status.text().lower() and "blank.tif" in dock.status.text()
     assert dock.compute_button.isEnabled() and dock.preview_button.isEnabled()
     assert not dock.cancel_button.isEnabled()
+    snap(viewer, "no_tissue")
     # Preview says the same, and another slide still embeds
     with qtbot.waitSignal(dock.jobs.finished, timeout=30_000) as blocker:
         click(qtbot, dock.preview_button)

@@ -90,3 +90,18 @@ def write_white_slide(path: Path, size: int = 2048, mpp: float = 0.5) -> Path:
         tif.write(img[::2, ::2].copy(), tile=(256, 256), compression="jpeg", photometric="rgb",
                   subfiletype=1)
     return path
+
+
+def snap(viewer, name: str) -> None:
+    """With ``NAPARI_GPFM_SCREENSHOTS=<folder>``, save the whole window as ``<name>.png`` (to
+    look at what a user sees; nothing is asserted on the picture)."""
+    import os
+
+    folder = os.environ.get("NAPARI_GPFM_SCREENSHOTS")
+    if folder:
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(10):
+            QApplication.processEvents()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        viewer.screenshot(str(Path(folder) / f"{name}.png"), canvas_only=False)
