@@ -252,22 +252,23 @@ def wrap_in_scroll(dock: QWidget, inner: QWidget) -> Any:
 
 
 class _WidthKeeper(QObject):
-    """Keeps a dock's minimum width at its content's (fonts and styles are only final once the
-    dock is shown, and content changes later)."""
+    """Sets a dock's minimum width to its content's when the dock is shown (fonts and styles
+    are final only then). Not on later layout changes: the canvas must not jump while the
+    user works."""
 
     def __init__(self, dock: QWidget):
         super().__init__(dock)
         self.dock = dock
 
     def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt name
-        if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+        if event.type() == QEvent.Type.Show:
             settle_width(self.dock)
         return False
 
 
 def fit_width(dock: QWidget, scroll: Any) -> None:
     """Scroll vertically only, and never clip horizontally: the dock asks for the width its
-    content needs (plus the scroll bar), now and whenever its layout changes."""
+    content needs (plus the scroll bar) when it is shown."""
     dock._width_scroll = scroll
     scroll.widget().installEventFilter(_WidthKeeper(dock))
 
