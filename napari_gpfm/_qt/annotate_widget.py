@@ -238,6 +238,7 @@ class AnnotateWidget(QWidget):
         self.load_button = QPushButton("Load classifier…")
         self.apply_button = QPushButton("Apply to open slides")
         self.apply_label = QLabel("")
+        self.apply_jobs = JobPanel("Apply classifier", self.session, [self.apply_button])
         self.apply_label.setWordWrap(True)
 
         src = QFormLayout()
@@ -287,6 +288,7 @@ class AnnotateWidget(QWidget):
         r4.addWidget(self.load_button)
         tl.addLayout(r4)
         tl.addWidget(self.apply_button)
+        tl.addWidget(self.apply_jobs)
         tl.addWidget(self.apply_label)
 
         layout = scrolling_layout(self)
@@ -858,36 +860,60 @@ class AnnotateWidget(QWidget):
             self.say(message, error=not ok)
         return probe
 
+    def _targets(self, keys: list[Any]) -> list[tuple[Any, str, Any]]:
+        """(uid, name, store or None) of these slides; the session finds the stores."""
+        out = []
+        for key in keys:
+            s = self.session.slide(key)
+            try:
+                store = self.session.find_store(s.uid)
+            except USER_ERRORS:
+                store = None
+            out.append((s.uid, s.name, store))
+        return out
+
+    def _paint(self, r: Any) -> bool:
+        """Paint one slide's prediction (a ``SlidePrediction``) if it has one and is open."""
+        if r.prediction is None or r.key not in self.session.slides:
+            return False
+        pred = r.prediction
+        self.session.set_prediction(r.key, SOURCE, pred.rasters(), pred.class_names,
+                                    pred.colours)  # fmt: skip
+        return True
+
     def apply_to_slide(self, key: Any) -> tuple[bool, str]:
-        """Paint the classifier's prediction on one slide: (done, a line saying what
+        """Paint the classifier's prediction on one slide now: (done, a line saying what
         happened)."""
-        from ..analyses.classify import predict_store
+        from ..jobs.probe import apply_job
 
-        s = self.session.slide(key)
+        gen = apply_job(self.probe, self._targets([key]))
         try:
-            store = self.session.find_store(s.uid)
-            if store is None:
-                return False, NO_STORE.format(name=s.name)
-            pred = predict_store(self.probe, store)
-            self.session.set_prediction(s.uid, SOURCE, pred.rasters(), pred.class_names,
-                                        pred.colours)  # fmt: skip
-        except USER_ERRORS as exc:
-            return False, f"{s.name}: {exc}"
-        return True, f"{s.name}: {pred.labels.shape[0]:,} patches classified."
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            (r,) = stop.value
+        return self._paint(r), r.message
 
-    def apply_to_open_slides(self) -> int:
-        """Apply the classifier to every open slide; returns how many were painted. Each
-        slide gets a line in the dock (a slide without embeddings is named)."""
+    def apply_to_open_slides(self) -> Any:
+        """Apply the classifier to every open slide in the background, one slide after the
+        other with progress and Cancel; each slide gets a line in the dock (a slide without
+        embeddings is named). Returns the worker."""
+        from ..jobs.probe import apply_job
+
         if self.probe is None:
             self._error("Train or load a classifier first.")
-            return 0
-        results = [self.apply_to_slide(uid) for uid in list(self.session.slides)]
-        done = sum(ok for ok, _ in results)
-        self.apply_label.setText("\n".join(m for _, m in results))
+            return None
+        self.apply_label.setText("")
+        targets = self._targets(list(self.session.slides))
+        return self.apply_jobs.run(apply_job(self.probe, targets), on_result=self._applied,
+                                   message=f"Classifying {len(targets)} slide(s)…")  # fmt: skip
+
+    def _applied(self, results: list) -> None:
+        done = sum(self._paint(r) for r in results)
+        self.apply_label.setText("\n".join(r.message for r in results))
         summary = f"Classifier applied to {done} of {len(results)} open slide(s)."
-        self.say(summary, error=done < len(results))
+        self.apply_jobs.say(summary, error=done < len(results))
         show_info(summary)
-        return done
 
     def _save_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save classifier", "", "Classifier (*.npz)")

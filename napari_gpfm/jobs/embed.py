@@ -5,7 +5,12 @@ value is an :class:`EmbedOutcome` (the store, its features read and its similari
 built, so the caller's thread has nothing heavy left). Stages, in order: "looking for a
 finished store" (no model is built for that: the weights' digest is cached by path, size and
 mtime), "loading model", "detecting tissue", "embedding" (patches; the cancel points),
-"indexing". Closing the generator cancels the run and leaves a resumable store.
+"indexing" (only with ``EmbedRequest.index``). Closing the generator cancels the run and
+leaves a resumable store.
+
+The ``napari-gpfm embed`` command (:mod:`napari_gpfm.jobs._cli`) drives the same generator with
+``index=False``: re-running it over an embedded cohort finds every store without building the
+model.
 """
 
 from __future__ import annotations
@@ -18,18 +23,32 @@ from typing import Any
 
 from .progress import Progress
 
-__all__ = ["EmbedOutcome", "EmbedRequest", "embed_or_load", "find_store_for", "weights_digest"]
+__all__ = [
+    "EmbedOutcome",
+    "EmbedRequest",
+    "embed_or_load",
+    "find_store_for",
+    "require_weights",
+    "weights_digest",
+]
 
 JOB = "embed"
 
-#: Encoders built in this process, by (model, device, allow_random): a second run reuses one.
-_ENCODERS: dict[tuple[str, str, bool], Any] = {}
+#: Encoders built in this process, by (model, device, allow_random, explicit weights file): a
+#: second run reuses one.
+_ENCODERS: dict[tuple[str, str, bool, str | None], Any] = {}
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    """Everything an embed run needs (plain data, gathered on the caller's thread)."""
+    """Everything an embed run needs (plain data, gathered on the caller's thread).
+
+    ``slide`` is an open :class:`~napari_gpfm.slide.Slide` (an mpp override is applied when it is
+    opened: ``open_slide(path, mpp=...)``); the caller closes it. ``weights`` is an explicit
+    weights file (else the card's); ``index=False`` skips reading the features and building the
+    similarity index (the outcome's ``index`` is then ``None``).
+    """
 
     slide: Any
     model: str
@@ -41,29 +60,41 @@ class EmbedRequest:
     batch_size: int | None = None
     num_workers: int | None = None
     overwrite: bool = False
+    weights: str | None = None
+    index: bool = True
 
 
 @dataclass(frozen=True)
 class EmbedOutcome:
-    """A finished store ready for analysis; ``loaded`` when it existed before the run."""
+    """A finished store ready for analysis; ``loaded`` when it existed before the run;
+    ``index`` is ``None`` when the request asked for none."""
 
     store: Any
     index: Any
     loaded: bool
 
 
-def weights_digest(card: Any, allow_random: bool = False, seed: int = 0) -> str | None:
+def weights_digest(card: Any, allow_random: bool = False, seed: int = 0,
+                   weights: str | Path | None = None) -> str | None:  # fmt: skip
     """The ``weights_sha256`` a run with ``card`` would record, without loading the model.
 
-    The card's recorded sha256 when known, else the file's (hashed once per process and file
-    version), ``random-init-seed-<seed>`` for random weights, ``None`` when no weights exist.
+    An explicit ``weights`` file: its sha256 (``None`` when it is not a file; loading would
+    refuse it). Else the card's recorded sha256 when known, else the found file's,
+    ``random-init-seed-<seed>`` for random weights, ``None`` when no weights exist. Files are
+    hashed once per process and file version (path, size, mtime).
     """
+    if weights is not None:
+        path = Path(weights).expanduser()
+        return _file_digest(path) if path.is_file() else None
     status = card.status()
     if not status.found:
         return f"random-init-seed-{seed}" if allow_random else None
     if card.weights.sha256:
         return str(card.weights.sha256)
-    path = Path(status.path)
+    return _file_digest(Path(status.path))
+
+
+def _file_digest(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
@@ -73,8 +104,25 @@ def weights_digest(card: Any, allow_random: bool = False, seed: int = 0) -> str 
     return _DIGESTS[key]
 
 
+def require_weights(card: Any, weights: str | Path | None = None,
+                    allow_random: bool = False) -> str:  # fmt: skip
+    """:func:`weights_digest`, raising the ``WeightsNotFoundError`` that loading the model would
+    raise (a missing explicit file, or no weights and no ``allow_random``): a command checks its
+    model before any slide, without building it."""
+    digest = weights_digest(card, allow_random, weights=weights)
+    if digest is None:
+        from ..encoders import WeightsNotFoundError
+
+        if weights is not None:
+            raise WeightsNotFoundError(f"{Path(weights).expanduser()}: the weights file given "
+                                       f"for model '{card.name}' does not exist.")  # fmt: skip
+        raise WeightsNotFoundError(card.missing_weights_message())
+    return digest
+
+
 def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir: str | Path,
-                   allow_random: bool = False) -> Any | None:  # fmt: skip
+                   allow_random: bool = False, weights: str | Path | None = None
+                   ) -> Any | None:  # fmt: skip
     """The finished store of ``slide`` under exactly this recipe, or ``None`` (no model load).
 
     Raises :class:`~napari_gpfm.embeddings.SlideMismatchError` when the store there was made
@@ -83,7 +131,7 @@ def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir
     from ..embeddings import find_store
     from ..embeddings.run import make_recipe
 
-    digest = weights_digest(card, allow_random)
+    digest = weights_digest(card, allow_random, weights=weights)
     if digest is None or slide.mpp is None:
         return None
     recipe = make_recipe(SimpleNamespace(card=card, weights_sha256=digest), slide, spec,
@@ -94,9 +142,11 @@ def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir
 def _encoder(req: EmbedRequest, dev: str) -> Any:
     from ..encoders import load_encoder
 
-    key = (req.model, dev, req.allow_random)
+    weights = str(Path(req.weights).expanduser().resolve()) if req.weights is not None else None
+    key = (req.model, dev, req.allow_random, weights)
     if key not in _ENCODERS:
-        _ENCODERS[key] = load_encoder(req.model, device=dev, allow_random=req.allow_random)
+        _ENCODERS[key] = load_encoder(req.model, weights=weights, device=dev,
+                                      allow_random=req.allow_random)  # fmt: skip
     return _ENCODERS[key]
 
 
@@ -120,13 +170,13 @@ def embed_or_load(req: EmbedRequest) -> Generator[Progress, None, EmbedOutcome]:
     req.slide.require_mpp()
     if not req.overwrite:
         store = find_store_for(req.slide, card, req.spec, req.tissue_params, req.out_dir,
-                               req.allow_random)  # fmt: skip
+                               req.allow_random, req.weights)  # fmt: skip
         if store is not None:
             yield Progress(JOB, "loading features", store.n_patches, store.n_patches,
                            status="skipped", unit="patches",
                            message=f"{name}: found a finished feature file with the same "
                                    f"recipe: {store.path}")  # fmt: skip
-            return _outcome(store, loaded=True)
+            return _outcome(store, loaded=True, index=req.index)
     dev = str(resolve_device(req.device))
     yield Progress(JOB, "loading model", status="note",
                    message=f"{name}: loading {card.display_name} on {dev}…")  # fmt: skip
@@ -134,8 +184,9 @@ def embed_or_load(req: EmbedRequest) -> Generator[Progress, None, EmbedOutcome]:
     yield Progress(JOB, "detecting tissue", status="note",
                    message=f"{name}: detecting tissue and laying out patches…")  # fmt: skip
     path = yield from _embed(req, encoder, card, dev)
-    yield Progress(JOB, "indexing", status="note", message=f"{name}: reading the features…")
-    return _outcome(open_store(path, expected_slide=req.slide), loaded=False)
+    if req.index:
+        yield Progress(JOB, "indexing", status="note", message=f"{name}: reading the features…")
+    return _outcome(open_store(path, expected_slide=req.slide), loaded=False, index=req.index)
 
 
 def _embed(req: EmbedRequest, encoder: Any, card: Any, dev: str) -> Generator[Progress, None, Path]:
@@ -172,7 +223,9 @@ def _translate(name: str, p: Any) -> Progress:
                     "patches", data=p)  # fmt: skip
 
 
-def _outcome(store: Any, loaded: bool) -> EmbedOutcome:
+def _outcome(store: Any, loaded: bool, index: bool = True) -> EmbedOutcome:
+    if not index:
+        return EmbedOutcome(store, None, loaded)
     from ..analyses.similarity import SimilarityIndex
 
     index = SimilarityIndex(store.features, model=store.model, name=store.slide_name)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .progress import Progress
 
-__all__ = ["ProbeResult", "probe_job"]
+__all__ = ["ProbeResult", "SlidePrediction", "apply_job", "probe_job"]
 
 JOB = "probe"
 TRAINING, CROSS_VALIDATING = "training", "cross-validating"
@@ -140,3 +140,51 @@ def probe_job(
     yield Progress(JOB, stage, total, total, status="done", unit="steps", data=result,
                    message=_summary(result))
     return result
+
+
+@dataclass(eq=False)
+class SlidePrediction:
+    """One slide's outcome of :func:`apply_job`: a prediction, or the problem in words."""
+
+    key: Any
+    name: str
+    prediction: Any = None
+    problem: str | None = None
+
+    @property
+    def message(self) -> str:
+        if self.problem is not None:
+            return f"{self.name}: {self.problem}"
+        return f"{self.name}: {self.prediction.labels.shape[0]:,} patches classified."
+
+
+def apply_job(classifier: Any, targets: Sequence[tuple[Any, str, Any]]
+              ) -> Generator[Progress, None, list[SlidePrediction]]:  # fmt: skip
+    """Apply a linear probe to several slides' feature stores, one slide per record.
+
+    ``targets`` are ``(key, slide name, store or None)``; a slide without a store, or whose
+    store the classifier refuses (another model or recipe), gets its problem in words and the
+    others go on. Each ``running`` record carries that slide's :class:`SlidePrediction` in
+    ``data`` (stage "classifying", unit "slides"); the return value lists them all. Closing
+    the generator stops before the next slide."""
+    from ..analyses.classify import predict_store
+    from ..errors import NapariGpfmError
+    from .progress import Meter
+
+    meter = Meter("apply", "classifying", len(targets), "slides")
+    yield meter.progress(0, "started", f"classifying {len(targets)} slide(s)…")
+    results: list[SlidePrediction] = []
+    for i, (key, name, store) in enumerate(targets):
+        if store is None:
+            r = SlidePrediction(key, name, problem=NO_EMBEDDINGS)
+        else:
+            try:
+                r = SlidePrediction(key, name, prediction=predict_store(classifier, store))
+            except (NapariGpfmError, ValueError, OSError) as exc:
+                r = SlidePrediction(key, name, problem=str(exc))
+        results.append(r)
+        yield meter.progress(i + 1, message=r.message, data=r)
+    return results
+
+
+NO_EMBEDDINGS = "no embeddings yet; compute them in the GPFM dock first"

@@ -595,6 +595,9 @@ class ViewerSession:
                                           offset=s.offset):  # fmt: skip
             data[1]["metadata"][META]["slide_uid"] = s.uid
             data[1]["metadata"][META]["source"] = source
+            if data[1]["metadata"][META].get("kind") == "class-map":
+                data[1]["features"] = {"index": np.arange(len(class_names) + 1),
+                                       "class": ["none", *class_names]}
             layers.append(self._upsert(data))
         self._publish(s)
         self.events.prediction(value=(s.uid, source))

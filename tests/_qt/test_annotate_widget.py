@@ -225,16 +225,18 @@ def test_geojson_classifier_files_and_apply_to_open_slides(make_napari_viewer, q
     other_svs = shutil.copy(sample_svs, tmp_path / "other.svs")
     other = open_slide(viewer, other_svs, (0.0, 2000.0))
     viewer.layers.remove(f"{slide.name} · probe classes")
-    click(qtbot, w.apply_button)
+    with qtbot.waitSignal(w.apply_jobs.finished, timeout=30_000):
+        click(qtbot, w.apply_button)
     assert f"{slide.name} · probe classes" in viewer.layers
     assert "other · probe classes" not in viewer.layers
     assert "other: no embeddings yet" in w.apply_label.text()
-    assert "1 of 2" in w.status_label.text()
+    assert "1 of 2" in w.apply_jobs.status.text()
 
     # once the GPFM dock embedded it, Apply paints it too, on the slide wherever it sits
     other_store = embed(qtbot, gpfm, other)
-    click(qtbot, w.apply_button)
-    assert "2 of 2" in w.status_label.text() and not errors
+    with qtbot.waitSignal(w.apply_jobs.finished, timeout=30_000):
+        click(qtbot, w.apply_button)
+    assert "2 of 2" in w.apply_jobs.status.text() and not errors
     omap = viewer.layers["other · probe classes"]
     assert tuple(omap.translate) == pytest.approx(
         _grid_translate(other_store, mpp, (0.0, 2000.0)))

@@ -155,3 +155,38 @@ def test_napari_own_new_shapes_button_with_the_dock_open(make_napari_viewer, qtb
     draw_rectangle(qtbot, viewer, shapes, c - 40, c + 40)
     assert len(shapes.data) == 1
     assert list(shapes.features["class"]) == ["Stroma"]
+
+
+def test_results_are_published_as_plain_data(make_napari_viewer, qtbot, sample_svs):
+    """Other plugins and scripts read the results from napari's own places."""
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, sample_svs)
+    dock = gpfm_dock(viewer, qtbot)
+    compute(qtbot, dock)
+    with qtbot.waitSignal(dock.cluster_jobs.finished, timeout=30_000):
+        click(qtbot, dock.cluster_button)
+    annotate = add_dock(viewer, "Annotate & classify")
+    state = annotate.session.slide(layer)
+    add_class(qtbot, annotate, "Tumour")
+    add_class(qtbot, annotate, "Stroma")
+    click(qtbot, annotate.new_layer_button)
+    shapes = annotate.annotation_layer()
+    viewer.reset_view()
+    qtbot.wait(100)
+    top, bottom = two_regions(state)
+    choose_class(qtbot, annotate, "Tumour")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
+    choose_class(qtbot, annotate, "Stroma")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    with qtbot.waitSignal(annotate.jobs.finished, timeout=30_000):
+        click(qtbot, annotate.train_button)
+    results = layer.metadata["napari_gpfm"]["results"]
+    assert results["clusters"] == dock.k_spin.value()
+    assert results["predictions"] == {"probe": ["Tumour", "Stroma"]}
+    assert results["n_patches"] == state.n and results["model"] == state.model
+    cmap = class_maps(viewer, state.uid)[0]
+    assert list(cmap.features["class"]) == ["none", "Tumour", "Stroma"]
+    clusters = [la for la in viewer.layers
+                if la.metadata.get("napari_gpfm", {}).get("slide_uid") == state.uid
+                and la.metadata["napari_gpfm"].get("kind") == "labels"][0]
+    assert len(clusters.features) == dock.k_spin.value() + 1

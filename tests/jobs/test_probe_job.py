@@ -80,3 +80,34 @@ def test_closing_after_the_prediction_skips_cross_validation(store, monkeypatch)
     assert calls == [] and gen.gi_frame is None
     drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=3))
     assert calls == [1]  # the counter does see a run to the end
+
+
+def test_apply_job_classifies_each_slide_and_names_the_ones_it_cannot(store):
+    from napari_gpfm.jobs.probe import apply_job
+
+    _, trained = drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=0))
+    other = SimpleNamespace(**{**vars(store), "model": "another-model", "path": "other.h5"})
+    targets = [(1, "a", store), (2, "b", None), (3, "c", other)]
+    records, results = drive(apply_job(trained.probe, targets))
+    assert [(r.done, r.total, r.unit) for r in records] == [(0, 3, "slides"), (1, 3, "slides"),
+                                                            (2, 3, "slides"), (3, 3, "slides")]
+    assert [r.key for r in results] == [1, 2, 3]
+    assert results[0].prediction is not None and results[0].problem is None
+    assert np.array_equal(results[0].prediction.labels, trained.prediction.labels)
+    assert results[1].prediction is None and "no embeddings" in results[1].message
+    assert results[2].prediction is None and "another-model" in results[2].message
+    assert records[2].data is results[1]
+
+
+def test_closing_apply_job_stops_before_the_next_slide(store, monkeypatch):
+    from napari_gpfm.jobs.probe import apply_job
+
+    _, trained = drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=0))
+    calls = []
+    monkeypatch.setattr(classify, "predict_store", lambda c, s: calls.append(s) or
+                        classify.predict_features(c, s.features, s.coords, 100, 0.5, "x"))
+    gen = apply_job(trained.probe, [(1, "a", store), (2, "b", store)])
+    next(gen)
+    next(gen)  # the first slide
+    gen.close()
+    assert len(calls) == 1
