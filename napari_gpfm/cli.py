@@ -19,7 +19,7 @@ from .errors import NapariGpfmError, error_line
 COMMAND_MODULES = [
     "napari_gpfm._qt._cli",
     "napari_gpfm.encoders._cli",
-    "napari_gpfm.embeddings._cli",
+    "napari_gpfm.jobs._cli",
     "napari_gpfm.distill._cli",
     "napari_gpfm.analyses._cli",
     "napari_gpfm.analyses.pathotune_cli",

@@ -3,6 +3,10 @@
 Many slides per call; a slide that fails is reported (file and problem) and the others go on;
 the exit code is non-zero at the end if any failed. Under ``torchrun`` (environment ``RANK`` and
 ``WORLD_SIZE``) each rank embeds its share ``slides[rank::world_size]`` on ``cuda:LOCAL_RANK``.
+
+Each slide runs through :func:`napari_gpfm.jobs.embed.embed_or_load`, the job behind the GPFM
+dock: a slide whose finished store (same file, same recipe) exists is skipped before the model
+is built, so re-running over an embedded cohort never loads the model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from napari_gpfm.errors import error_line, require_file
@@ -28,13 +33,17 @@ tiling:
 output:
   OUT/<tiling>/features_<model>/<slide>.h5, with <tiling> like 0.5mpp_224px_0px_overlap and
   <slide> the file name without its last extension (case1.HE.svs -> case1.HE). Resumable:
-  rerunning continues an interrupted slide and skips finished ones (unless --overwrite). A
-  store made from another file with the same name is refused: use another --out.
+  rerunning continues an interrupted slide and skips finished ones (unless --overwrite),
+  without loading the model when every slide is finished. A store made from another file with
+  the same name is refused: use another --out.
 
 multi-GPU:
-  torchrun --nproc_per_node=4 -m napari_gpfm.embeddings._cli SLIDES... --out DIR
+  torchrun --nproc_per_node=4 -m napari_gpfm.jobs._cli SLIDES... --out DIR
   (or `napari-gpfm embed` under torchrun): rank r embeds slides[r::world_size].
 """
+
+#: The job's stage while it builds the model: a failure there concerns every slide.
+_LOADING_MODEL = "loading model"
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -92,12 +101,13 @@ def shard(items: list[Any], rank: int, world: int) -> list[Any]:
     return list(items[rank::world])
 
 
-def build_spec(args: argparse.Namespace, encoder: Any) -> Any:
-    """GridSpec from ``--preset`` (else the card's tiling) with the explicit options applied."""
+def build_spec(args: argparse.Namespace, card: Any) -> Any:
+    """GridSpec from ``--preset`` (else the model card's tiling) with the explicit options
+    applied; ``card`` is a :class:`~napari_gpfm.encoders.ModelCard` (no model is built)."""
     from napari_gpfm.embeddings.run import default_spec
     from napari_gpfm.tiles.grid import get_preset, magnification_to_mpp
 
-    base = get_preset(args.preset) if args.preset else default_spec(encoder)
+    base = get_preset(args.preset) if args.preset else default_spec(SimpleNamespace(card=card))
     target = args.target_mpp
     if args.magnification is not None:
         target = magnification_to_mpp(args.magnification)
@@ -129,11 +139,13 @@ def _describe_failure(path: str, exc: BaseException) -> str:
 
 def run_embed(args: argparse.Namespace) -> int:
     """Run ``embed`` for parsed ``args``; returns the exit code (0 ok, 1 a slide failed,
-    2 bad setup such as missing weights or a slide path that does not exist)."""
+    2 bad setup such as missing weights or a slide path that does not exist, 130 interrupted).
+    """
     from tqdm import tqdm
 
-    from napari_gpfm.embeddings.run import embed_slide, resolve_device
-    from napari_gpfm.encoders import default_model_name, load_encoder
+    from napari_gpfm.encoders import default_model_name, get_card, resolve_device
+    from napari_gpfm.jobs.embed import require_weights
+    from napari_gpfm.tiles import TissueParams
 
     rank, world = rank_and_world()
     slides = shard(list(args.slides), rank, world)
@@ -144,43 +156,41 @@ def run_embed(args: argparse.Namespace) -> int:
     try:
         for path in args.slides:  # every rank checks every path: all stop alike, before the model
             require_file(path, "slide")
-        device = resolve_device(_device_for_rank(args.device))
-        name = args.model or default_model_name()
-        encoder = load_encoder(
-            name, weights=args.weights, device=device, allow_random=args.allow_random_weights
-        )
-        spec = build_spec(args, encoder)
+        device = str(resolve_device(_device_for_rank(args.device)))
+        card = get_card(args.model or default_model_name())
+        weights = str(args.weights) if args.weights is not None else None
+        require_weights(card, weights, args.allow_random_weights)  # the model is built on demand
+        spec = build_spec(args, card)
     except Exception as exc:  # setup problems concern every slide: stop here
         print(f"{tag}{error_line(exc)}", file=sys.stderr)
         return 2
-    if getattr(encoder.card, "is_gpfm", True) is False:
-        print(f"{tag}note: model '{encoder.card.name}' is not GPFM", file=sys.stderr)
+    if getattr(card, "is_gpfm", True) is False:
+        print(f"{tag}note: model '{card.name}' is not GPFM", file=sys.stderr)
 
+    settings = dict(model=card.name, spec=spec, tissue_params=TissueParams(), out_dir=args.out,
+                    device=device, allow_random=args.allow_random_weights,
+                    batch_size=args.batch_size, num_workers=args.num_workers,
+                    overwrite=args.overwrite, weights=weights, index=False)  # fmt: skip
     failed: list[tuple[str, str]] = []
     for path in slides:
         bar = tqdm(desc=f"{tag}{Path(path).name}", unit="patch", file=sys.stderr, leave=True,
                    dynamic_ncols=True)
+        state: dict[str, Any] = {}
         try:
-            last = None
-            for progress in embed_slide(
-                path, encoder, spec, args.out,
-                batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                overwrite=args.overwrite, mpp=args.mpp,
-            ):
-                bar.total = progress.total
-                bar.n = progress.done
-                bar.refresh()
-                last = progress
+            outcome = _embed_one(path, args.mpp, settings, bar, state)
             bar.close()
-            if last is not None:
-                verb = "skipped (already done)" if last.status == "skipped" else "done"
-                print(f"{tag}{verb}: {path} -> {last.path} ({last.total} patches)")
+            verb = "skipped (already done)" if outcome.loaded else "done"
+            print(f"{tag}{verb}: {path} -> {outcome.store.path} "
+                  f"({outcome.store.n_patches} patches)")  # fmt: skip
         except KeyboardInterrupt:
             bar.close()
             print(f"{tag}interrupted: {path} (rerun to resume)", file=sys.stderr)
             return 130
         except Exception as exc:
             bar.close()
+            if state.get("stage") == _LOADING_MODEL:  # e.g. a damaged weights file
+                print(f"{tag}{error_line(exc)}", file=sys.stderr)
+                return 2
             problem = _describe_failure(path, exc)
             failed.append((str(path), problem))
             tqdm.write(f"{tag}FAILED: {problem}", file=sys.stderr)
@@ -195,8 +205,36 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_one(path: str, mpp: float | None, settings: dict[str, Any], bar: Any,
+               state: dict[str, Any]) -> Any:  # fmt: skip
+    """Open the slide, drive :func:`embed_or_load` on it (updating ``bar``; ``state["stage"]``
+    is the job's last stage), close both; returns the job's
+    :class:`~napari_gpfm.jobs.embed.EmbedOutcome`."""
+    from napari_gpfm.jobs.embed import EmbedRequest, embed_or_load
+    from napari_gpfm.slide import open_slide
+
+    slide = open_slide(path, mpp=mpp)
+    gen = None
+    try:
+        gen = embed_or_load(EmbedRequest(slide=slide, **settings))
+        while True:
+            try:
+                progress = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            state["stage"] = progress.stage
+            if progress.total:
+                bar.total = progress.total
+                bar.n = progress.done
+            bar.set_postfix_str(progress.stage, refresh=True)
+    finally:
+        if gen is not None:
+            gen.close()  # cancels a run stopped early (Ctrl+C): the partial store stays resumable
+        slide.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m napari_gpfm.embeddings._cli``)."""
+    """Stand-alone entry (``python -m napari_gpfm.jobs._cli``, e.g. under ``torchrun``)."""
     parser = argparse.ArgumentParser(prog="napari-gpfm")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
