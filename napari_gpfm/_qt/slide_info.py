@@ -69,6 +69,9 @@ class SlideInfoWidget(QWidget):
         mpp_row.addWidget(self.mpp_button)
         form.addRow("Override", mpp_row)
         layout = QVBoxLayout(self)
+        from .reader_choice import reader_choice_panel
+
+        layout.addWidget(reader_choice_panel(napari_viewer))
         layout.addLayout(form)
         layout.addWidget(self.mpp_warning)
         layout.addWidget(QLabel("Associated images"))

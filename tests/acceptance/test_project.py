@@ -1,0 +1,186 @@
+"""The project dock ("Project (slide list)"), as QuPath's project: the slides of a folder and of
+the window with their status, Embed all with a progress bar per slide (a bad slide named, the
+others done), and a saved project reopened in a new window with its clusters, classes,
+annotations and classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpfm_helpers import TINY
+from mouse import draw_rectangle
+from test_annotate_classify import add_class, choose_class, region, two_regions
+from user import add_dock, click, gpfm_dock, new_window, open_slide, snap, tick
+
+from napari_gpfm._qt import project_widget
+from napari_gpfm._qt.project_widget import ANNOTATED, EMBEDDED, PREDICTED, SLIDE
+
+PROJECT = "Project (slide list)"
+
+
+@pytest.fixture(autouse=True)
+def napari_settings(tmp_path, monkeypatch):
+    """napari's settings (and the reader offer's answer) in this test's folder."""
+    import napari.settings as ns
+
+    monkeypatch.setattr(ns, "_SETTINGS", ns.NapariSettings(config_path=tmp_path / "napari.yaml"))
+
+
+def choose_folder(monkeypatch, folder) -> None:
+    """The next folder dialog answers ``folder`` (as if the user picked it)."""
+    monkeypatch.setattr(project_widget.QFileDialog, "getExistingDirectory",
+                        lambda *a, **k: str(folder))  # fmt: skip
+
+
+def project_dock(viewer, qtbot):
+    """The project dock set up for the tiny model, as a user would (random weights ticked,
+    custom 112 px patches at 0.5 µm/px)."""
+    dock = add_dock(viewer, PROJECT)
+    if not dock.random_check.isChecked():
+        tick(qtbot, dock.random_check)
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData(TINY))
+    dock.preset_combo.setCurrentText("custom")
+    dock.mpp_spin.setValue(0.5)
+    dock.size_spin.setValue(112)
+    dock.batch_size = 16  # speed only
+    return dock
+
+
+def wait_read(qtbot, dock) -> None:
+    qtbot.waitUntil(lambda: not dock.scan_jobs.busy, timeout=60_000)
+
+
+def run(qtbot, dock, button, timeout=300_000) -> str:
+    """Click Embed all / Apply classifier to all: every row shows a progress bar until the run
+    ends; returns how the run ended."""
+    with qtbot.waitSignal(dock.jobs.finished, timeout=timeout, raising=False) as blocker:
+        click(qtbot, button)
+        assert dock.jobs.busy, dock.status.text()
+        assert all(dock.progress_bar(r) is not None for r in range(dock.table.rowCount()))
+    assert blocker.signal_triggered, dock.status.text()
+    assert all(dock.progress_bar(r) is None for r in range(dock.table.rowCount()))
+    return blocker.args[0]
+
+
+def cell(dock, row, col) -> str:
+    return dock.table.item(row, col).text()
+
+
+def name(dock, row) -> str:
+    return cell(dock, row, SLIDE).split("\n")[0]
+
+
+def test_embed_all_over_open_and_listed_slides(make_napari_viewer, qtbot, sample_svs, tmp_path,
+                                               monkeypatch, user_env):  # fmt: skip
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, sample_svs)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "second.svs").write_bytes(sample_svs.read_bytes())
+    (slides / "broken.svs").write_bytes(sample_svs.read_bytes()[:100_000])
+    (slides / "notes.txt").write_text("not a slide")
+    dock = project_dock(viewer, qtbot)
+    assert dock.table.rowCount() == 1 and name(dock, 0) == layer.name  # open slides
+    choose_folder(monkeypatch, slides)
+    click(qtbot, dock.add_button)
+    wait_read(qtbot, dock)
+    names = [name(dock, r) for r in range(dock.table.rowCount())]
+    assert names == [layer.name, "broken", "second"]
+    assert cell(dock, 0, SLIDE).endswith("\n0.499 µm/px") and cell(dock, 2, SLIDE).endswith(
+        "\n0.499 µm/px")  # fmt: skip
+    assert cell(dock, 1, SLIDE).endswith("cannot read")
+    assert not dock.table.item(2, SLIDE).icon().isNull()  # a thumbnail
+    assert cell(dock, 0, EMBEDDED) == cell(dock, 2, EMBEDDED) == "–"
+
+    assert run(qtbot, dock, dock.embed_button) == "done"
+    steps = {s.name: s for s in dock.last_steps}
+    assert steps[layer.name].error is None and steps["second"].error is None
+    assert steps["broken"].error  # the bad slide is named with its problem, the others went on
+    assert f"broken: {steps['broken'].error}" in dock.problems.text()
+    assert "2 of 3 slide(s)" in dock.status.text() and "1 failed" in dock.status.text()
+    # the open slide has its store in the session; the listed one its file in the project
+    state = dock.session.slide(layer)
+    assert state.store is not None and state.model == TINY
+    assert list(user_env.glob(f"*/features_{TINY}/second.h5"))
+    assert TINY in cell(dock, 0, EMBEDDED) and TINY in cell(dock, 2, EMBEDDED)
+    assert cell(dock, 1, EMBEDDED) == "failed"
+    assert dock.table.item(1, EMBEDDED).toolTip() == steps["broken"].error
+    snap(viewer, "project_embed_all")
+
+
+def annotate_and_train(viewer, qtbot, state):
+    """Two classes drawn on the slide in the Annotate dock and the probe trained."""
+    annotate = add_dock(viewer, "Annotate and classify")
+    add_class(qtbot, annotate, "Tumour")
+    add_class(qtbot, annotate, "Stroma")
+    click(qtbot, annotate.new_layer_button)
+    shapes = annotate.annotation_layer()
+    viewer.reset_view()
+    qtbot.wait(100)
+    top, bottom = two_regions(state)
+    choose_class(qtbot, annotate, "Tumour")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
+    choose_class(qtbot, annotate, "Stroma")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    with qtbot.waitSignal(annotate.jobs.finished, timeout=60_000):
+        click(qtbot, annotate.train_button)
+    assert annotate.session.classifiers.get("probe") is not None, annotate.status_label.text()
+    return shapes
+
+
+def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, sample_svs,
+                                                 tmp_path, monkeypatch):  # fmt: skip
+    study = tmp_path / "study"
+    study.mkdir()
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, sample_svs)
+    dock = project_dock(viewer, qtbot)
+    choose_folder(monkeypatch, study)
+    click(qtbot, dock.open_button)  # an empty folder: a new project there
+    assert dock.session.out_dir == study and dock.folder_edit.text() == str(study)
+    wait_read(qtbot, dock)
+    assert run(qtbot, dock, dock.embed_button) == "done"
+    state = dock.session.slide(layer)
+    gpfm = gpfm_dock(viewer, qtbot)
+    gpfm.k_spin.setValue(3)
+    with qtbot.waitSignal(gpfm.cluster_jobs.finished, timeout=60_000):
+        click(qtbot, gpfm.cluster_button)
+    labels = state.clusters.labels.copy()
+    shapes = annotate_and_train(viewer, qtbot, state)
+    probe = dock.session.classifiers["probe"]
+    classes = list(dock.session.palette.names)
+    assert cell(dock, 0, ANNOTATED) == "2\nStroma, Tumour"
+    assert cell(dock, 0, PREDICTED) == "probe"
+    assert run(qtbot, dock, dock.apply_button) == "done"
+    assert (study / "predictions" / f"{layer.name}.geojson").is_file()
+    click(qtbot, dock.save_button)
+    assert (study / "project.json").is_file() and (study / "classes.json").is_file()
+    assert list((study / "annotations").glob("*.geojson"))
+    assert list((study / "classifiers").glob("probe.npz"))
+    n_shapes = len(shapes.data)
+    viewer.close()
+
+    # a new window: nothing there until the project is opened
+    viewer2 = new_window(make_napari_viewer)
+    dock2 = add_dock(viewer2, PROJECT)
+    assert not dock2.session.slides and not dock2.session.classifiers
+    choose_folder(monkeypatch, study)
+    click(qtbot, dock2.open_button)
+    session = dock2.session
+    assert session.out_dir == study
+    (s2,) = session.slides.values()
+    assert s2.layer.multiscale and s2.store is not None and s2.model == TINY
+    # clusters (and their map), classes, annotations and the classifier are back
+    assert s2.clusters is not None and np.array_equal(s2.clusters.labels, labels)
+    assert f"{s2.name} · clusters" in viewer2.layers
+    assert list(session.palette.names) == classes
+    ann = viewer2.layers[f"{s2.name} · annotations"]
+    assert len(ann.data) == n_shapes
+    assert sorted(ann.features["class"]) == ["Stroma", "Tumour"]
+    clf = session.classifiers["probe"]
+    assert clf.class_names == probe.class_names
+    assert np.allclose(clf.weight, probe.weight)
+    assert "probe" in s2.predictions  # the class map painted again
+    assert dock2.table.rowCount() == 1 and cell(dock2, 0, ANNOTATED) == "2\nStroma, Tumour"
+    assert not dock2.problems.text(), dock2.problems.text()
+    snap(viewer2, "project_reopened")
