@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..annotations.geojson import Annotation, class_polygons, patch_features, write_geojson
-from ..annotations.labels import PatchLabels, labels_from_annotations
+from ..annotations.labels import PatchLabels, labels_from_annotations, unlabelled_reasons
 from .export import write_csv
 from .heatmap import PatchGrid, Raster, heatmap_raster, labels_raster, patch_grid
 from .probe import (
@@ -187,7 +187,8 @@ def train_classifier(
         labels = merge_labels(labels, extra_labels)
     names, col = _class_setup(labels, class_names, colours)
     X = store.features
-    probe = fit_probe(X, labels.labels, names, colours=col, recipe=store_recipe(store))
+    probe = fit_probe(X, labels.labels, names, colours=col, recipe=store_recipe(store),
+                      why=unlabelled_reasons(labels, names))
     notes = list(labels.skipped)
     report = None
     if cv_folds >= 2:
@@ -349,6 +350,7 @@ def live_steps(
         yield LiveUpdate("status", labels=labels, message=(
             "label patches of at least two classes to train (labelled: "
             + (", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none") + ")"
+            + "".join(f"; {w}" for w in unlabelled_reasons(labels, names))
         ))
         return
     _, col = _class_setup(labels, names, colours)

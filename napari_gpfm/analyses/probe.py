@@ -259,6 +259,7 @@ def fit_probe(
     C: float = 1.0,
     max_iter: int = 100,
     previous: LinearProbe | None = None,
+    why: Sequence[str] = (),
 ) -> LinearProbe:
     """Fit a linear probe.
 
@@ -267,7 +268,9 @@ def fit_probe(
     (a probe with the same classes and dimension) starts lbfgs from its coefficients; this is
     not always faster (``bench/bench_analyses.py`` measured it slower after relabelling on
     near-separable data), so it is off unless asked for. ``recipe`` (the embedding recipe, dict
-    or dataclass) is stored with the probe and checked by :func:`load_probe`.
+    or dataclass) is stored with the probe and checked by :func:`load_probe`. ``why``: the
+    reasons classes have no labelled patch (``annotations.labels.unlabelled_reasons``), added
+    to the error raised when fewer than two classes have labelled patches.
     """
     X = np.asarray(X, dtype=np.float32)
     codes = _encode_labels(y, class_names)
@@ -282,6 +285,7 @@ def fit_probe(
         names = [class_names[i] for i in present]
         raise ValueError(
             f"a probe needs labelled patches of at least two classes, got {names or 'none'}"
+            + "".join(f"; {w}" for w in why)
         )
     init = None
     if (

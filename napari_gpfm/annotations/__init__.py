@@ -9,10 +9,11 @@ from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "geojson": (
-        "Annotation", "GeoJSONError", "read_geojson", "write_geojson", "annotations_from_geojson",
-        "annotations_to_geojson", "patch_features", "class_polygons", "trace_mask",
-        "is_ignored_class",
+        "Annotation", "AnnotationList", "GeoJSONError", "read_geojson", "write_geojson",
+        "annotations_from_geojson", "annotations_to_geojson", "patch_features", "class_polygons",
+        "trace_mask", "is_ignored_class",
     ),
-    "labels": ("PatchLabels", "labels_from_annotations", "square_coverage"),
+    "labels": ("ClassCoverage", "PatchLabels", "labels_from_annotations", "square_coverage",
+               "unlabelled_reasons"),
 }  # fmt: skip
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,15 +1,34 @@
 """QuPath GeoJSON in and out, and patch results as GeoJSON.
 
-Reading accepts what QuPath writes: a ``FeatureCollection``, a bare list of features, or a
-single feature. Coordinates are level-0 pixels in QuPath's convention (pixel ``i`` spans
-``[i, i+1)``). Classes come from ``properties.classification`` as ``{"name", "color": [r, g, b]}``
-or, from older QuPath, ``{"name", "colorRGB": <packed signed int>}``; the object type from
-``properties.objectType`` or the legacy feature ``id`` (``PathAnnotationObject`` …). Classes whose
-name starts with ``Ignore`` (QuPath's ``Ignore*``) are kept and flagged ``excluded``.
+Reading accepts what QuPath (0.2 to 0.6) and other tools write: a ``FeatureCollection``, a bare
+list of features, a single ``Feature``, or a bare geometry (``Polygon``, ``Point``, …: one
+unclassified annotation). Coordinates are level-0 pixels in QuPath's convention (pixel ``i``
+spans ``[i, i+1)``). Classes come from ``properties.classification``: ``{"name", "color": [r, g,
+b]}`` (or ``[r, g, b, a]``: the alpha is kept in :attr:`Annotation.alpha`), older QuPath's
+``{"name", "colorRGB": <packed signed int>}``, QuPath's derived classes ``{"names": ["A", "B"],
+...}`` (read as class ``"A: B"``, as QuPath shows it), or a bare class name; ``null`` is
+unclassified. The object type comes from ``properties.objectType`` or the legacy feature ``id``
+(``PathAnnotationObject`` …). Classes whose name starts with ``Ignore`` (QuPath's ``Ignore*``) are
+kept and flagged ``excluded``.
 
-Round trip: :func:`read_geojson` → :class:`Annotation` → :func:`write_geojson` →
-:func:`read_geojson` gives the same geometry, class, colour, object type, feature id and all
-other properties and feature members. Colours are written in the modern ``color`` form.
+Round trip: :func:`read_geojson` → :func:`write_geojson` writes back every member it does not
+use, at every level: FeatureCollection members (``bbox``, ``crs``, …), feature members
+(``nucleusGeometry``, …), properties, classification members, and geometry members
+(``isEllipse``, ``plane``, from which QuPath rebuilds ellipses and z/t planes). What was read is
+written the way it came as long as it is unchanged: a ``colorRGB`` stays packed, a ``names``
+class stays an array, ``classification: null`` stays ``null``, a legacy file gets no
+``objectType`` it did not have, and a bare Feature, list or geometry is written bare again
+(:class:`AnnotationList` remembers the container). Changed or new classes are written in
+QuPath's current form (``{"name", "color"}``; ``{"names", "color"}`` for a derived class
+``"A: B"``).
+
+Documented normalisations (the only differences a round trip may show, besides whitespace and
+key order, see ``tests/annotations/test_qupath_exports.py``):
+
+- polygon coordinates pass through float64: a number is written back with the same value, as an
+  int when it is integral (``26388.0`` → ``26388``);
+- an unclosed polygon ring is closed (its first position repeated at the end) and a third
+  (z) coordinate of a polygon position is dropped (QuPath writes neither; it uses ``plane``).
 
 Export: :func:`patch_features` (one square per patch with a measurements dict) and
 :func:`class_polygons` (patch squares merged per class: the labels raster of
@@ -33,6 +52,7 @@ from napari_gpfm.errors import NapariGpfmError
 __all__ = [
     "GeoJSONError",
     "Annotation",
+    "AnnotationList",
     "read_geojson",
     "write_geojson",
     "annotations_from_geojson",
@@ -54,6 +74,13 @@ _LEGACY_TYPES = {
     "PathTileObject": "tile",
     "TMACoreObject": "tma_core",
 }
+_KNOWN_TYPES = ("annotation", "detection", "cell", "tile", "tmaCore", "tma_core", "root")
+GEOMETRY_TYPES = (
+    "Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+    "GeometryCollection",
+)  # fmt: skip
+# containers a file can have (AnnotationList.container)
+COLLECTION, FEATURES, FEATURE, GEOMETRY = "FeatureCollection", "features", "Feature", "geometry"
 
 
 class GeoJSONError(NapariGpfmError, ValueError):
@@ -68,7 +95,14 @@ class Annotation:
     rings in level-0 (x, y); ``geometry_type`` is "Polygon" or "MultiPolygon". Other geometry
     types (points, lines) keep their GeoJSON dict in ``raw_geometry`` and no polygons.
     ``properties`` holds every other property verbatim (name, measurements, isLocked, ...),
-    ``classification_extra`` any unknown classification keys, ``extra`` other feature members.
+    ``classification_extra`` any unknown classification keys, ``extra`` other feature members,
+    ``geometry_extra`` the members of a (Multi)Polygon geometry other than ``type`` and
+    ``coordinates`` (QuPath's ``isEllipse``, ``plane``). ``color`` is the class colour (RGB
+    0-255) and ``alpha`` its fourth component when the file gave one.
+
+    ``source`` records how the file wrote what was parsed (the classification as it came,
+    whether ``objectType`` was written, key order), so that an unchanged annotation is written
+    back as it came; it is empty for annotations made here.
     """
 
     polygons: list[Polygon]
@@ -81,6 +115,9 @@ class Annotation:
     classification_extra: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     raw_geometry: dict | None = None
+    alpha: int | None = None
+    geometry_extra: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict, repr=False)
 
     @property
     def excluded(self) -> bool:
@@ -91,6 +128,24 @@ class Annotation:
     def area(self) -> float:
         """Area in level-0 pixels² (holes subtracted)."""
         return float(sum(polygon_area(p) for p in self.polygons))
+
+
+class AnnotationList(list):
+    """The annotations of one file, with what the file held around them.
+
+    ``container`` is how the file held its objects: ``"FeatureCollection"``, ``"features"`` (a
+    bare list), ``"Feature"`` (one bare feature) or ``"geometry"`` (one bare geometry);
+    ``extra`` the FeatureCollection's members other than ``type`` and ``features``.
+    :func:`write_geojson` writes the same container back (when the count still fits it).
+    """
+
+    def __init__(
+        self, items: Iterable[Annotation] = (), container: str = COLLECTION,
+        extra: Mapping | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(items)
+        self.container = container
+        self.extra = dict(extra or {})
 
 
 def is_ignored_class(name: str | None) -> bool:
@@ -130,7 +185,16 @@ def _ring_json(ring: Ring) -> list:
     return [[_num(x), _num(y)] for x, y in ring.tolist()]
 
 
-# --- reading ----------------------------------------------------------------------------------
+def _ordered(d: dict, order: Sequence[str] | None) -> dict:
+    """``d`` with the keys of ``order`` first, in that order (the file's key order)."""
+    if not order:
+        return d
+    out = {k: d[k] for k in order if k in d}
+    out.update((k, v) for k, v in d.items() if k not in out)
+    return out
+
+
+# --- classification ---------------------------------------------------------------------------
 
 
 def _rgb_from_packed(value: int) -> tuple[int, int, int]:
@@ -138,34 +202,93 @@ def _rgb_from_packed(value: int) -> tuple[int, int, int]:
     return ((v >> 16) & 255, (v >> 8) & 255, v & 255)
 
 
+def _parse_classification(cls: Any) -> tuple[str | None, tuple | None, int | None, dict]:
+    """(class name, RGB, alpha, unknown members) of a ``classification`` value."""
+    if isinstance(cls, str):  # some tools write a bare class name
+        return cls, None, None, {}
+    if not isinstance(cls, Mapping):  # null (unclassified) or something unusable
+        return None, None, None, {}
+    rest = dict(cls)
+    name = rest.pop("name", None)
+    names = rest.get("names")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        rest.pop("names")
+        if name is None and names:  # QuPath's derived class, shown as "A: B"
+            name = ": ".join(names)
+    color = alpha = None
+    c = rest.get("color")
+    if isinstance(c, (list, tuple)) and len(c) in (3, 4) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in c
+    ):
+        rest.pop("color")
+        color = tuple(int(v) for v in c[:3])
+        alpha = int(c[3]) if len(c) == 4 else None
+    elif isinstance(c, int) and not isinstance(c, bool):
+        rest.pop("color")
+        color = _rgb_from_packed(c)
+    elif "colorRGB" in rest and isinstance(rest["colorRGB"], int):
+        color = _rgb_from_packed(rest.pop("colorRGB"))
+    return name, color, alpha, rest
+
+
+def _classification_json(a: Annotation) -> tuple[bool, Any]:
+    """(write the key?, value) of ``properties.classification`` for ``a``."""
+    src = a.source
+    now = (a.class_name, a.color, a.alpha, a.classification_extra)
+    if "classification" in src and _parse_classification(src["classification"]) == now:
+        return True, src["classification"]  # unchanged: exactly as it came
+    if a.class_name is None and a.color is None and not a.classification_extra:
+        return ("classification" in src), None
+    cls: dict = {}
+    if a.class_name is not None:
+        parts = a.class_name.split(": ")
+        if len(parts) > 1 and all(parts):
+            cls["names"] = parts  # QuPath's form for a derived class
+        else:
+            cls["name"] = a.class_name
+    if a.color is not None:
+        cls["color"] = [int(v) for v in a.color] + ([] if a.alpha is None else [int(a.alpha)])
+    cls.update(a.classification_extra)
+    return True, cls
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
 def _feature_to_annotation(feat: Mapping, where: str) -> Annotation:
     if not isinstance(feat, Mapping) or feat.get("type") != "Feature":
         raise GeoJSONError(f"{where}: expected a GeoJSON Feature, got {type(feat).__name__}")
     geom = feat.get("geometry")
-    props = dict(feat.get("properties") or {})
+    raw_props = feat.get("properties")
+    if raw_props is not None and not isinstance(raw_props, Mapping):
+        raise GeoJSONError(f"{where}: 'properties' must be an object")
+    props = dict(raw_props or {})
+    source: dict = {
+        "feature_keys": list(feat.keys()),
+        "property_keys": list(props.keys()),
+        "properties_null": "properties" in feat and raw_props is None,
+    }
     extra = {k: v for k, v in feat.items() if k not in ("type", "geometry", "properties", "id")}
     fid = feat.get("id")
     object_type = props.pop("objectType", None)
-    if object_type is None:
-        object_type = _LEGACY_TYPES.get(fid, "annotation") if isinstance(fid, str) else "annotation"
-    cls = props.pop("classification", None)
-    class_name, color, cls_extra = None, None, {}
-    if isinstance(cls, Mapping):
-        cls = dict(cls)
-        class_name = cls.pop("name", None)
-        if "color" in cls:
-            c = cls.pop("color")
-            color = tuple(int(v) for v in c[:3])
-        elif "colorRGB" in cls:
-            color = _rgb_from_packed(cls.pop("colorRGB"))
-        cls_extra = cls
-    elif isinstance(cls, str):  # some tools write a bare class name
-        class_name = cls
+    if object_type is None:  # implied: QuPath's aliases, the legacy id, else an annotation
+        alias = props.get("object_type", props.get("type"))
+        if isinstance(alias, str) and (alias in _KNOWN_TYPES or alias in _LEGACY_TYPES):
+            object_type = _LEGACY_TYPES.get(alias, alias)
+        elif isinstance(fid, str):
+            object_type = _LEGACY_TYPES.get(fid, "annotation")
+        else:
+            object_type = "annotation"
+        source["implied_object_type"] = object_type
+    if "classification" in props:
+        source["classification"] = props.pop("classification")
+    class_name, color, alpha, cls_extra = _parse_classification(source.get("classification"))
     if not isinstance(geom, Mapping):
         raise GeoJSONError(f"{where}: feature has no geometry")
     gtype = geom.get("type")
     polygons: list[Polygon] = []
     raw = None
+    geometry_extra: dict = {}
     try:
         if gtype == "Polygon":
             polygons = [[_ring(r, where) for r in geom["coordinates"]]]
@@ -177,6 +300,9 @@ def _feature_to_annotation(feat: Mapping, where: str) -> Annotation:
         if isinstance(exc, GeoJSONError):
             raise
         raise GeoJSONError(f"{where}: malformed {gtype} coordinates ({exc})") from exc
+    if raw is None:
+        geometry_extra = {k: v for k, v in geom.items() if k not in ("type", "coordinates")}
+        source["geometry_keys"] = list(geom.keys())
     return Annotation(
         polygons=polygons,
         geometry_type=gtype,
@@ -188,23 +314,42 @@ def _feature_to_annotation(feat: Mapping, where: str) -> Annotation:
         classification_extra=cls_extra,
         extra=extra,
         raw_geometry=raw,
+        alpha=alpha,
+        geometry_extra=geometry_extra,
+        source=source,
     )
 
 
-def annotations_from_geojson(obj: Any, source: str = "<geojson>") -> list[Annotation]:
-    """Annotations from a parsed GeoJSON object (FeatureCollection, feature list or feature)."""
+def annotations_from_geojson(obj: Any, source: str = "<geojson>") -> AnnotationList:
+    """Annotations from a parsed GeoJSON object: a FeatureCollection, a list of features, a
+    feature, or a bare geometry (one unclassified annotation)."""
+    extra: dict = {}
     if isinstance(obj, Mapping) and obj.get("type") == "FeatureCollection":
         feats = obj.get("features") or []
+        if not isinstance(feats, list):
+            raise GeoJSONError(f"{source}: 'features' of the FeatureCollection must be a list")
+        extra = {k: v for k, v in obj.items() if k not in ("type", "features")}
+        container = COLLECTION
     elif isinstance(obj, Mapping) and obj.get("type") == "Feature":
-        feats = [obj]
+        feats, container = [obj], FEATURE
+    elif isinstance(obj, Mapping) and obj.get("type") in GEOMETRY_TYPES:
+        bare = _feature_to_annotation({"type": "Feature", "geometry": obj}, f"{source}, geometry")
+        bare.source = {k: v for k, v in bare.source.items() if k in ("geometry_keys",
+                                                                    "implied_object_type")}
+        return AnnotationList([bare], GEOMETRY)
     elif isinstance(obj, list):
-        feats = obj
+        feats, container = obj, FEATURES
     else:
-        raise GeoJSONError(f"{source}: expected a FeatureCollection or a list of features")
-    return [_feature_to_annotation(f, f"{source}, feature {i}") for i, f in enumerate(feats)]
+        what = obj.get("type") if isinstance(obj, Mapping) else type(obj).__name__
+        raise GeoJSONError(
+            f"{source}: expected a FeatureCollection, a Feature, a list of features or a "
+            f"geometry, got {what!r}"
+        )
+    anns = [_feature_to_annotation(f, f"{source}, feature {i}") for i, f in enumerate(feats)]
+    return AnnotationList(anns, container, extra)
 
 
-def read_geojson(path: str | os.PathLike) -> list[Annotation]:
+def read_geojson(path: str | os.PathLike) -> AnnotationList:
     """Read a QuPath GeoJSON file (``.geojson``/``.json``) into :class:`Annotation` objects."""
     path = os.fspath(path)
     try:
@@ -221,50 +366,70 @@ def read_geojson(path: str | os.PathLike) -> list[Annotation]:
 
 
 def _annotation_to_feature(a: Annotation) -> dict:
+    src = a.source
     if a.raw_geometry is not None:
         geom = a.raw_geometry
-    elif a.geometry_type == "Polygon" and len(a.polygons) == 1:
-        geom = {"type": "Polygon", "coordinates": [_ring_json(r) for r in a.polygons[0]]}
     else:
-        geom = {
-            "type": "MultiPolygon",
-            "coordinates": [[_ring_json(r) for r in p] for p in a.polygons],
-        }
-    props = {"objectType": a.object_type}
-    if a.class_name is not None or a.color is not None or a.classification_extra:
-        cls: dict = {}
-        if a.class_name is not None:
-            cls["name"] = a.class_name
-        if a.color is not None:
-            cls["color"] = [int(v) for v in a.color]
-        cls.update(a.classification_extra)
+        if a.geometry_type == "Polygon" and len(a.polygons) == 1:
+            geom = {"type": "Polygon", "coordinates": [_ring_json(r) for r in a.polygons[0]]}
+        else:
+            geom = {
+                "type": "MultiPolygon",
+                "coordinates": [[_ring_json(r) for r in p] for p in a.polygons],
+            }
+        geom.update(a.geometry_extra)
+        geom = _ordered(geom, src.get("geometry_keys"))
+    props: dict = {}
+    if src.get("implied_object_type") != a.object_type or "implied_object_type" not in src:
+        props["objectType"] = a.object_type
+    write_cls, cls = _classification_json(a)
+    if write_cls:
         props["classification"] = cls
     props.update(a.properties)
-    feat = {"type": "Feature"}
-    if a.id is not None:
+    props = _ordered(props, src.get("property_keys"))
+    feat: dict = {"type": "Feature"}
+    if a.id is not None or "id" in src.get("feature_keys", ()):
         feat["id"] = a.id
     feat["geometry"] = geom
-    feat["properties"] = props
+    if props or not src.get("feature_keys") or "properties" in src["feature_keys"]:
+        feat["properties"] = None if (not props and src.get("properties_null")) else props
     feat.update(a.extra)
-    return feat
+    return _ordered(feat, src.get("feature_keys"))
 
 
-def annotations_to_geojson(annotations: Iterable[Annotation]) -> dict:
-    """A GeoJSON FeatureCollection (dict) of the annotations."""
-    return {
-        "type": "FeatureCollection",
-        "features": [_annotation_to_feature(a) for a in annotations],
-    }
+def annotations_to_geojson(annotations: Iterable[Annotation], container: str | None = None) -> Any:
+    """The GeoJSON object of the annotations.
+
+    ``container``: ``"FeatureCollection"`` (default for plain sequences), ``"features"`` (a bare
+    list), ``"Feature"`` / ``"geometry"`` (one bare feature / geometry; more than one annotation
+    gives a FeatureCollection). ``None`` takes the container of an :class:`AnnotationList` (as
+    read), whose FeatureCollection members are written back too.
+    """
+    extra = getattr(annotations, "extra", {}) or {}
+    if container is None:
+        container = getattr(annotations, "container", COLLECTION)
+    feats = [_annotation_to_feature(a) for a in annotations]
+    if container == FEATURES:
+        return feats
+    if container in (FEATURE, GEOMETRY) and len(feats) == 1:
+        return feats[0]["geometry"] if container == GEOMETRY else feats[0]
+    if container not in (COLLECTION, FEATURE, GEOMETRY):
+        raise ValueError(f"unknown GeoJSON container {container!r}")
+    return {"type": "FeatureCollection", "features": feats, **extra}
 
 
 def write_geojson(
-    path: str | os.PathLike, annotations: Iterable[Annotation], as_collection: bool = True
+    path: str | os.PathLike, annotations: Iterable[Annotation], as_collection: bool | None = None
 ) -> str:
-    """Write annotations to ``path``; ``as_collection=False`` writes a bare feature list."""
+    """Write annotations to ``path``.
+
+    ``as_collection=True`` writes a FeatureCollection, ``False`` a bare feature list, ``None``
+    (default) the container the annotations were read from (an :class:`AnnotationList`), else a
+    FeatureCollection.
+    """
     path = os.fspath(path)
-    obj: Any = annotations_to_geojson(annotations)
-    if not as_collection:
-        obj = obj["features"]
+    container = None if as_collection is None else (COLLECTION if as_collection else FEATURES)
+    obj = annotations_to_geojson(annotations, container)
     tmp = path + ".part"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh)

@@ -11,21 +11,50 @@ reported in ``conflicts`` and, by default, left unlabelled. Shapes of ``Ignore*`
 become labels; a patch whose ``Ignore*`` fraction reaches ``min_fraction`` is unlabelled and
 flagged in ``ignored``. Shapes of one class are assumed not to overlap each other; where they
 do, their fractions are added (capped at 1), which can over-count the overlap.
+
+Nothing is dropped silently: :attr:`PatchLabels.coverage` says per class how many annotations
+it had, how many embedded patches they touch and how many they labelled, and a class whose
+annotations label no patch gets a message naming the class and the reason (most often: its
+regions lie outside the detected tissue, where no patch was embedded) in
+:attr:`PatchLabels.empty_classes` and ``skipped``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from .geojson import Annotation
 
-__all__ = ["PatchLabels", "labels_from_annotations", "square_coverage"]
+__all__ = [
+    "ClassCoverage",
+    "PatchLabels",
+    "labels_from_annotations",
+    "square_coverage",
+    "unlabelled_reasons",
+]
 
 _PAIR_BUDGET = 1_000_000  # edge × patch pairs evaluated per numpy batch
+#: what to do about annotated regions where no patch was embedded
+OUTSIDE_TISSUE_HINT = (
+    "they lie outside the detected tissue; embed with the whole image (tissue 'none') to "
+    "include them"
+)
+
+
+@dataclass(frozen=True)
+class ClassCoverage:
+    """What one class's annotations gave: ``annotations`` (shapes with an area), ``touched``
+    (embedded patches they overlap at all) and ``labelled`` (patches labelled with the class;
+    for an ``Ignore*`` class, patches it left out)."""
+
+    annotations: int
+    touched: int
+    labelled: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +68,12 @@ class PatchLabels:
     conflict_classes : for each conflict, the names of the classes that reached it.
     ignored : (N,) bool, patches mostly inside ``Ignore*`` shapes.
     excluded_classes : ``Ignore*`` class names met in the annotations.
-    skipped : human-readable notes (unclassified shapes, classes not in ``class_names``).
+    skipped : human-readable notes (unclassified shapes, classes not in ``class_names``, and
+        the messages of ``empty_classes``).
+    coverage : per class met in the annotations, its :class:`ClassCoverage`.
+    empty_classes : class name → why its annotations labelled no patch (e.g. "class
+        'Background': 2 annotations cover no embedded patch — they lie outside the detected
+        tissue; ...").
     """
 
     labels: np.ndarray
@@ -50,6 +84,8 @@ class PatchLabels:
     ignored: np.ndarray
     excluded_classes: list[str]
     skipped: list[str]
+    coverage: dict[str, ClassCoverage] = field(default_factory=dict)
+    empty_classes: dict[str, str] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -159,14 +195,92 @@ def labels_from_annotations(
     col = {name: i for i, name in enumerate(names)}
     fractions = np.zeros((n, len(names)))
     ignore_frac = np.zeros(n)
+    n_annotations: dict[str, int] = {}
+    touched: dict[str, np.ndarray] = {}  # class -> patches its shapes overlap at all
+    ignore_by_class: dict[str, np.ndarray] = {}
     for a in anns:
+        if a.class_name is None:
+            continue
+        name = a.class_name
+        n_annotations[name] = n_annotations.get(name, 0) + 1
+        if not (a.excluded or name in col):
+            continue
+        cover = square_coverage(a.polygons, c, patch_size_level0)
+        hit = touched.setdefault(name, np.zeros(n, dtype=bool))
+        hit |= cover > 1e-12
         if a.excluded:
-            ignore_frac += square_coverage(a.polygons, c, patch_size_level0)
-        elif a.class_name in col:
-            fractions[:, col[a.class_name]] += square_coverage(a.polygons, c, patch_size_level0)
+            ignore_frac += cover
+            ignore_by_class[name] = ignore_by_class.get(name, 0.0) + cover
+        else:
+            fractions[:, col[name]] += cover
     np.clip(fractions, 0.0, 1.0, out=fractions)
-    return labels_from_fractions(fractions, names, ignore_frac, min_fraction, on_conflict,
-                                 excluded, skipped)
+    out = labels_from_fractions(fractions, names, ignore_frac, min_fraction, on_conflict,
+                                excluded, skipped)
+    coverage: dict[str, ClassCoverage] = {}
+    empty: dict[str, str] = {}
+    for name, count in n_annotations.items():
+        if name not in touched:  # a class not among class_names: noted above
+            continue
+        if name in ignore_by_class:
+            labelled = int(np.sum(ignore_by_class[name] >= min_fraction - 1e-9))
+        else:
+            labelled = int(np.sum(out.labels == col[name]))
+        coverage[name] = ClassCoverage(count, int(touched[name].sum()), labelled)
+        if labelled == 0 and name in col and name not in ignore_by_class:
+            empty[name] = _why_empty(name, coverage[name], fractions[:, col[name]],
+                                     touched[name], min_fraction)
+    return dataclasses.replace(out, coverage=coverage, empty_classes=empty,
+                               skipped=out.skipped + list(empty.values()))
+
+
+def _annotations(k: int) -> str:
+    return f"{k} annotation{'' if k == 1 else 's'}"
+
+
+def _why_empty(
+    name: str, cov: ClassCoverage, fraction: np.ndarray, touched: np.ndarray, min_fraction: float
+) -> str:
+    """Why the annotations of class ``name`` labelled no patch, naming the class."""
+    one = cov.annotations == 1
+    if cov.touched == 0:
+        hint = OUTSIDE_TISSUE_HINT
+        if one:
+            hint = hint.replace("they lie", "it lies").replace("include them", "include it")
+        return (
+            f"class {name!r}: {_annotations(cov.annotations)} {'covers' if one else 'cover'} "
+            f"no embedded patch — {hint}"
+        )
+    best = float(fraction[touched].max())
+    if best < min_fraction - 1e-9:
+        patches = f"{cov.touched} embedded patch{'' if cov.touched == 1 else 'es'}"
+        return (
+            f"class {name!r}: {_annotations(cov.annotations)} {'touches' if one else 'touch'} "
+            f"{patches} but {'covers' if one else 'cover'} none of them by at least "
+            f"{min_fraction:.0%} (at most {best:.0%}) — draw larger regions or lower the "
+            "minimum coverage"
+        )
+    return (
+        f"class {name!r}: every patch its {_annotations(cov.annotations)} cover by at least "
+        f"{min_fraction:.0%} is also claimed by another class (a conflict) or by an Ignore* "
+        "region — separate the regions"
+    )
+
+
+def unlabelled_reasons(
+    labels: PatchLabels, class_names: Iterable[str] | None = None
+) -> list[str]:
+    """The messages saying why classes (default: all) have annotations but no labelled patch.
+
+    Read from ``labels.empty_classes``, or, for labels rebuilt without that field (merged
+    labels), from the class messages in ``labels.skipped``.
+    """
+    names = None if class_names is None else list(class_names)
+    found = [m for k, m in labels.empty_classes.items() if names is None or k in names]
+    if found:
+        return found
+    if names is None:
+        return [m for m in labels.skipped if m.startswith("class '")]
+    return [m for m in labels.skipped if any(m.startswith(f"class {k!r}:") for k in names)]
 
 
 def labels_from_fractions(

@@ -17,9 +17,11 @@ triangulates repeated closing vertices as holes); a MultiPolygon is several shap
 ``annotation`` id. Rectangles and ellipses (as a 64-gon) become polygons; paths of 3 or more
 vertices (freehand outlines) are closed as polygons; lines and 2-vertex paths are skipped and
 reported. Each original annotation is kept as a *template* (id, object type, properties,
-classification extras, exact coordinates, and non-polygon geometries that have no shape), so
-QuPath → layer → QuPath loses nothing: a ring whose vertices did not move (within 1e-6 level-0
-px, or a few float32 ulps) is written back with its original coordinates (napari keeps vertices as float32).
+classification as it came, geometry members such as QuPath's ``plane``, exact coordinates,
+and non-polygon geometries that have no shape), so QuPath → layer → QuPath loses nothing: a
+ring whose vertices did not move (within 1e-6 level-0 px, or a few float32 ulps) is written
+back with its original coordinates (napari keeps vertices as float32). An edited outline loses
+QuPath's ``isEllipse`` (QuPath would redraw it as the ellipse in its bounding box).
 """
 
 from __future__ import annotations
@@ -287,15 +289,25 @@ def shapes_to_annotations(
         if template is not None:
             if template.geometry_type == "MultiPolygon":
                 gtype = "MultiPolygon"  # a one-part MultiPolygon stays one
+            geometry_extra = dict(template.geometry_extra)
+            if not _same_polygons(polygons, template.polygons):
+                # QuPath would rebuild an edited outline as the ellipse in its bounding box
+                geometry_extra.pop("isEllipse", None)
             out.append(dataclasses.replace(
                 template, polygons=polygons, geometry_type=gtype, class_name=cls, color=colour,
-                properties=dict(template.properties),
+                properties=dict(template.properties), geometry_extra=geometry_extra,
             ))
         else:
             out.append(Annotation(polygons, gtype, cls, colour, "annotation"))
     if skipped and notes is not None:
         notes.append(f"{skipped} shape(s) without an area (lines) were left out")
     return out
+
+
+def _same_polygons(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        len(p) == len(q) and all(np.array_equal(r, t) for r, t in zip(p, q)) for p, q in zip(a, b)
+    )
 
 
 def _match_polygon(rings: list[np.ndarray], polygons: list) -> list | None:

@@ -32,6 +32,7 @@ after each chunk; a killed run resumes at ``gpfm_n_done``. When the last chunk i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,6 +54,7 @@ __all__ = [
     "ExternalFeaturesWarning",
     "FeatureStore",
     "IncompleteStoreError",
+    "InferredPatchSizeWarning",
     "RecipeMismatchError",
     "SlideMismatchError",
     "StoreError",
@@ -152,6 +154,10 @@ class SlideMismatchError(StoreError):
 
 class ExternalFeaturesWarning(UserWarning):
     """Features from another tool: their recipe (model, mpp, tiling) cannot be checked."""
+
+
+class InferredPatchSizeWarning(ExternalFeaturesWarning):
+    """A feature file records no patch size; it was inferred from its coordinate grid."""
 
 
 def safe_name(name: str) -> str:
@@ -483,6 +489,9 @@ class FeatureStore:
         coords: (N, 2) int64 level-0 top-left x, y, or ``None`` (a ``.pt`` without its h5).
         attrs: root attrs merged with the ``coords`` attrs (TRIDENT stores them there).
         recipe: our recipe, ``None`` for external files (recipe unknown).
+        patch_size_source: where :attr:`patch_size_level0` comes from: ``"file"`` (recorded),
+            ``"user"`` (given to :func:`open_store`), ``"inferred from the coordinate grid"``
+            (CLAM files record none), or ``None`` (unknown: no coords, or not inferable).
     """
 
     path: Path
@@ -491,6 +500,9 @@ class FeatureStore:
     attrs: dict[str, Any] = field(default_factory=dict)
     recipe: EmbeddingRecipe | None = None
     _features: np.ndarray | None = field(default=None, repr=False)
+    patch_size_source: str | None = None
+    _patch_size: int | None = field(default=None, repr=False)
+    _patch_size_problem: str | None = field(default=None, repr=False)
 
     @property
     def is_external(self) -> bool:
@@ -547,7 +559,18 @@ class FeatureStore:
 
     @property
     def patch_size_level0(self) -> int | None:
+        """Patch side in level-0 px: recorded, given, or inferred (see ``patch_size_source``);
+        ``None`` without coords.
+
+        Raises:
+            StoreError: the file records none and its coordinate grid does not tell it (one
+                patch; x and y strides differ): the message says so and how to give it.
+        """
+        if self._patch_size is not None:
+            return self._patch_size
         v = self.attrs.get("patch_size_level0")
+        if v is None and self._patch_size_problem:
+            raise StoreError(self.path, self._patch_size_problem)
         return None if v is None else int(v)
 
     @property
@@ -575,8 +598,97 @@ def _h5_attrs(obj: Any) -> dict[str, Any]:
     return {k: _decoded(v) for k, v in obj.attrs.items()}
 
 
+PATCH_SIZE_FILE = "file"
+PATCH_SIZE_USER = "user"
+PATCH_SIZE_INFERRED = "inferred from the coordinate grid"
+
+
+def _grid_stride(values: np.ndarray) -> int | None:
+    """The most common positive difference between the sorted unique values (None: one value)."""
+    u = np.unique(values)
+    if u.size < 2:
+        return None
+    steps, counts = np.unique(np.diff(u), return_counts=True)
+    return int(steps[counts.argmax()])  # ties: the smallest
+
+
+def infer_patch_size(coords: np.ndarray, path: str | Path) -> int:
+    """Level-0 patch side of a grid of patches that do not overlap: its stride.
+
+    The stride is the most common positive difference between the sorted unique x's (and the
+    same for y). Raises :class:`StoreError` when x and y strides differ or there is only one
+    patch position.
+    """
+    c = np.asarray(coords).reshape(-1, 2)
+    sx, sy = _grid_stride(c[:, 0]), _grid_stride(c[:, 1])
+    how = "give the patch size when opening it (open_store(..., patch_size_level0=...))"
+    if sx is None and sy is None:
+        raise StoreError(
+            path,
+            f"records no patch_size_level0 and has {'only one patch' if len(c) else 'no patches'}"
+            f", so the patch size cannot be inferred from the coordinate grid; {how}",
+        )
+    if sx is not None and sy is not None and sx != sy:
+        raise StoreError(
+            path,
+            f"records no patch_size_level0 and its coordinate grid has an x stride of {sx} px "
+            f"but a y stride of {sy} px, so the patch size cannot be inferred; {how}",
+        )
+    return int(sx if sx is not None else sy)
+
+
+def _resolve_patch_size(
+    path: Path, attrs: dict[str, Any], coords: np.ndarray | None, given: int | None,
+    coords_file: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """FeatureStore fields: the patch size to use when the file records none, where the patch
+    size comes from, and why it cannot be inferred (raised when it is asked for)."""
+    recorded = attrs.get("patch_size_level0")
+    if recorded is not None and str(recorded) != "":
+        if given is not None and int(given) != int(recorded):
+            raise StoreError(
+                path,
+                f"records patch_size_level0 = {int(recorded)} px but {int(given)} px was given",
+            )
+        return {"patch_size_source": PATCH_SIZE_FILE}
+    if given is not None:
+        if int(given) <= 0:
+            raise StoreError(path, f"patch_size_level0 must be positive, got {given}")
+        return {"_patch_size": int(given), "patch_size_source": PATCH_SIZE_USER}
+    if coords is None:
+        return {}
+    where = "" if coords_file in (None, path) else f" (coordinates from {coords_file})"
+    try:
+        size = infer_patch_size(coords, path)
+    except StoreError as e:  # the features stay readable; asking for the patch size raises
+        problem = e.problem.replace("patch_size_level0", "patch_size_level0" + where, 1)
+        return {"_patch_size_problem": problem}
+    warnings.warn(
+        f"{path}: the file records no patch_size_level0; inferred {size} px from the "
+        f"coordinate grid{where}, assuming patches that touch without overlapping. Pass "
+        "patch_size_level0 to open_store if that is wrong.",
+        InferredPatchSizeWarning,
+        stacklevel=4,
+    )
+    return {"_patch_size": size, "patch_size_source": PATCH_SIZE_INFERRED}
+
+
+def _read_coords(f: h5py.File) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """(coords (N, 2) int64 or None, root attrs merged with the coords attrs) of an open file."""
+    attrs = _h5_attrs(f)
+    coords = None
+    if "coords" in f:
+        for k, v in _h5_attrs(f["coords"]).items():
+            attrs.setdefault(k, v)
+        coords = np.asarray(f["coords"][()]).astype(np.int64).reshape(-1, 2)
+    return coords, attrs
+
+
 def _read_h5(
-    path: Path, expected_recipe: EmbeddingRecipe | None, expected_slide: Any = None
+    path: Path,
+    expected_recipe: EmbeddingRecipe | None,
+    expected_slide: Any = None,
+    patch_size_level0: int | None = None,
 ) -> FeatureStore:
     try:
         f = h5py.File(path, "r")
@@ -587,12 +699,7 @@ def _read_h5(
             raise StoreError(
                 path, f"no 'features' dataset (found: {', '.join(f.keys()) or 'nothing'})"
             )
-        attrs = _h5_attrs(f)
-        coords = None
-        if "coords" in f:
-            for k, v in _h5_attrs(f["coords"]).items():
-                attrs.setdefault(k, v)
-            coords = np.asarray(f["coords"][()]).astype(np.int64).reshape(-1, 2)
+        coords, attrs = _read_coords(f)
         for k, v in _h5_attrs(f["features"]).items():
             attrs.setdefault(k, v)
         n_feat = f["features"].shape[0]
@@ -610,7 +717,8 @@ def _read_h5(
                 ExternalFeaturesWarning,
                 stacklevel=3,
             )
-        return FeatureStore(path=path, kind=kind, coords=coords, attrs=attrs)
+        size = _resolve_patch_size(path, attrs, coords, patch_size_level0)
+        return FeatureStore(path=path, kind=kind, coords=coords, attrs=attrs, **size)
 
     if not bool(attrs.get("gpfm_complete", False)):
         raise IncompleteStoreError(
@@ -626,31 +734,106 @@ def _read_h5(
         check_slide(path, attrs, expected_slide)
     if expected_recipe is not None and recipe.key() != expected_recipe.key():
         raise RecipeMismatchError(path, recipe.diff(expected_recipe))
-    return FeatureStore(path=path, kind="gpfm", coords=coords, attrs=attrs, recipe=recipe)
+    size = _resolve_patch_size(path, attrs, coords, patch_size_level0)
+    return FeatureStore(path=path, kind="gpfm", coords=coords, attrs=attrs, recipe=recipe, **size)
 
 
-def _read_pt(path: Path, expected_slide: Any = None) -> FeatureStore:
+def _numpy_safe_globals() -> list:
+    """Exactly what unpickling a numpy float array needs (numpy 1.x and 2.x pickles): the array
+    reconstructor, ``ndarray``, ``dtype`` and the float dtype classes. Nothing that can run code:
+    an object array's elements still need their own globals, which stay refused."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed: list = [
+        (_reconstruct, "numpy._core.multiarray._reconstruct"),
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (np.ndarray, "numpy.ndarray"),
+        (np.dtype, "numpy.dtype"),
+    ]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by their class
+    for name in ("Float16DType", "Float32DType", "Float64DType"):
+        if dtypes is not None and hasattr(dtypes, name):
+            allowed.append((getattr(dtypes, name), f"numpy.dtypes.{name}"))
+    return allowed
+
+
+def _safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` that also accepts a pickled numpy float array (TRIDENT
+    writes its ``.pt`` features that way); the extra globals are allowed for this call only."""
     import torch
 
+    scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    allow = contextlib.nullcontext() if scoped is None else scoped(_numpy_safe_globals())
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with allow:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise StoreError(path, f"not a loadable tensor file ({e})") from e
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        m = (
+            re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", text)
+            or re.search(r"but got <class '([\w.]+)'>", text)
+            or re.search(r"Unsupported operand (\S+)", text)
+        )
+        if m:
+            old = " (numpy arrays need torch >= 2.5)" if scoped is None else ""
+            raise StoreError(
+                path,
+                f"refused by the safe loader: the file needs {m.group(1)}, which is not allowed "
+                f"(a feature .pt may hold only tensors or numpy float arrays{old}); a file that "
+                "needs more can run code when loaded, so it is not opened",
+            ) from e
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise StoreError(path, f"not a loadable tensor file ({first})") from e
+
+
+def _pt_coords(path: Path) -> tuple[Path | None, np.ndarray | None, dict[str, Any]]:
+    """Coordinates of a ``.pt`` feature file from its siblings: CLAM's ``../h5_files/<stem>.h5``
+    or TRIDENT's ``../patches/<stem>_patches.h5``."""
+    for sibling in (
+        path.parent.parent / "h5_files" / (path.stem + ".h5"),
+        path.parent.parent / "patches" / (path.stem + "_patches.h5"),
+    ):
+        if not sibling.exists():
+            continue
+        try:
+            with h5py.File(sibling, "r") as f:
+                coords, attrs = _read_coords(f)
+        except OSError:
+            continue
+        if coords is not None:
+            return sibling, coords, attrs
+    return None, None, {}
+
+
+def _read_pt(
+    path: Path, expected_slide: Any = None, patch_size_level0: int | None = None
+) -> FeatureStore:
+    import torch
+
+    obj = _safe_torch_load(path)
     if isinstance(obj, dict) and "features" in obj:
         obj = obj["features"]
-    if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
-        raise StoreError(path, "expected a 2-D (N, D) feature tensor")
-    feats = obj.detach().to(torch.float32).numpy()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind != "f":
+            raise StoreError(path, f"expected float features, got a {obj.dtype} array")
+        kind, feats = "trident-pt", np.asarray(obj, dtype=np.float32)
+    elif isinstance(obj, torch.Tensor):
+        kind, feats = "clam-pt", obj.detach().to(torch.float32).numpy()
+    else:
+        raise StoreError(path, f"expected a 2-D (N, D) feature tensor, got {type(obj).__name__}")
+    if feats.ndim != 2:
+        raise StoreError(path, f"expected a 2-D (N, D) feature tensor, got shape {feats.shape}")
     coords = None
     attrs: dict[str, Any] = {}
-    sibling = path.parent.parent / "h5_files" / (path.stem + ".h5")
-    if sibling.exists():
-        h5 = _read_h5(sibling, None)
-        if h5.coords is not None and h5.coords.shape[0] == feats.shape[0]:
-            coords, attrs = h5.coords, h5.attrs
+    sibling, c, a = _pt_coords(path)
+    if c is not None and c.shape[0] == feats.shape[0]:
+        coords, attrs = c, a
     if expected_slide is not None:
         check_slide(path, attrs, expected_slide)
-    return FeatureStore(path=path, kind="clam-pt", coords=coords, attrs=attrs, _features=feats)
+    size = _resolve_patch_size(path, attrs, coords, patch_size_level0, sibling)
+    return FeatureStore(path=path, kind=kind, coords=coords, attrs=attrs, _features=feats, **size)
 
 
 def open_store(
@@ -658,10 +841,23 @@ def open_store(
     expected_recipe: EmbeddingRecipe | None = None,
     *,
     expected_slide: Any = None,
+    patch_size_level0: int | None = None,
 ) -> FeatureStore:
     """Open a feature file for reading, refusing ones that cannot be trusted.
 
-    Accepts our files, TRIDENT files, CLAM ``h5_files/*.h5`` and ``pt_files/*.pt``, at any path.
+    Accepts our files, TRIDENT files (``.h5``, and ``.pt`` holding a numpy array, with coords
+    from ``../patches/<slide>_patches.h5``), CLAM ``h5_files/*.h5`` and ``pt_files/*.pt``, at any
+    path. ``.pt`` files are loaded with ``weights_only=True``; only tensors and numpy float
+    arrays are allowed in them.
+
+    Patch size: a file that records no ``patch_size_level0`` (CLAM) takes ``patch_size_level0``
+    when given, else it is inferred from the grid stride of its coords with an
+    :class:`InferredPatchSizeWarning` naming the file and the value
+    (``store.patch_size_source`` says which). When it cannot be inferred (one patch; x and y
+    strides differ) the file still opens and ``store.patch_size_level0`` raises
+    :class:`StoreError` saying so; a given value that contradicts the recorded one is refused
+    here.
+
     Raises :class:`IncompleteStoreError` for an unfinished run (including when only
     ``<path>.partial`` exists), :class:`SlideMismatchError` when ``expected_slide`` (a
     :class:`~napari_gpfm.slide.Slide` or :class:`~napari_gpfm.slide.SlideFingerprint`) is given
@@ -681,8 +877,8 @@ def open_store(
             )
         raise StoreError(path, "no such feature file")
     if path.suffix == ".pt":
-        return _read_pt(path, expected_slide)
-    return _read_h5(path, expected_recipe, expected_slide)
+        return _read_pt(path, expected_slide, patch_size_level0)
+    return _read_h5(path, expected_recipe, expected_slide, patch_size_level0)
 
 
 def find_store(out_dir: str | Path, slide: Any, recipe: EmbeddingRecipe) -> FeatureStore | None:
