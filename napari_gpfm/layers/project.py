@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NapariGpfmError
 from ..jobs.progress import Progress
 from .convert import META_KEY as META
 
@@ -67,7 +68,7 @@ PLUGIN = "napari-gpfm"
 THUMB_SIDE = 96
 
 
-class ProjectError(ValueError):
+class ProjectError(NapariGpfmError, ValueError):
     """A project file that cannot be read (the message names the file and the problem)."""
 
 

@@ -17,7 +17,25 @@ class SlideError(NapariGpfmError):
 
 
 class SlideOpenError(SlideError):
-    """The file cannot be opened as a whole-slide image (empty, truncated, not a slide...)."""
+    """The file cannot be opened as a whole-slide image. The subclasses say which of the three
+    cases it is: :class:`UnsupportedSlideError`, :class:`DamagedSlideError`,
+    :class:`EmptySlideError`; the base class itself is raised for the rest (no such file, a
+    folder holding several slides)."""
+
+
+class UnsupportedSlideError(SlideOpenError):
+    """The file is intact but of a kind napari-gpfm does not read (another format, a
+    compression no installed decoder handles, a fluorescence or z-stack image): the message
+    says what it is and what is supported."""
+
+
+class DamagedSlideError(SlideOpenError):
+    """The file claims a slide format but its structure is broken (truncated, not a TIFF
+    although named ``.svs``, unreadable DICOM header): copy or download it again."""
+
+
+class EmptySlideError(SlideOpenError):
+    """The file has no bytes, or the folder no image instances."""
 
 
 class MissingMppError(SlideError):
@@ -46,3 +64,7 @@ class MissingMppWarning(UserWarning):
 
 class SlideReadWarning(UserWarning):
     """A tile failed while viewing; it is shown blank and the viewer keeps running."""
+
+
+class SlideMetadataWarning(UserWarning):
+    """Optional metadata of a slide could not be read; the pixels are read all the same."""

@@ -5,10 +5,11 @@ names its feature files, so two different files can share it (``X.svs`` in two f
 replaced by another one). The fingerprint is what a feature file records to know which file it
 was computed from:
 
-- ``size``: bytes of the file (for a DICOM folder: the sum over its ``.dcm`` instances);
+- ``size``: bytes of the file (for a DICOM slide: the sum over its instances, the files of its
+  series);
 - ``width``, ``height``: level-0 pixels;
 - ``digest``: SHA-256 of cheap bytes: the first 1 MiB and the last 64 KiB of the file (for a
-  DICOM folder: the sorted file names and sizes, and the first 64 KiB of at most 8 instances).
+  DICOM slide: the sorted file names and sizes, and the first 64 KiB of at most 8 instances).
 
 Computing it reads about 1 MiB and never decodes a tile (milliseconds); it is cached on the
 :class:`~napari_gpfm.slide.Slide`.
@@ -145,7 +146,7 @@ def compute_fingerprint(slide: Any) -> SlideFingerprint:
         from .backends.dicom import dicom_files
 
         folder = path if path.is_dir() else path.parent
-        files = dicom_files(folder)
+        files = list(getattr(getattr(slide, "backend", None), "files", None) or dicom_files(folder))
         digest, size = _dicom_digest(files)
         return SlideFingerprint(size, width, height, digest, mpp, os.path.abspath(folder),
                                 n_files=len(files))  # fmt: skip

@@ -1,11 +1,18 @@
-"""``open_slide``: pick the backend for a path and turn every failure into a clear message."""
+"""``open_slide``: pick the backend for a path and turn every failure into a clear message.
+
+Failures are one of :class:`~napari_gpfm.slide.UnsupportedSlideError` (an intact file of a kind
+napari-gpfm does not read: the message says what is supported),
+:class:`~napari_gpfm.slide.DamagedSlideError` (truncated, broken structure, not the format its
+name claims) or :class:`~napari_gpfm.slide.EmptySlideError` (0 bytes, no image in the folder),
+all :class:`~napari_gpfm.slide.SlideOpenError`; every message names the file.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .errors import SlideOpenError
+from .errors import EmptySlideError, SlideOpenError, UnsupportedSlideError
 from .slide import Slide
 
 # Extensions that are whole-slide images whatever their content (errors are ours to report).
@@ -14,22 +21,57 @@ SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".ome.tif", ".ome.
 TIFF_SUFFIXES = (".tif", ".tiff")
 OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 DICOM_SUFFIXES = (".dcm",)
+#: Files of a folder probed for the DICOM magic when none is named ``*.dcm``.
+DICOM_PROBE_FILES = 64
+
+SUPPORTED = (
+    "Aperio .svs, Hamamatsu .ndpi, Leica .scn, Ventana .bif, .qptiff, OME-TIFF, tiled or "
+    "pyramidal .tif/.tiff, DICOM whole-slide images (a folder, or one of its files, with or "
+    "without the .dcm extension), and with OpenSlide installed MIRAX .mrxs, Hamamatsu .vms/.vmu "
+    "and Sakura .svslide"
+)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True when ``path`` is a file holding the DICOM magic ``DICM`` at byte 128 (DICOM Part 10),
+    whatever its name (WG26 sets publish instances without extension)."""
+    try:
+        if not Path(path).is_file():  # never open a folder, a pipe or a device
+            return False
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _folder_has_dicom(folder: Path) -> bool:
+    probed = 0
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() in DICOM_SUFFIXES:
+            return True
+        if f.is_file() and probed < DICOM_PROBE_FILES:
+            probed += 1
+            if is_dicom_file(f):
+                return True
+    return False
 
 
 def slide_kind(path: str | Path) -> str | None:
-    """'tiff', 'openslide', 'dicom' or None, from the name alone (cheap, never raises)."""
+    """'tiff', 'openslide', 'dicom' or None, from the name (and, for files without a known
+    extension and for folders, the DICOM magic); cheap, never raises."""
     p = Path(path)
     name = p.name.lower()
     if p.is_dir():
         try:
-            return "dicom" if any(f.suffix.lower() == ".dcm" for f in p.iterdir()) else None
+            return "dicom" if _folder_has_dicom(p) else None
         except OSError:
             return None
     if name.endswith(SLIDE_SUFFIXES) or name.endswith(TIFF_SUFFIXES):
         return "tiff"
     if name.endswith(OPENSLIDE_SUFFIXES):
         return "openslide"
-    if name.endswith(DICOM_SUFFIXES):
+    if name.endswith(DICOM_SUFFIXES) or is_dicom_file(p):
         return "dicom"
     return None
 
@@ -38,16 +80,21 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open a whole-slide image.
 
     ``mpp`` overrides the file's pixel size (µm per level-0 pixel). Raises
-    :class:`SlideOpenError` naming the file and the problem when it cannot be read.
+    :class:`SlideOpenError` (one of its subclasses where it applies) naming the file and the
+    problem when it cannot be read.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise SlideOpenError(p, "no such file or folder")
     if p.is_file() and os.path.getsize(p) == 0:
-        raise SlideOpenError(p, "the file is empty (0 bytes)")
+        raise EmptySlideError(p, "the file is empty (0 bytes)")
     kind = slide_kind(p)
     if kind is None:
-        raise SlideOpenError(p, "not a whole-slide image format napari-gpfm reads")
+        suffix = p.suffix or "extensionless"
+        what = "a folder without DICOM files" if p.is_dir() else f"a {suffix} file"
+        raise UnsupportedSlideError(
+            p, f"not a whole-slide image format napari-gpfm reads ({what}). Supported: {SUPPORTED}."
+        )
     backend = _open_backend(p, kind)
     try:
         return Slide(backend, mpp=mpp)
@@ -70,6 +117,8 @@ def _open_backend(p: Path, kind: str):
     try:
         return TiffBackend(p)
     except SlideOpenError as tiff_error:
+        # Formats tiffslide does not parse (Philips TIFF, some BIF) may still be OpenSlide's;
+        # when OpenSlide refuses them too, our message (what is true about the file) stands.
         from .backends.openslide import OpenSlideBackend, openslide_available
 
         if not openslide_available() or "truncated" in tiff_error.problem:

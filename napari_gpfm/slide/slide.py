@@ -3,6 +3,12 @@
 Coordinates follow OpenSlide's convention: ``x, y`` are level-0 pixels (top-left), sizes are in
 pixels of the level being read. ``mpp`` is microns per level-0 pixel, or ``None`` when the file
 does not record it (never guessed).
+
+:meth:`Slide.read_region` returns OpenSlide's pixels for the same arguments at every level: at a
+level whose downsample is not a whole number, level-0 ``x`` falls between two of the level's
+pixels, and OpenSlide interpolates there; :mod:`napari_gpfm.slide.resample` reproduces its
+arithmetic from the native tiles (or the OpenSlide backend asks OpenSlide itself).
+:class:`LevelArray` (napari's view) serves the levels' own pixels, untouched.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backends.base import LevelInfo, SlideBackend
+from .backends.base import LevelInfo, SlideBackend, pyramid_downsample
 from .cache import TileCache
 from .errors import MissingMppError, SlideReadWarning, TileReadError
+from .resample import render_region
 
 # Levels of a slide without a pyramid are added down to this size, computed from level 0.
 VIRTUAL_LEVEL_MIN_SIDE = 2048
@@ -48,7 +55,11 @@ def _new_uid() -> int:
 def slide_name(backend: SlideBackend) -> str:
     """TRIDENT's slide name: the file name without its last extension (``case1.HE.svs`` →
     ``case1.HE``); a DICOM slide (a folder, or one ``.dcm`` instance of it) is named after its
-    folder, since all the folder's instances make up the slide."""
+    folder, since all the folder's instances make up the slide. A DICOM file in a folder
+    holding several slides is named after the file (the backend's ``slide_name``)."""
+    hint = getattr(backend, "slide_name", None)
+    if isinstance(hint, str) and hint:
+        return hint
     path = backend.path
     if backend.name == "wsidicom" and path.is_file():
         path = path.parent
@@ -99,7 +110,10 @@ class Slide:
         ds = 2
         while max(base.width, base.height) / ds >= VIRTUAL_LEVEL_MIN_SIDE:
             w, h = math.ceil(base.width / ds), math.ceil(base.height / ds)
-            info = LevelInfo(w, h, VIRTUAL_TILE, VIRTUAL_TILE, base.width / w)
+            info = LevelInfo(
+                w, h, VIRTUAL_TILE, VIRTUAL_TILE,
+                pyramid_downsample((base.width, base.height), (w, h)),
+            )  # fmt: skip
             self._levels.append(_Level(info, source=0))
             ds *= 2
 
@@ -189,12 +203,12 @@ class Slide:
     def _virtual_tile(self, lv: _Level, tx: int, ty: int) -> np.ndarray:
         info = lv.info
         src = self._levels[lv.source].info
-        scale = info.downsample / src.downsample
+        scale_x, scale_y = src.width / info.width, src.height / info.height
         x, y = tx * info.tile_width, ty * info.tile_height
         w, h = min(info.tile_width, info.width - x), min(info.tile_height, info.height - y)
-        sx, sy = round(x * scale), round(y * scale)
-        sw = min(round(w * scale), src.width - sx)
-        sh = min(round(h * scale), src.height - sy)
+        sx, sy = round(x * scale_x), round(y * scale_y)
+        sw = min(round(w * scale_x), src.width - sx)
+        sh = min(round(h * scale_y), src.height - sy)
         region = self._read_level_region(lv.source, sx, sy, sw, sh)
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
 
@@ -218,11 +232,29 @@ class Slide:
 
     # ------------------------------------------------------------------ reading
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 pixel (x, y)."""
-        ds = self.level_downsamples[level]
-        return self._read_level_region(
-            level, math.floor(x / ds), math.floor(y / ds), int(width), int(height)
-        )
+        """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 pixel (x, y).
+
+        The same pixels as OpenSlide's ``read_region((x, y), level, (width, height))`` on the
+        same file (its interpolation where ``x / downsample`` falls between two pixels, see
+        :mod:`napari_gpfm.slide.resample`); pixels outside the image are white.
+        """
+        x, y, width, height = int(x), int(y), int(width), int(height)
+        if width < 0 or height < 0:
+            raise ValueError(f"{self.path}: negative region size {width}×{height}")
+        if not 0 <= level < self.level_count:
+            raise IndexError(f"{self.path}: no level {level} (the slide has {self.level_count})")
+        lv = self._levels[level]
+        if lv.source is None:
+            native = self.backend.read_region(x, y, level, width, height)
+            if native is not None:
+                return native
+        info = lv.info
+        return render_region(
+            lambda x0, y0, x1, y1: self._read_level_region(level, x0, y0, x1 - x0, y1 - y0),
+            (info.width, info.height),
+            (info.tile_width, info.tile_height),
+            x, y, info.downsample, width, height, BACKGROUND,
+        )  # fmt: skip
 
     def read_patch(self, x: int, y: int, size0: int, out_size: int) -> np.ndarray:
         """The level-0 square at (x, y) of side ``size0``, read from the best level, resized to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 import tiffslide
 
 from napari_gpfm.slide import MissingMppError, open_slide
@@ -25,17 +26,21 @@ def test_sample_svs_metadata(sample_svs):
 
 
 @pytest.mark.parametrize("fixture", ["sample_svs", "pyramid_tif", "ome_tiff"])
-def test_pixels_match_tiffslide_on_every_level(fixture, request):
+def test_level_pixels_match_tifffile_on_every_level(fixture, request):
+    """The levels napari browses are the file's own pixels (region reads at level-0 coordinates
+    follow OpenSlide: tests/slide/test_openslide_parity.py)."""
     path = request.getfixturevalue(fixture)
     slide = open_slide(path)
     with tiffslide.TiffSlide(str(path)) as ref:
         assert slide.level_count == ref.level_count
-        for level in range(slide.level_count):
-            ds = slide.level_downsamples[level]
-            x, y = int(133 * ds), int(517 * ds)  # a region inside every level
-            ours = slide.read_region(x, y, level, 300, 200)
-            theirs = np.asarray(ref.read_region((x, y), level, (300, 200)))[..., :3]
-            np.testing.assert_array_equal(ours, theirs)
+        assert slide.level_dimensions == [tuple(d) for d in ref.level_dimensions]
+        np.testing.assert_array_equal(
+            slide.read_region(133, 517, 0, 300, 200),
+            np.asarray(ref.read_region((133, 517), 0, (300, 200)))[..., :3],
+        )
+    with tifffile.TiffFile(path) as tif:
+        for level, pages in enumerate(tif.series[0].levels):
+            np.testing.assert_array_equal(np.asarray(slide.levels[level]), pages.asarray())
 
 
 def test_pyramid_levels_and_best_level(pyramid_tif):
@@ -118,10 +123,11 @@ def test_openslide_backend_reads_the_same_pixels(pyramid_tif):
     assert slide.vendor == "generic-tiff"
     assert slide.mpp == pytest.approx(0.499, abs=1e-4)
     ours = open_slide(pyramid_tif)
-    np.testing.assert_array_equal(slide.read_region(700, 300, 0, 600, 500), ours.read_region(700, 300, 0, 600, 500))
-    # Reduced levels have fractional downsamples (2.0003): OpenSlide positions them sub-pixel.
-    diff = slide.read_region(700, 300, 1, 200, 150).astype(int) - ours.read_region(700, 300, 1, 200, 150)
-    assert np.abs(diff).mean() < 8
+    # Reduced levels have fractional downsamples (2.0003): both read as OpenSlide does.
+    for level in range(3):
+        np.testing.assert_array_equal(
+            slide.read_region(701, 303, level, 300, 250), ours.read_region(701, 303, level, 300, 250)
+        )
 
 
 def test_level_array_indexing_like_numpy(pyramid_tif):
@@ -133,3 +139,17 @@ def test_level_array_indexing_like_numpy(pyramid_tif):
     np.testing.assert_array_equal(level[5, 7], full[5, 7])
     np.testing.assert_array_equal(level[::3, 100:130:2, 0], full[::3, 100:130:2, 0])
     np.testing.assert_array_equal(level[..., 1][30:40, 30:40], full[30:40, 30:40, 1])
+
+
+def test_stripped_pyramid_levels_are_the_files_own_pixels(tmp_path, sample_rgb):
+    """Levels stored in strips (not tiles) go through tiffslide by level-0 coordinates: each
+    512-px window must map back to its own level pixels at downsample 2.0003 (no 1-px shift)."""
+    path = tmp_path / "stripped.tif"
+    levels = [sample_rgb, sample_rgb[:2966:2, :2220:2]]
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(levels[0], photometric="rgb", rowsperstrip=64)
+        tif.write(levels[1], photometric="rgb", rowsperstrip=64, subfiletype=1)
+    slide = open_slide(path)
+    assert slide.level_dimensions == [(2220, 2967), (1110, 1483)]
+    assert slide.level_tile_sizes[1] == (512, 512)  # read through the fallback path
+    np.testing.assert_array_equal(np.asarray(slide.levels[1]), levels[1])

@@ -49,6 +49,13 @@ class SlideBackend(ABC):
     @abstractmethod
     def read_tile(self, level: int, tx: int, ty: int) -> np.ndarray: ...
 
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray | None:
+        """A level-0-addressed region read by the library itself, or ``None`` (the default):
+        :class:`~napari_gpfm.slide.Slide` then renders it from native tiles with OpenSlide's
+        arithmetic (:mod:`napari_gpfm.slide.resample`). Backends over OpenSlide return
+        OpenSlide's own pixels here."""
+        return None
+
     @property
     def associated_names(self) -> list[str]:
         return []
@@ -58,6 +65,15 @@ class SlideBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def pyramid_downsample(base: tuple[int, int], size: tuple[int, int]) -> float:
+    """A level's downsample as OpenSlide computes it: the mean of the height and width ratios
+    (``openslide.c``: ``(blh / h + blw / w) / 2``), e.g. 2.000337 for 2220×2967 → 1110×1483.
+    Region reads at that level put level-0 ``x`` at ``x / downsample``, so it must be this
+    value for the pixels to match OpenSlide's."""
+    (bw, bh), (w, h) = base, size
+    return ((float(bh) / float(h)) + (float(bw) / float(w))) / 2.0
 
 
 def plausible_mpp(value: object) -> float | None:

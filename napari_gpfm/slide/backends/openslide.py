@@ -1,7 +1,11 @@
 """Formats that only OpenSlide reads (MIRAX, Ventana BIF, Philips TIFF, ...): optional extra.
 
 Installed with ``pip install 'napari-gpfm[openslide]'`` (openslide-bin + openslide-python).
-OpenSlide has no native-tile access, so tiles are fixed 512 px windows read with read_region.
+Level-0-addressed regions (:meth:`OpenSlideBackend.read_region`, hence ``Slide.read_region`` and
+``read_patch``) are OpenSlide's own ``read_region``, pixel for pixel. OpenSlide has no
+native-tile access, so the tiles napari browses are fixed 512 px windows of a level read with
+``read_region`` at the nearest level-0 coordinate (interpolated by OpenSlide where the level's
+downsample is fractional; for display only).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SlideOpenError, TileReadError
+from ..errors import SlideOpenError, TileReadError, UnsupportedSlideError
 from .base import LevelInfo, SlideBackend, plausible_mpp, to_rgb
 
 TILE = 512
@@ -39,6 +43,10 @@ class OpenSlideBackend(SlideBackend):
             ) from exc
         try:
             self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise UnsupportedSlideError(
+                self.path, "not a format OpenSlide reads (openslide.org lists the formats)"
+            ) from exc
         except Exception as exc:
             raise SlideOpenError(self.path, f"OpenSlide cannot read it ({exc})") from exc
         props = dict(self._osr.properties)
@@ -64,11 +72,20 @@ class OpenSlideBackend(SlideBackend):
                 region = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
         except Exception as exc:
             raise TileReadError(self.path, level, tx, ty, str(exc)) from exc
-        rgba = np.asarray(region)
-        # OpenSlide returns premultiplied RGBA with alpha 0 outside scanned areas: show white.
-        rgb = to_rgb(rgba).copy()
-        rgb[rgba[..., 3] == 0] = 255
-        return rgb
+        return _rgb(region)
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """OpenSlide's ``read_region`` itself (its interpolation at fractional downsamples)."""
+        try:
+            with self._lock:
+                region = self._osr.read_region((int(x), int(y)), level, (int(width), int(height)))
+        except Exception as exc:
+            ds = self.levels[level].downsample
+            raise TileReadError(
+                self.path, level, int(x / ds) // TILE, int(y / ds) // TILE,
+                f"OpenSlide cannot read the {width}×{height} region at level-0 ({x}, {y}): {exc}",
+            ) from exc  # fmt: skip
+        return _rgb(region)
 
     @property
     def associated_names(self) -> list[str]:
@@ -79,3 +96,12 @@ class OpenSlideBackend(SlideBackend):
 
     def close(self) -> None:
         self._osr.close()
+
+
+def _rgb(region) -> np.ndarray:
+    """OpenSlide's RGBA (un-premultiplied by openslide-python) as RGB; transparent (outside
+    the scanned area) is white, the slide background."""
+    rgba = np.asarray(region)
+    rgb = to_rgb(rgba).copy()
+    rgb[rgba[..., 3] == 0] = 255
+    return rgb

@@ -8,13 +8,20 @@ pages are not plainly tiled (e.g. NDPI strips) go through tiffslide's own ``read
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import SlideOpenError, TileReadError
-from .base import LevelInfo, SlideBackend, plausible_mpp, to_rgb
+from ..errors import (
+    DamagedSlideError,
+    EmptySlideError,
+    SlideOpenError,
+    TileReadError,
+    UnsupportedSlideError,
+)
+from .base import LevelInfo, SlideBackend, plausible_mpp, pyramid_downsample, to_rgb
 
 OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
 # Virtual tile side for levels read through tiffslide's read_region.
@@ -37,7 +44,7 @@ class TiffBackend(SlideBackend):
             raise
         except Exception as exc:  # tiffslide/tifffile raise many kinds
             self.close()
-            raise SlideOpenError(self.path, _describe_failure(self.path, exc)) from exc
+            raise _classify_failure(self.path, exc) from exc
 
     def _read_structure(self) -> None:
         props = self._ts.properties
@@ -52,11 +59,16 @@ class TiffBackend(SlideBackend):
             self._read_ome(self._ts.ts_tifffile.ome_metadata)
 
         series = self._ts.ts_tifffile.series[int(props.get("tiffslide.series-index") or 0)]
+        layout = _describe_layout(series, self._ts.ts_tifffile.is_ome)
+        if layout is not None:
+            raise UnsupportedSlideError(self.path, _unsupported_message(layout))
         self._fd = os.open(self.path, os.O_RDONLY)
         self._pages = []
         file_size = os.path.getsize(self.path)
-        for lvl, (dims, ds) in enumerate(zip(self._ts.level_dimensions, self._ts.level_downsamples)):
+        base = self._ts.level_dimensions[0]
+        for lvl, dims in enumerate(self._ts.level_dimensions):
             page = series.levels[lvl].keyframe
+            _check_compression(self.path, page, lvl)
             direct = bool(
                 getattr(page, "is_tiled", False)
                 and not getattr(page, "is_ndpi", False)
@@ -66,7 +78,7 @@ class TiffBackend(SlideBackend):
             if direct:
                 ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
                 if ends.max() > file_size:
-                    raise SlideOpenError(
+                    raise DamagedSlideError(
                         self.path,
                         f"the file is truncated: level {lvl} needs {int(ends.max()):,} bytes but the "
                         f"file has {file_size:,}. Copy or download it again.",
@@ -75,9 +87,10 @@ class TiffBackend(SlideBackend):
             else:
                 tw = th = FALLBACK_TILE
             self._pages.append(page if direct else None)
-            self.levels.append(LevelInfo(int(dims[0]), int(dims[1]), tw, th, float(ds)))
+            ds = 1.0 if lvl == 0 else pyramid_downsample(base, dims)
+            self.levels.append(LevelInfo(int(dims[0]), int(dims[1]), tw, th, ds))
         if not self.levels:
-            raise SlideOpenError(self.path, "the TIFF holds no image levels")
+            raise EmptySlideError(self.path, "the TIFF holds no image levels")
 
     def _read_ome(self, xml: str) -> None:
         """OME-TIFF: pixel size and objective from the OME-XML (tiffslide does not parse them)."""
@@ -105,10 +118,8 @@ class TiffBackend(SlideBackend):
         page = self._pages[level]
         try:
             if page is None:
-                ds = info.downsample
-                region = self._ts.read_region(
-                    (round(x * ds), round(y * ds)), level, (w, h), as_array=True
-                )
+                loc = (self._level0_coordinate(level, x), self._level0_coordinate(level, y))
+                region = self._ts.read_region(loc, level, (w, h), as_array=True)
                 return to_rgb(region)
             index = ty * info.tiles_x + tx
             count = int(page.databytecounts[index])
@@ -125,6 +136,18 @@ class TiffBackend(SlideBackend):
             raise
         except Exception as exc:
             raise TileReadError(self.path, level, tx, ty, f"{type(exc).__name__}: {exc}") from exc
+
+    def _level0_coordinate(self, level: int, v: int) -> int:
+        """The level-0 coordinate that tiffslide maps back to pixel ``v`` of ``level`` (it
+        takes ``int(v0 / ds)`` with its own downsample), so fallback tiles hold the level's
+        own pixels and are not shifted by one."""
+        ds = float(self._ts.level_downsamples[level])
+        v0 = max(0, math.ceil(v * ds))
+        while int(v0 / ds) < v:
+            v0 += 1
+        while v0 > 0 and int((v0 - 1) / ds) >= v:
+            v0 -= 1
+        return v0
 
     @property
     def associated_names(self) -> list[str]:
@@ -145,13 +168,93 @@ class TiffBackend(SlideBackend):
             self._ts.close()
 
 
-def _describe_failure(path: Path, exc: Exception) -> str:
-    """Tell a damaged/truncated TIFF (valid header) from a file that is no TIFF at all."""
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+# What a slide level must look like: 2-D, RGB(A) samples or one grey channel, 8 or 16 bit.
+SUPPORTED_LAYOUT = (
+    "8- or 16-bit brightfield images: RGB (or RGBA) pixels, or one grey channel, in a 2-D "
+    "pyramid (Aperio SVS, generic tiled TIFF, OME-TIFF, Hamamatsu NDPI, Leica SCN, QPTIFF RGB)"
+)
+
+
+def _unsupported_message(layout: str) -> str:
+    return f"{layout}: not a brightfield slide napari-gpfm reads. Supported: {SUPPORTED_LAYOUT}."
+
+
+def _check_compression(path: Path, page, level: int) -> None:
+    """Refuse at open a level whose compression no installed decoder handles (OpenSlide
+    refuses such files at open too), naming the compression."""
+    import tifffile
+
+    compression = page.compression
+    if compression in tifffile.TIFF.DECOMPRESSORS:
+        return
+    try:
+        name = f"{tifffile.COMPRESSION(compression).name} ({int(compression)})"
+    except ValueError:
+        name = f"{int(compression)} (not a compression code any TIFF library defines)"
+    known = sorted(
+        c.name
+        for c in tifffile.COMPRESSION
+        if c in tifffile.TIFF.DECOMPRESSORS and c.value > 1
+        and "DEPRECATED" not in c.name and not c.name.startswith("EER")
+    )
+    raise UnsupportedSlideError(
+        path,
+        f"unsupported TIFF compression {name} in level {level}. The file is not damaged: no "
+        f"installed decoder reads it. Supported compressions: none, {', '.join(known)}.",
+    )
+
+
+def _classify_failure(path: Path, exc: Exception) -> SlideOpenError:
+    """What is true about a TIFF that cannot be opened: another kind of image (unsupported),
+    a broken or truncated TIFF (damaged), or no TIFF at all (damaged, or not a slide)."""
+    if isinstance(exc, SlideOpenError):
+        return exc
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         header = f.read(4)
-    if header in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
-        return (
-            f"the TIFF structure is damaged or the file is truncated "
-            f"({os.path.getsize(path):,} bytes; {type(exc).__name__}: {exc}). Copy or download it again."
+    if header not in TIFF_MAGIC:
+        return DamagedSlideError(
+            path,
+            f"not a readable TIFF-based slide: the file does not start with a TIFF header "
+            f"({size:,} bytes; {exc}). It is damaged, or another kind of file with a slide's "
+            "name; copy or download it again.",
         )
-    return f"not a readable TIFF-based slide: the file does not start with a TIFF header ({exc})"
+    layout = _unsupported_layout(path)
+    if layout is not None:
+        return UnsupportedSlideError(path, _unsupported_message(layout))
+    return DamagedSlideError(
+        path,
+        f"the TIFF structure is damaged or the file is truncated "
+        f"({size:,} bytes; {type(exc).__name__}: {exc}). Copy or download it again.",
+    )
+
+
+def _unsupported_layout(path: Path) -> str | None:
+    """:func:`_describe_layout` of the file's first series, or ``None`` when tifffile cannot
+    read the structure either (then the file is damaged)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return _describe_layout(tif.series[0], tif.is_ome)
+    except Exception:
+        return None
+
+
+def _describe_layout(series, is_ome: bool) -> str | None:
+    """``None`` for a 2-D RGB(A) or grey 8/16-bit image; else what it is, e.g. ``an OME-TIFF
+    of 3 channels × 5 z-planes of 439×167 int8 pixels (axes CZYX)``."""
+    axes, shape, dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
+    names = {"C": "channels", "Z": "z-planes", "T": "time points", "S": "samples",
+             "Q": "planes", "I": "images", "R": "tiles"}  # fmt: skip
+    extra = [(a, n) for a, n in zip(axes, shape) if a not in "YX"]
+    rgb = len(extra) == 1 and extra[0][0] in "SC" and extra[0][1] in (3, 4)
+    grey = all(n == 1 for _, n in extra)
+    if (rgb or grey) and dtype in (np.uint8, np.uint16) and "Y" in axes and "X" in axes:
+        return None
+    dims = " × ".join(f"{n} {names.get(a, a)}" for a, n in extra if n > 1)
+    h = shape[axes.index("Y")] if "Y" in axes else "?"
+    w = shape[axes.index("X")] if "X" in axes else "?"
+    kind = "an OME-TIFF" if is_ome else "a TIFF"
+    return f"{kind} of {dims + ' of ' if dims else ''}{w}×{h} {dtype} pixels (axes {axes})"
