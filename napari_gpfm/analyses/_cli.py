@@ -143,9 +143,11 @@ def run_train(args: argparse.Namespace) -> int:
     from napari_gpfm.annotations.classes import ClassPalette
 
     from .classify import train_classifier
+    from .pathotune_cli import device_option
 
     require_file(args.annotations, "annotations file")  # both inputs, before any work
     require_file(args.slide, "slide")
+    device_option(args.device)  # a device this machine lacks: refused before any work
     anns = read_geojson(args.annotations)
     store = train_store(args)
     palette = ClassPalette.from_annotations(anns)
@@ -188,15 +190,16 @@ def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: 
 
     from .pathotune import save_classifier
     from .pathotune_cli import _print_progress, _prompt_config, _template, _train_config
-    from .pathotune_cli import train_patch_labels
+    from .pathotune_cli import device_option, train_patch_labels
 
+    device = device_option(args.device)  # "auto" → CUDA when available, else CPU
     patch_labels = labels_from_annotations(anns, store.coords, store.patch_size_level0, names,
                                            min_fraction=args.min_fraction)
     keep = patch_labels.labels >= 0
     if keep.sum() < 2 or len(set(patch_labels.labels[keep].tolist())) < 2:
         _err(f"{args.annotations}: PathoTune needs labelled patches of at least two classes")
         return 1
-    encoder = load_encoder(store.model, weights=args.weights, device=args.device,
+    encoder = load_encoder(store.model, weights=args.weights, device=device,
                            allow_random=args.allow_random_weights)
     result = train_patch_labels(
         encoder, args.slide, store.coords[keep], store.patch_size_level0,

@@ -29,7 +29,20 @@ import numpy as np
 
 from napari_gpfm.errors import InputFileError, UsageError, require_file
 
-__all__ = ["read_tiles_csv", "register", "train_patch_labels", "train_tiles_csv"]
+__all__ = ["device_option", "read_tiles_csv", "register", "train_patch_labels",
+           "train_tiles_csv"]
+
+
+def device_option(value: str | None) -> str:
+    """``--device`` resolved (``auto`` → CUDA when available, else CPU) by
+    :func:`napari_gpfm.encoders.device.resolve_device`, the one resolver every job uses; a device
+    this machine lacks or a malformed name is a :class:`~napari_gpfm.errors.UsageError`."""
+    from napari_gpfm.encoders.device import resolve_device
+
+    try:
+        return str(resolve_device(value))
+    except RuntimeError as exc:  # torch: malformed name; resolve_device: CUDA missing
+        raise UsageError(f"--device {value}: {exc}") from exc
 
 
 def _print_progress(record: Any) -> None:
@@ -154,6 +167,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .pathotune import save_classifier
 
     # inputs first (named when missing or malformed), then the backbone (slow)
+    device_option(args.device)
     if args.tiles_csv:
         require_file(args.tiles_csv, "tiles CSV")
     else:
@@ -194,8 +208,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from .pathotune import load_classifier, predict_arrays, predict_store, run
 
-    from napari_gpfm.encoders.device import resolve_device
-
     # inputs first (named when missing), then the classifier and its backbone (slow)
     require_file(args.classifier, "classifier file")
     if args.tiles_csv:
@@ -205,7 +217,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         require_file(args.slide, "slide")
         require_file(args.store, "feature file")
-    device = str(resolve_device(args.device))
+    device = device_option(args.device)
     clf = load_classifier(args.classifier, weights=args.weights, device=device)
     if args.tiles_csv:
         images, _, files = read_tiles_csv(args.tiles_csv, int(clf.encoder.card.input.size))

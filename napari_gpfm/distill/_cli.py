@@ -7,9 +7,10 @@ which is the form ``torchrun --nproc-per-node N -m napari_gpfm.distill ...`` use
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from napari_gpfm.errors import error_line
+from napari_gpfm.errors import NapariGpfmError, error_line
 
 HELP = "train a student with GPFM unified knowledge distillation"
 
@@ -30,18 +31,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Merge the config, train, and print where the student went; returns the exit code."""
-    from .config import ConfigError, load_config
+    """Merge the config, train, and print where the student went; returns the exit code.
+
+    Bad input (a config value, a missing expert's weights, an unreadable checkpoint, an
+    ``OSError``) is one ``error:`` line and exit code 2, also under ``python -m`` / ``torchrun``;
+    what the run decides on its own (e.g. resuming by scanning when ``LATEST`` is damaged) is
+    printed as ``note: ...`` on stderr when it happens.
+    """
+    from .config import load_config
     from .distributed import shutdown
     from .train import NonFiniteLossError, run_distillation
 
+    logger = logging.getLogger("napari_gpfm.distill")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
     try:
         cfg = load_config(args.config, args.overrides)
         result = run_distillation(cfg)
-    except (ConfigError, NonFiniteLossError) as exc:
+    except (NapariGpfmError, OSError, NonFiniteLossError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
     finally:
+        logger.removeHandler(handler)
         shutdown()
     if result.card_path is not None:
         print(f"exported student card {result.card_path} and weights {result.weights_path}")

@@ -4,11 +4,16 @@ Each entry of ``experts.models`` is either a registry model::
 
     uni: {encoder: uni, weights: null, cls_weight: 1.0, patch_weight: 0.25}
 
-loaded through :func:`napari_gpfm.encoders.load_encoder` (``allow_random: true`` permits a
-random network when the weights are missing, for smoke tests), or a timm architecture with random
+loaded through :func:`napari_gpfm.encoders.load_encoder`, or a timm architecture with random
 initialisation (for tests and benchmarks)::
 
     tiny: {timm: {name: vit_tiny_patch16_224, kwargs: {img_size: 64}}, cls_weight: 1}
+
+A registry expert whose weights are not on this machine stops the run before anything is built
+(:func:`resolve_experts` raises ``WeightsNotFoundError`` naming the expert and how to get the
+weights), unless its entry says ``optional: true`` (the run goes on without it and says so) or
+``allow_random: true`` (a seeded random network, for smoke tests). An expert whose
+``cls_weight`` and ``patch_weight`` are both 0 is switched off, and the run says so too.
 
 Experts receive the global crops exactly as the student does (ImageNet-normalised), resized
 bicubically when their fixed input size differs from the crop size. Their token width
@@ -19,6 +24,7 @@ so experts with a patch weight must produce patch tokens of the same width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -99,16 +105,70 @@ class ExpertWeights:
     patch: float
 
 
+def _loss_weights(spec: dict[str, Any]) -> ExpertWeights:
+    return ExpertWeights(float(spec.get("cls_weight", 0.0)), float(spec.get("patch_weight", 0.0)))
+
+
+def _missing_weights(name: str, spec: dict[str, Any]) -> str | None:
+    """Why registry expert ``name`` cannot load its weights, and how to fix it; None if it can."""
+    from napari_gpfm.encoders import get_card
+
+    key = f"experts.models.{name}"
+    card = get_card(spec["encoder"])
+    if spec.get("weights"):
+        path = Path(spec["weights"]).expanduser()
+        if path.is_file():
+            return None
+        return (f"expert '{name}': its weights file {path} ({key}.weights) does not exist. Give "
+                f"the path of the {card.display_name} weights, or set {key}.optional=true to "
+                "train without this expert.")
+    if card.resolve_weights(None) is not None or spec.get("allow_random", False):
+        return None
+    return (f"expert '{name}' ({key}, model '{card.name}') has no weights on this machine, so "
+            f"it cannot teach the student. {card.missing_weights_message()} Or set "
+            f"{key}.weights to the file, or {key}.optional=true to train without this expert.")
+
+
+def resolve_experts(cfg: Config) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The expert entries to build (name -> entry) and notes on the ones left out.
+
+    Checks that every registry expert's weights are on this machine, reading no weights;
+    a missing one raises ``WeightsNotFoundError`` naming the expert and how to get the file,
+    unless the entry says ``optional: true``. Experts whose loss weights are both 0 are
+    switched off.
+    """
+    from napari_gpfm.encoders import WeightsNotFoundError
+
+    active: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for name, spec in cfg["experts"]["models"].items():
+        key = f"experts.models.{name}"
+        w = _loss_weights(spec)
+        if w.cls <= 0 and w.patch <= 0:
+            notes.append(f"{key}: cls_weight and patch_weight are both 0: expert switched off")
+            continue
+        problem = _missing_weights(name, spec) if "encoder" in spec else None
+        if problem is not None:
+            if not spec.get("optional", False):
+                raise WeightsNotFoundError(problem)
+            notes.append(f"{key} is optional and its weights are missing: training without "
+                         f"expert '{name}' ({problem.split('. ')[0]})")
+            continue
+        active[name] = spec
+    return active, notes
+
+
 def build_experts(
-    cfg: Config, device: torch.device
+    cfg: Config, device: torch.device, specs: dict[str, dict[str, Any]] | None = None
 ) -> tuple[dict[str, FrozenExpert], dict[str, ExpertWeights]]:
-    """Experts with a positive CLS or patch weight, and their weights, keyed by config name."""
+    """Experts with a positive CLS or patch weight (``specs``: the entries
+    :func:`resolve_experts` kept), and their loss weights, keyed by config name."""
+    if specs is None:
+        specs, _ = resolve_experts(cfg)
     experts: dict[str, FrozenExpert] = {}
     weights: dict[str, ExpertWeights] = {}
-    for name, spec in cfg["experts"]["models"].items():
-        w = ExpertWeights(float(spec.get("cls_weight", 0.0)), float(spec.get("patch_weight", 0.0)))
-        if w.cls <= 0 and w.patch <= 0:
-            continue
+    for name, spec in specs.items():
+        w = _loss_weights(spec)
         if "timm" in spec:
             expert: FrozenExpert = TimmExpert(spec["timm"]["name"], spec["timm"].get("kwargs", {}))
         else:

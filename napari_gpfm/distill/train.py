@@ -5,11 +5,20 @@ cancel point) and returning a :class:`DistillResult`; :func:`run_distillation` d
 optional ``threading.Event`` for stopping and an ``on_log`` callback, which is what a napari
 widget runs in a worker thread. Everything random in step ``s`` on rank ``r`` is seeded from
 ``(seed, s, r)``, so resuming from a checkpoint reproduces an uninterrupted run exactly.
+
+Before anything is built, the config is validated (:func:`~napari_gpfm.distill.config.validate`:
+one ``ConfigError`` naming key, value and what is allowed), the experts' weights are looked up
+(:func:`~napari_gpfm.distill.experts.resolve_experts`) and the checkpoint to resume from is
+chosen (:func:`~napari_gpfm.distill.checkpoint.find_checkpoint`). What a run decides on its own
+(a damaged ``LATEST`` worked around, an optional expert left out, an earlier run's checkpoints
+moved aside) is a note: logged as a warning on the ``napari_gpfm.distill`` logger (the command
+line prints it as ``note: ...``) and listed in ``DistillResult.notes``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import platform
@@ -25,8 +34,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, save_config, scaled_lr
+from .checkpoint import (
+    find_checkpoint,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
+from .config import Config, bad_value, save_config, scaled_lr, validate
 from .data import DataLayout, build_loader, derive_seed
 from .distributed import (
     DistEnv,
@@ -35,7 +50,7 @@ from .distributed import (
     env_from_environment,
     init_distributed,
 )
-from .experts import build_experts
+from .experts import build_experts, resolve_experts
 from .export import export_student
 from .meta_arch import DistillMetaArch
 from .optim import apply_schedules, build_optimizer
@@ -46,6 +61,7 @@ from .sources import ImageSource, build_source
 INIT_STREAM = 0x696E6974  # "init": model and expert initialisation
 STEP_STREAM = 0x73746570  # "step": drop-path and other in-model randomness
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("napari_gpfm.distill")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +96,8 @@ class DistillResult:
     card_path: Path | None = None
     weights_path: Path | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: What the run decided on its own (see the module docstring), in order.
+    notes: list[str] = field(default_factory=list)
 
 
 def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
@@ -125,15 +143,21 @@ class TrainingRun:
     """
 
     def __init__(self, cfg: Config) -> None:
+        validate(cfg)  # one ConfigError naming key, value and what is allowed; nothing built yet
         self.cfg = cfg
         self.env = env_from_environment()
-        self.device = resolve_device(cfg, self.env)
-        init_distributed(self.device)
+        self.notes: list[str] = []
         train = cfg["train"]
         self.out_dir = Path(cfg["output"]["dir"]).expanduser()
+        expert_specs, expert_notes = resolve_experts(cfg)  # missing weights: refused here
+        for note in expert_notes:
+            self.note(note)
+        resume_from = self._resume_from()
+        self.device = resolve_device(cfg, self.env)
+        init_distributed(self.device)
         torch.manual_seed(derive_seed(train["seed"], INIT_STREAM))
         self.source: ImageSource = build_source(cfg)
-        experts, expert_weights = build_experts(cfg, self.device)
+        experts, expert_weights = build_experts(cfg, self.device, expert_specs)
         self.meta = DistillMetaArch(cfg, experts, expert_weights, len(self.source.classes))
         self.meta.to(self.device).train()
         self.layout = DataLayout(
@@ -152,22 +176,55 @@ class TrainingRun:
         use_scaler = on_cuda and train["precision"] == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.start_step, self.wall_before = 0, 0.0
-        self.checkpoint = self._resume_from()
+        self.checkpoint = resume_from
         if self.checkpoint is not None:
             self.start_step, extra = load_checkpoint(
                 self.checkpoint, self.meta, self.optimizer, self.scaler
             )
             self.wall_before = extra.get("wall_time_s", 0.0)
+        if train["resume"] is not True and self.env.is_main:
+            self._set_aside_later()
         self.student = self.meta.student
         if self.env.world_size > 1:
             ids = [self.device.index] if on_cuda else None
             self.student = DistributedDataParallel(self.meta.student, device_ids=ids)
 
+    def note(self, message: str) -> None:
+        """Record what the run decided on its own; rank 0 logs it as a warning."""
+        self.notes.append(message)
+        if self.env.is_main:
+            log.warning(message)
+
     def _resume_from(self) -> Path | None:
+        """``train.resume``: an explicit checkpoint, the newest complete one in ``output.dir``
+        (``true``; a damaged ``LATEST`` is worked around and noted) or none."""
         resume = self.cfg["train"]["resume"]
         if isinstance(resume, str):
-            return Path(resume).expanduser()
-        return latest_checkpoint(self.out_dir) if resume else None
+            path = Path(resume).expanduser()
+            if not is_complete(path):
+                raise bad_value(
+                    "train.resume", resume,
+                    "true, false or a complete checkpoint directory (step_<N> holding "
+                    "weights.safetensors, state.pt and config.yaml)",
+                    "not a complete checkpoint" if path.is_dir() else "no such directory")
+            return path
+        if not resume:
+            return None
+        path, note = find_checkpoint(self.out_dir)
+        if note:
+            self.note(note)
+        return path
+
+    def _set_aside_later(self) -> None:
+        """A run that does not continue the folder's newest checkpoint moves the later ones (an
+        earlier run's) aside: pruning must not delete this run's, resuming must not pick them."""
+        dest, moved = set_aside_later_checkpoints(self.out_dir, self.start_step, self.checkpoint)
+        if moved:
+            why = ("train.resume is false" if self.checkpoint is None
+                   else f"resuming from {self.checkpoint}")
+            self.note(f"{why}: moved {len(moved)} later checkpoint(s) of an earlier run in "
+                      f"{self.out_dir} (newest {moved[-1].name}) to {dest}; delete that folder "
+                      "when you no longer need them")
 
     def save(self, next_step: int, wall: float) -> Path | None:
         if not self.env.is_main:
@@ -236,6 +293,7 @@ class TrainingRun:
             "precision": self.cfg["train"]["precision"] if self.autocast else "fp32",
             "final_losses": {k: round(v, 6) for k, v in last_losses.items()},
             "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
@@ -285,7 +343,8 @@ def iter_distillation(
                 logger.close()
     wall = run.wall_before + time.perf_counter() - t0
     result = DistillResult(
-        run.out_dir, step, total, finished=step >= total, checkpoint=run.checkpoint
+        run.out_dir, step, total, finished=step >= total, checkpoint=run.checkpoint,
+        notes=list(run.notes),
     )
     if result.finished and main:
         result.provenance = run.provenance(wall, losses)

@@ -6,7 +6,9 @@ through ``torch.load(..., weights_only=True)``; a pickle that asks for other obj
 Converters follow timm's ``checkpoint_filter_fn`` pattern: unwrap containers, detect the origin
 from sentinel keys, and call one small function per layout that returns a new state dict with
 timm key names. The result is then loaded strictly, and any missing, unexpected or mis-shaped
-key is reported with the file and the model named.
+key is reported with the file and the model named. A file holding NaN or infinite values (a
+diverged training run, a damaged download) is refused before loading, naming the first such
+tensor.
 
 Layouts (see ``docs/ARCHITECTURE.md`` and the GPFM reference notes):
 
@@ -223,6 +225,33 @@ def _unchunk_blocks(sd: StateDict) -> StateDict:
     return out
 
 
+# -- finite values -------------------------------------------------------------------------------
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint holds NaN or infinite values: it would embed everything as NaN."""
+
+
+def check_finite(sd: Mapping[str, Any], path: str | Path) -> None:
+    """Raise `NonFiniteWeightsError` naming ``path`` and the first tensor with NaN/inf values.
+
+    One ``torch.isfinite(t).all()`` per floating-point tensor (a fraction of the reading time).
+    """
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor)
+           and (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    first = sd[bad[0]]
+    n_nan = int(torch.isnan(first).sum())
+    n_inf = int(torch.isinf(first).sum())
+    others = f"; {len(bad) - 1} more tensor(s) too" if len(bad) > 1 else ""
+    raise NonFiniteWeightsError(
+        path,
+        f"tensor '{bad[0]}' holds non-finite values ({n_nan} NaN, {n_inf} inf of "
+        f"{first.numel()}){others}. The file is damaged or comes from a training run that "
+        "diverged; refusing to load it (every embedding would be NaN). Download or export the "
+        "weights again.",
+    )
+
+
 # -- strict loading ------------------------------------------------------------------------------
 def load_state_dict_strict(
     model: nn.Module, sd: Mapping[str, Any], *, path: str | Path, model_name: str, layout: str
@@ -244,7 +273,8 @@ def load_state_dict_strict(
 
 def load_weights(model: nn.Module, path: str | Path, *, model_name: str,
                  expected_layout: str | None = None) -> str:
-    """Read, convert and strictly load a checkpoint into ``model``; returns the detected layout."""
+    """Read, convert, check (finite values) and strictly load a checkpoint into ``model``;
+    returns the detected layout."""
     ckpt = load_checkpoint(path)
     try:
         sd, layout = convert_checkpoint(ckpt)
@@ -252,6 +282,7 @@ def load_weights(model: nn.Module, path: str | Path, *, model_name: str,
         raise CheckpointError(
             path, f"cannot convert the weights for '{model_name}': {exc}"
         ) from exc
+    check_finite(sd, path)
     shown = f"{layout} (card: {expected_layout})" if expected_layout else layout
     load_state_dict_strict(model, sd, path=path, model_name=model_name, layout=shown)
     return layout

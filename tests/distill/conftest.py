@@ -29,16 +29,25 @@ TINY: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path):
-    """``tiny_config(**{"train.steps": 20})`` -> merged config writing under tmp_path."""
+def _maker(root: Path):
     if not TILES.is_dir():
         pytest.skip(f"real H&E tiles not found at {TILES}")
 
     def make(subdir: str = "run", **dotted: Any) -> Config:
         cfg = load_config(None, TINY)
-        paths = {"output.dir": str(tmp_path / subdir),
-                 "output.models_dir": str(tmp_path / "models")}
+        paths = {"output.dir": str(root / subdir), "output.models_dir": str(root / "models")}
         return merge(cfg, nest_dotted({**paths, **dotted}))
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """``tiny_config(**{"train.steps": 20})`` -> merged config writing under tmp_path."""
+    return _maker(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_config_module(tmp_path_factory):
+    """:func:`tiny_config` for module-scoped fixtures (e.g. one uninterrupted reference run)."""
+    return _maker(tmp_path_factory.mktemp("distill"))

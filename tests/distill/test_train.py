@@ -138,3 +138,18 @@ def test_slide_patch_source_reads_tissue_patches(tiny_config):
     patch = source.read(len(source) - 1)
     assert patch.shape == (224, 224, 3) and patch.dtype.name == "uint8"
     assert source.label(len(source) - 1) == -1 and source.label(0) >= 0
+
+
+def test_an_optional_expert_without_weights_is_left_out_and_the_run_says_so(
+        tiny_config, tmp_path, monkeypatch):
+    from tiny_models import write_tiny_card
+
+    write_tiny_card(tmp_path / "cards", "weightless")  # a registry model without weights
+    monkeypatch.setenv("NAPARI_GPFM_MODELS_DIR", str(tmp_path / "cards"))
+    expert = {"encoder": "weightless", "cls_weight": 1.0, "optional": True}
+    result, records = _losses(tiny_config(**{"train.steps": 1, "experts.models.uni": expert}))
+    assert result.finished and set(records[0].losses) == {"total", "dino", "ibot", "koleo"}
+    assert result.provenance["experts"] == []
+    note = "experts.models.uni is optional and its weights are missing: training without expert"
+    assert any(n.startswith(note) for n in result.notes), result.notes
+    assert result.provenance["notes"] == result.notes

@@ -139,3 +139,32 @@ def test_wrong_shape_fails_clearly(tiny_card, tiny_model, tmp_path: Path):
         load_encoder(tiny_card, weights=path)
     assert info.value.wrong_shapes == ["pos_embed (file (1, 37, 48), model (1, 17, 48))"]
     assert str(path) in str(info.value) and "wrong shapes (1)" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tiny_card, tiny_model,
+                                                              tmp_path: Path, bad, suffix):
+    from napari_gpfm.encoders.checkpoint import NonFiniteWeightsError
+
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["blocks.1.mlp.fc1.weight"][0, :3] = bad
+    sd["norm.bias"][0] = bad  # a second one: the message names the first in file order
+    path = tmp_path / f"diverged{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        load_encoder(tiny_card, weights=path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert "tensor 'blocks.1.mlp.fc1.weight' holds non-finite values" in message
+    kind = "3 NaN, 0 inf" if bad != bad else "0 NaN, 3 inf"
+    assert kind in message and "1 more tensor" in message
+    assert isinstance(info.value, CheckpointError)  # the CLI's one error line, exit 2
+    sd = {k: v for k, v in tiny_model.state_dict().items()}  # the same file, finite: loads
+    torch.save(sd, tmp_path / "fine.pth")
+    load_encoder(tiny_card, weights=tmp_path / "fine.pth")
