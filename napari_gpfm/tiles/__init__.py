@@ -1,5 +1,9 @@
 """Tiles: tissue detection, exact-mpp patch grids and parallel patch loading.
 
+Tissue detection methods (``TissueParams(method=...)``, :data:`TISSUE_METHODS`): "auto" (the
+default: Otsu on a bimodal saturation histogram, else an absolute H&E rule), "otsu", "fixed" and
+"none" (the whole image is tissue). ``TissueMask.summary`` says in one line what was found.
+
 ``tissue`` and ``grid`` need only numpy/scipy/scikit-image; the torch-based ``loader`` is imported
 on first use of its names.
 """
@@ -18,7 +22,15 @@ from .grid import (
     make_grid,
     mpp_to_magnification,
 )
-from .tissue import NoTissueError, TissueMask, TissueParams, TissuePolygon, detect_tissue
+from .tissue import METHODS as TISSUE_METHODS
+from .tissue import (
+    NoTissueError,
+    TissueMask,
+    TissueParams,
+    TissuePolygon,
+    detect_tissue,
+    no_tissue_message,
+)
 
 _LOADER_NAMES = {
     "BatchStream", "PatchDataset", "iter_batches", "make_loader", "default_num_workers"
@@ -26,6 +38,7 @@ _LOADER_NAMES = {
 
 __all__ = [
     "PRESETS",
+    "TISSUE_METHODS",
     "GridSpec",
     "NoTissueError",
     "TileGrid",
@@ -38,6 +51,7 @@ __all__ = [
     "magnification_to_mpp",
     "make_grid",
     "mpp_to_magnification",
+    "no_tissue_message",
     *sorted(_LOADER_NAMES),
 ]
 
