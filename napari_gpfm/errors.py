@@ -17,6 +17,7 @@ This module imports nothing from the package, nor numpy, torch, Qt or napari: th
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "InputFileError",
     "InputFileNotFoundError",
     "NapariGpfmError",
+    "OutputWriteError",
     "UsageError",
     "error_line",
     "require_file",
@@ -60,6 +62,48 @@ class InputFileNotFoundError(NapariGpfmError, FileNotFoundError):
 
     def __str__(self) -> str:  # FileNotFoundError would otherwise prefix an errno
         return self.args[0]
+
+
+class OutputWriteError(NapariGpfmError, OSError):
+    """An output file (feature store, table, GeoJSON, classifier...) could not be written: the
+    disk is full (ENOSPC), an I/O error (EIO), no permission (EACCES, EROFS)...
+
+    Outputs are written to a temporary file and renamed only when whole, so the previous file
+    of that name (if any) is untouched. The message names the file, the errno's meaning and
+    name, and what was kept. Also an ``OSError`` (``errno``, ``strerror`` and ``filename`` set),
+    so code catching ``OSError`` still catches it.
+    """
+
+    def __init__(self, path: str | os.PathLike, err: int | None, kept: str = "",
+                 detail: str = "") -> None:  # fmt: skip
+        self.path = Path(path)
+        self._init_args = (path, err, kept, detail)
+        meaning = os.strerror(err) if err else (detail or "write failed")
+        name = _errno.errorcode.get(err, "") if err else ""
+        what = (f"{meaning[:1].lower()}{meaning[1:]}" if err else meaning) + (
+            f" ({name})" if name else "")
+        advice = {
+            _errno.ENOSPC: "free some space or choose another output folder, then run again",
+            _errno.EDQUOT: "free some space (disk quota) or choose another output folder",
+            _errno.EACCES: "choose an output folder you may write to",
+            _errno.EPERM: "choose an output folder you may write to",
+            _errno.EROFS: "choose an output folder on a writable file system",
+            _errno.EIO: "the disk or network file system reported an I/O error; check it, then "
+                        "run again",
+        }.get(err or -1, "run again once the problem is fixed")
+        message = f"{self.path}: cannot write: {what}; {advice}"
+        if kept:
+            message += f"; {kept}"
+        super().__init__(message)
+        self.errno = err
+        self.strerror = meaning
+        self.filename = str(self.path)
+
+    def __str__(self) -> str:  # OSError would otherwise format errno/strerror/filename
+        return self.args[0]
+
+    def __reduce__(self):  # picklable (job processes): rebuilt from the same arguments
+        return (type(self), self._init_args)
 
 
 def require_file(path: str | os.PathLike, what: str = "input file") -> Path:

@@ -1,4 +1,4 @@
-"""'Annotate & classify' dock: class palette, annotation layers, live linear probe, classifiers.
+"""'Annotate and classify' dock: class palette, annotation layers, live probe, classifiers.
 
 Thin over the window's :class:`~napari_gpfm.layers.session.ViewerSession` (shared with every
 other dock) and :func:`napari_gpfm.jobs.probe_job`:
@@ -20,11 +20,28 @@ other dock) and :func:`napari_gpfm.jobs.probe_job`:
 Annotation layers made here sit on their slide (its scale and translate; they move and are
 renamed with it); shapes are read relative to the current slide layer, so a slide placed
 anywhere in the world (``translate``) is labelled correctly.
+
+Honest feedback: the labelled patches per class are listed in a table as soon as a run has
+labelled them, and a warning stays visible while a class has fewer than
+:data:`MIN_CLASS_PATCHES` labelled patches or the validation (the cross-validation scores every
+labelled patch once) holds fewer than :data:`MIN_VALIDATION_PATCHES` (:func:`sample_warnings`,
+shared with the PathoTune dock).
+
+Exports open a file dialog in the project folder (the session's output folder): the
+annotations as QuPath GeoJSON, and the class map as a full-resolution pyramid TIFF (the slide's
+level-0 size, or a resolution the user picks; :func:`ask_downsample`) with the per-patch table
+(CSV: class and probabilities) and the class regions (GeoJSON) beside it, written in the
+background (:func:`map_export_job`).
+
+The first class map a process paints makes napari compile its numba label-colour kernels
+(seconds); :func:`warm_label_painting` does that in a worker thread once per process (started
+when the dock opens), so the window never freezes for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import threading
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +59,8 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -66,20 +85,274 @@ from ..layers.annotation_layers import (
     paint_layer_data,
     set_class_of,
 )
+from ..jobs.pathotune import quiet_gc
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
 from ._jobs import JobPanel, scrolling_layout, settle_width
 from .gpfm_widget import fill_slide_combo
 
-__all__ = ["AnnotateWidget", "relative_to_slide"]
+__all__ = ["AnnotateWidget", "ask_downsample", "files_job", "map_export_job",
+           "paint_predictions", "relative_to_slide", "sample_warnings", "warm_label_painting"]
 
 DEBOUNCE_MS = 300
 CV_FOLDS = 5
 SOURCE = "probe"  # the session's classifier / prediction key
+#: What a probe run imports (done in its worker without garbage collections: see quiet_gc).
+PROBE_IMPORTS = ("sklearn.linear_model", "sklearn.preprocessing", "sklearn.pipeline",
+                 "sklearn.model_selection")
 #: What the dock catches from the package and shows (never a bare ``Exception``).
 USER_ERRORS = (ValueError, LookupError, OSError, StoreError)
 NO_STORE = ("{name}: no embeddings yet. Compute them in the GPFM dock "
             "(Plugins > napari-gpfm > GPFM).")
+#: Fewer labelled patches than this in a class: its scores mean little (a warning is shown).
+MIN_CLASS_PATCHES = 20
+#: Fewer validation patches than this: the balanced accuracy is unreliable (a warning is shown).
+MIN_VALIDATION_PATCHES = 30
+WARNING_STYLE = "color: #ffb74d;"
+#: Map export resolutions offered: (label, level-0 pixels per map pixel).
+RESOLUTIONS = (("full resolution (the slide's level 0)", 1.0), ("1/2", 2.0), ("1/4", 4.0),
+               ("1/8", 8.0), ("1/16", 16.0), ("1/32", 32.0))
+
+
+# ====================================================================== honest feedback
+def sample_warnings(counts: Mapping[str, int], n_validation: int | None,
+                    validation: str = "the validation") -> list[str]:  # fmt: skip
+    """Why the scores of a classifier trained on these labelled patches should not be
+    trusted yet: classes with fewer than :data:`MIN_CLASS_PATCHES` labelled patches, and a
+    validation of fewer than :data:`MIN_VALIDATION_PATCHES` patches (``None``: no validation
+    count to judge). Empty when both are large enough."""
+    out = []
+    few = [f"{name} {int(n)}" for name, n in counts.items() if int(n) < MIN_CLASS_PATCHES]
+    if few:
+        out.append(f"Few labelled patches ({', '.join(few)}; fewer than {MIN_CLASS_PATCHES} "
+                   "per class): annotate more of each class before trusting the scores.")
+    if n_validation is not None and n_validation < MIN_VALIDATION_PATCHES:
+        out.append(f"{validation[0].upper()}{validation[1:]} holds only {int(n_validation)} "
+                   f"patches (fewer than {MIN_VALIDATION_PATCHES}): the balanced accuracy "
+                   "is not reliable.")
+    return out
+
+
+def show_warnings(label: QLabel, warnings: Sequence[str]) -> None:
+    """A visible, coloured warning line per item (the label hides when there is none)."""
+    label.setText("\n".join(f"⚠ {w}" for w in warnings))
+    label.setVisible(bool(warnings))
+
+
+def fill_table(table: QTableWidget, headers: Sequence[str], rows: Sequence[Sequence[Any]],
+               row_names: Sequence[str] | None = None,
+               colours: Sequence[Any] | None = None) -> None:  # fmt: skip
+    """Fill a small read-only table (cells as text; an optional colour swatch per row)."""
+    table.clear()
+    table.setColumnCount(len(headers))
+    table.setRowCount(len(rows))
+    table.setHorizontalHeaderLabels(list(headers))
+    if row_names is not None:
+        table.setVerticalHeaderLabels(list(row_names))
+    for r, row in enumerate(rows):
+        for c, value in enumerate(row):
+            item = QTableWidgetItem("-" if value is None else str(value))
+            if c == 0 and colours is not None and colours[r] is not None:
+                item.setIcon(_swatch(tuple(int(v) for v in colours[r][:3])))
+            table.setItem(r, c, item)
+    height = table.horizontalHeader().height() + 4
+    for r in range(len(rows)):
+        height += table.rowHeight(r)
+    table.setFixedHeight(max(height, 24))
+
+
+def small_table() -> QTableWidget:
+    table = QTableWidget(0, 0)
+    table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+    table.verticalHeader().setVisible(False)
+    table.setFixedHeight(24)
+    return table
+
+
+# ====================================================================== stall-free painting
+_WARM_LOCK = threading.Lock()
+_WARMED: list[bool] = []
+
+
+def warm_label_painting() -> None:
+    """Compile napari's numba kernels that turn labels into texture values and build vispy's
+    line dash patterns (the first Labels layer of a process otherwise freezes the window for
+    seconds, the cost landing on the main thread), here in the calling (worker) thread; once per
+    process, later calls return at once. Failures are ignored: napari then does it on first
+    use, as without this."""
+    with _WARM_LOCK:
+        if _WARMED:
+            return
+        try:
+            with quiet_gc():
+                from napari.utils.colormaps import DirectLabelColormap, label_colormap
+
+                data = np.zeros((4, 4), np.int32)
+                data[0, :3] = (1, 2, 3)
+                label_colormap(49)._data_to_texture(data)  # a Labels layer's default colours
+                colours = {None: np.zeros(4), 0: np.zeros(4)}
+                colours.update({i: np.array([1.0, 0.0, 0.0, 1.0]) for i in (1, 2, 3)})
+                DirectLabelColormap(color_dict=colours)._data_to_texture(data)  # class maps
+                from vispy.visuals.line.dash_atlas import DashAtlas
+
+                DashAtlas()  # its patterns (cached per process) are built for every first line
+        except Exception:  # noqa: BLE001 - an optimisation only
+            pass
+        _WARMED.append(True)
+
+
+def warmed(job: Generator, name: str, imports: Sequence[str] = ()) -> Generator:
+    """``job`` after :func:`warm_label_painting` (in the job's worker thread, saying so while
+    it waits for it: the first time in a process only) and after importing ``imports`` without
+    garbage collections (:func:`quiet_gc`)."""
+    import importlib
+    import sys
+
+    if not _WARMED:
+        from ..jobs.progress import Progress
+
+        yield Progress(name, "preparing", status="note",
+                       message="preparing napari's class-map colours (once per session)…")
+        warm_label_painting()
+    missing = [m for m in imports if m not in sys.modules]
+    if missing:
+        with quiet_gc():
+            for module in missing:
+                importlib.import_module(module)
+    return (yield from job)
+
+
+def start_warming() -> None:
+    """:func:`warm_label_painting` in a daemon thread (when a dock opens)."""
+    if not _WARMED:
+        threading.Thread(target=warm_label_painting, name="napari-gpfm warm-up",
+                         daemon=True).start()
+
+
+def paint_predictions(session: Any, predictions: Sequence[tuple], done: Callable | None = None
+                      ) -> None:  # fmt: skip
+    """Paint classifiers' predictions as :meth:`ViewerSession.set_prediction` does (class map,
+    a probability map per class, uncertainty; the same names, placement and metadata), but one
+    layer per turn of the Qt event loop: napari needs a good fraction of a second to add a
+    layer on a busy machine, so several at once froze the window. The class maps come first
+    (the first one at once), then the other maps; the session records each prediction (and
+    emits ``prediction``) once its layers are all there, then ``done()`` is called.
+
+    ``predictions``: ``(slide uid, source, rasters, class names, colours, label)`` tuples
+    (``label`` ``None``: the source names the layers, ``"<slide> · <label> classes"``)."""
+    from ..layers.annotation_layers import prediction_layer_data
+    from ..layers.convert import upsert_layer
+
+    first: list[tuple] = []
+    rest: list[tuple] = []
+    finish: list[tuple] = []
+    for uid, source, rasters, names, colours, label in predictions:
+        s = session.slides.get(uid)
+        if s is None:
+            continue
+        items = prediction_layer_data(rasters, names, colours,
+                                      result_name(s.name, label or source), offset=s.offset)
+        for data in items:
+            meta = data[1]["metadata"][META_KEY]
+            meta.update(slide_uid=s.uid, source=source)
+            if meta.get("kind") == "class-map":
+                data[1]["features"] = {"index": np.arange(len(names) + 1),
+                                       "class": ["none", *names]}  # fmt: skip
+        first += [(uid, items[0])]
+        rest += [(uid, d) for d in items[1:]]
+        finish.append((s, source, (rasters, list(names), colours)))
+    queue = first + rest
+
+    def step() -> None:
+        viewer = session.viewer
+        while queue:
+            uid, data = queue.pop(0)
+            if uid in session.slides and viewer is not None:
+                upsert_layer(viewer, data)
+                if queue:
+                    QTimer.singleShot(0, step)
+                    return
+        for s, source, value in finish:
+            if s.uid in session.slides:
+                s.predictions[source] = value
+                publish = getattr(session, "_publish", None)  # results as plain layer data
+                if publish is not None:
+                    publish(s)
+                session.events.prediction(value=(s.uid, source))
+        if done is not None:
+            done()
+
+    step()
+
+
+# ====================================================================== exports
+def ask_downsample(parent: QWidget, level0_size: Sequence[int]) -> float | None:
+    """Ask at which resolution to export a map (full resolution first); ``None``: cancelled."""
+    w, h = (int(v) for v in level0_size)
+    labels = [f"{text}: {-(-w // int(d)):,} × {-(-h // int(d)):,} px" for text, d in RESOLUTIONS]
+    item, ok = QInputDialog.getItem(parent, "Map resolution",
+                                    "Export the map (a pyramid TIFF, values per pixel) at:",
+                                    labels, 0, False)  # fmt: skip
+    if not ok or item not in labels:
+        return None
+    return RESOLUTIONS[labels.index(item)][1]
+
+
+def files_job(write: Callable[[], list[Path]], what: str) -> Generator[Any, None, list[Path]]:
+    """``write()`` (which writes files and returns their paths) as a job, in the worker: a
+    busy bar saying ``what``; returns the paths."""
+    from ..jobs.progress import Progress
+
+    yield Progress("export", "writing", status="started", message=f"{what}…")
+    files = write()
+    yield Progress("export", "writing", 1, 1, status="done", message=f"wrote {len(files)} file(s)")
+    return files
+
+
+def map_export_job(maps: Sequence[tuple[Path, Any, dict]], level0_size: Sequence[int],
+                   downsample: float, mpp: float | None,
+                   then: Callable[[], list[Path]] | None = None,
+                   ) -> Generator[Any, None, list[Path]]:  # fmt: skip
+    """Write full-resolution map TIFFs (``(path, raster, metadata)`` each) as a job: one
+    ``Progress`` per quarter second with the tiles written; closing the generator stops the
+    current map (nothing is left under its name). ``then()`` (optional, in the worker) writes
+    the per-patch files and returns their paths. Returns every path written."""
+    from ..analyses.export import map_tile_count, write_map_tiff
+    from ..jobs.progress import Meter
+
+    per_map = map_tile_count(level0_size, downsample)
+    meter = Meter("export", "writing maps", per_map * len(maps), "tiles")
+    stop = threading.Event()
+    written: list[Path] = []
+    try:
+        for i, (path, raster, meta) in enumerate(maps):
+            state: dict[str, Any] = {"done": 0}
+
+            def work(path=path, raster=raster, meta=meta, state=state) -> None:
+                try:
+                    write_map_tiff(path, raster, level0_size, downsample, mpp=mpp,
+                                   metadata=meta, stop=stop,
+                                   progress=lambda d, _n: state.__setitem__("done", d))
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the job
+                    state["error"] = exc
+
+            thread = threading.Thread(target=work, name="napari-gpfm map export", daemon=True)
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.25)
+                yield meter.progress(i * per_map + state["done"], "running",
+                                     f"{Path(path).name}: {state['done']:,} / {per_map:,} "
+                                     "tiles")  # fmt: skip
+            if "error" in state:
+                raise state["error"]
+            written.append(Path(path))
+        if then is not None:
+            written += then()
+        yield meter.progress(per_map * len(maps), "done", f"wrote {len(written)} file(s)")
+    finally:
+        stop.set()
+    return written
 
 
 def _swatch(rgb: tuple[int, int, int]) -> QIcon:
@@ -171,6 +444,8 @@ class AnnotateWidget(QWidget):
         self._watched: list[Any] = []  # emitters connected to _on_annotations_changed
         self._detach: dict[int, Callable[[], None]] = {}  # Shapes layer uid -> detach
         self._running: dict[str, Any] = {}  # "worker": the probe job's worker while it runs
+        self._chosen: tuple | None = None  # (Shapes uid, paint uid) whose edits are watched
+        self._predictions: dict[int, Any] = {}  # slide uid -> the probe's last Prediction
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
@@ -183,6 +458,7 @@ class AnnotateWidget(QWidget):
         for layer in self.layers:
             self._attach(layer)
         self._update_layer_lists()
+        start_warming()
 
     @property
     def layers(self) -> Any:
@@ -232,13 +508,27 @@ class AnnotateWidget(QWidget):
         self.labels_label.setWordWrap(True)
         self.accuracy_label = QLabel("")
         self.accuracy_label.setWordWrap(True)
+        self.counts_table = small_table()  # labelled patches per class, as soon as known
+        self.counts_table.setToolTip("Patches labelled by your annotations, per class (a patch "
+                                     "is labelled when a class covers at least the minimum "
+                                     "fraction of it).")  # fmt: skip
+        self.warning_label = QLabel("")
+        self.warning_label.setWordWrap(True)
+        self.warning_label.setStyleSheet(WARNING_STYLE)
+        self.warning_label.setVisible(False)
         self.table = QTableWidget(0, 0)
+        self.export_map_button = QPushButton("Export class map…")
+        self.export_map_button.setToolTip(
+            "The probe's class map of this slide as a pyramid TIFF at the slide's full "
+            "resolution (or a resolution you pick), with the per-patch table (CSV) and the "
+            "class regions (QuPath GeoJSON) beside it.")
 
         self.save_button = QPushButton("Save classifier…")
         self.load_button = QPushButton("Load classifier…")
         self.apply_button = QPushButton("Apply to open slides")
         self.apply_label = QLabel("")
-        self.apply_jobs = JobPanel("Apply classifier", self.session, [self.apply_button])
+        self.apply_jobs = JobPanel("Apply classifier", self.session,
+                                   [self.apply_button, self.export_map_button])
         self.apply_label.setWordWrap(True)
 
         src = QFormLayout()
@@ -280,6 +570,8 @@ class AnnotateWidget(QWidget):
         r3.addWidget(self.train_button)
         tl.addLayout(r3)
         tl.addWidget(self.jobs)
+        tl.addWidget(self.counts_table)
+        tl.addWidget(self.warning_label)
         tl.addWidget(self.labels_label)
         tl.addWidget(self.accuracy_label)
         tl.addWidget(self.table)
@@ -287,7 +579,10 @@ class AnnotateWidget(QWidget):
         r4.addWidget(self.save_button)
         r4.addWidget(self.load_button)
         tl.addLayout(r4)
-        tl.addWidget(self.apply_button)
+        r5 = QHBoxLayout()
+        r5.addWidget(self.apply_button)
+        r5.addWidget(self.export_map_button)
+        tl.addLayout(r5)
         tl.addWidget(self.apply_jobs)
         tl.addWidget(self.apply_label)
 
@@ -328,6 +623,7 @@ class AnnotateWidget(QWidget):
         self.save_button.clicked.connect(lambda: self._save_clicked())
         self.load_button.clicked.connect(lambda: self._load_clicked())
         self.apply_button.clicked.connect(lambda: self.apply_to_open_slides())
+        self.export_map_button.clicked.connect(lambda: self.export_class_map())
         self.jobs.finished.connect(self._on_job_finished)
 
         self.palette.connect(self._on_palette_changed)
@@ -602,7 +898,13 @@ class AnnotateWidget(QWidget):
         return self._layer_by_uid(self.paint_combo.currentData())
 
     def _on_annotation_choice(self) -> None:
-        """Listen to the chosen Shapes and paint layers' edits."""
+        """Listen to the chosen Shapes and paint layers' edits (only when the choice changed:
+        result layers arriving must not recolour every shape again)."""
+        chosen = (self.layer_combo.currentData(), self.paint_combo.currentData())
+        if chosen == self._chosen and all(self._layer_by_uid(u) is not None
+                                          for u in chosen if u is not None):  # fmt: skip
+            return
+        self._chosen = chosen
         for emitter in self._watched:
             emitter.disconnect(self._on_annotations_changed)
         self._watched = []
@@ -684,7 +986,8 @@ class AnnotateWidget(QWidget):
         return self.new_annotation_layer(anns, result_name(s.name, stem) if s else stem)
 
     def export_geojson(self, path: str | Path) -> str:
-        """The chosen Shapes layer as QuPath GeoJSON (level-0 px of the current slide)."""
+        """The chosen Shapes layer as QuPath GeoJSON (level-0 px of the current slide),
+        written atomically."""
         layer = self.annotation_layer()
         if layer is None:
             raise ValueError("no annotation (Shapes) layer to export")
@@ -698,10 +1001,54 @@ class AnnotateWidget(QWidget):
         if path:
             self._guard(self.import_geojson, path)
 
+    def _default_path(self, what: str, suffix: str) -> str:
+        """``<project folder>/<slide> <what><suffix>``: where a save dialog opens."""
+        s = self.slide_state()
+        stem = f"{s.name}_{what}" if s is not None else what
+        return str(self.session.out_dir / f"{stem}{suffix}")
+
     def _export_clicked(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "QuPath GeoJSON", "", "GeoJSON (*.geojson)")
+        path, _ = QFileDialog.getSaveFileName(self, "QuPath GeoJSON",
+                                              self._default_path("annotations", ".geojson"),
+                                              "GeoJSON (*.geojson)")  # fmt: skip
         if path:
-            self._guard(self.export_geojson, path)
+            out = self._guard(self.export_geojson, path)
+            if out:
+                self.say(f"Annotations written to {out}.")
+
+    def export_class_map(self, path: str | Path | None = None,
+                         downsample: float | None = None) -> Any:  # fmt: skip
+        """Export the probe's class map of the current slide: ``path`` (a ``.tif``; asked with
+        a file dialog in the project folder when ``None``) as a pyramid TIFF at ``downsample``
+        level-0 pixels per pixel (asked when ``None``: full resolution first), with
+        ``<stem>.csv`` (per patch: class and probabilities) and ``<stem>.geojson`` (class
+        regions) beside it. Runs in the background; returns the worker (``None`` when there
+        is nothing to export or the user cancelled)."""
+        s = self.slide_state()
+        pred = None if s is None else self._predictions.get(s.uid)
+        if pred is None or s.uid not in self.session.slides:
+            self._error("Train the probe on this slide (or Apply it) before exporting its map.")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export the class map", self._default_path("probe_classes", ".tif"),
+                "Pyramid TIFF (*.tif *.tiff)")  # fmt: skip
+            if not path:
+                return None
+        size = tuple(int(v) for v in s.slide.dimensions)
+        if downsample is None:
+            downsample = ask_downsample(self, size)
+            if downsample is None:
+                return None
+        path = Path(path)
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            path = path.with_name(path.name + ".tif")
+        return self.apply_jobs.run(
+            class_map_export_job(pred, path, size, downsample, s.mpp),
+            on_result=lambda files: self.apply_jobs.say(
+                f"Wrote {len(files)} file(s): " + ", ".join(str(p) for p in files)),
+            message=f"Exporting the class map of {s.name}…",
+        )  # fmt: skip
 
     # ================================================================== training
     @property
@@ -754,7 +1101,9 @@ class AnnotateWidget(QWidget):
         relay.record.connect(self._on_record)
         self._notes = notes
         worker = self.jobs.run(
-            _tap(job, lambda p: relay.record.emit((generation, uid, p))), slide=uid,
+            _tap(warmed(job, "probe", PROBE_IMPORTS),
+                 lambda p, painted: relay.record.emit((generation, uid, p, painted))),
+            slide=uid,
             on_result=lambda r: self._on_result(generation, uid, r),
             message=f"Training a linear probe on {s.name}…",
         )  # fmt: skip
@@ -771,22 +1120,32 @@ class AnnotateWidget(QWidget):
         return generation == self._generation and not self._rerun and uid in self.session.slides
 
     def _on_record(self, item: tuple) -> None:
-        """A probe run's record, on the main thread: paint the map before the CV ends."""
-        generation, uid, p = item
+        """A probe run's record, on the main thread: paint the map before the CV ends (the job
+        waits for the painting: see :func:`_tap`)."""
+        generation, uid, p, painted = item
         update = p.data
         if not self._current_run(generation, uid) or not hasattr(update, "kind"):
+            painted.set()
             return
-        if update.labels is not None:
-            self.labels = update.labels
-            self._show_labels(update.labels)
-        if update.kind == "prediction":
+        try:
+            if update.labels is not None:
+                self.labels = update.labels
+                self._show_labels(update.labels)
+            if update.kind == "report":
+                self.report = update.report
+                self._show_report(update.report)
+            if update.kind != "prediction":
+                painted.set()
+                return
             self.probe = update.probe
-            self.session.set_prediction(uid, SOURCE, update.rasters, update.probe.class_names,
-                                        update.probe.colours)  # fmt: skip
+            self._predictions[uid] = update.prediction
             self.session.set_classifier(SOURCE, update.probe)
-        elif update.kind == "report":
-            self.report = update.report
-            self._show_report(update.report)
+            paint_predictions(self.session, [(uid, SOURCE, update.rasters,
+                                              update.probe.class_names, update.probe.colours,
+                                              None)], painted.set)  # fmt: skip
+        except BaseException:
+            painted.set()  # the job must not wait for a painting that failed
+            raise
 
     def _on_result(self, generation: int, uid: int, result: Any) -> None:
         if not self._current_run(generation, uid):
@@ -798,8 +1157,18 @@ class AnnotateWidget(QWidget):
             self._show_report(result.report)
 
     def _show_labels(self, labels: Any) -> None:
-        counts = ", ".join(f"{k} {v}" for k, v in labels.counts.items())
-        parts = [f"labelled patches: {counts}"]
+        """Labelled patches per class (table), the small-sample warnings, and notes."""
+        counts = {n: int(v) for n, v in labels.counts.items()}
+        names = list(counts)
+        fill_table(self.counts_table, ["class", "labelled patches"],
+                   [(n, f"{counts[n]:,}") for n in names],
+                   colours=[self.palette.colour(n) if n in self.palette else None
+                            for n in names])  # fmt: skip
+        # the cross-validation scores every labelled patch once (held out by its fold)
+        show_warnings(self.warning_label, sample_warnings(
+            counts, sum(counts.values()), "the cross-validation"))
+        text = ", ".join(f"{k} {v}" for k, v in counts.items())
+        parts = [f"labelled patches: {text}"]
         if len(labels.conflicts):
             pairs = sorted({"/".join(c) for c in labels.conflict_classes})
             parts.append(f"conflicts (unlabelled): {len(labels.conflicts)} patches "
@@ -810,7 +1179,11 @@ class AnnotateWidget(QWidget):
         self.labels_label.setText("\n".join(parts))
 
     def _show_report(self, report: Any) -> None:
-        text = f"balanced accuracy (CV, {report.folds} folds): {report.balanced_accuracy:.3f}"
+        n = int(np.asarray(report.confusion).sum())
+        text = (f"balanced accuracy (CV, {report.folds} folds, {n:,} held-out patches): "
+                f"{report.balanced_accuracy:.3f}")
+        if self.warning_label.isVisibleTo(self):
+            text += " (see the warning above)"
         if report.note:
             text += f"\n{report.note}"
         self.accuracy_label.setText(text)
@@ -877,8 +1250,9 @@ class AnnotateWidget(QWidget):
         if r.prediction is None or r.key not in self.session.slides:
             return False
         pred = r.prediction
-        self.session.set_prediction(r.key, SOURCE, pred.rasters(), pred.class_names,
-                                    pred.colours)  # fmt: skip
+        self._predictions[int(r.key)] = pred
+        paint_predictions(self.session, [(int(r.key), SOURCE, pred.rasters(), pred.class_names,
+                                          pred.colours, None)])  # fmt: skip
         return True
 
     def apply_to_slide(self, key: Any) -> tuple[bool, str]:
@@ -926,16 +1300,62 @@ class AnnotateWidget(QWidget):
             self.load_classifier(path)
 
 
-def _tap(job: Generator, emit: Callable[[Any], None]) -> Generator:
-    """``job``'s records, each also passed to ``emit`` (from the worker thread: a queued Qt
-    signal), and its return value; closing this closes ``job``."""
+#: Longest a job waits for the main thread to paint its class map (a closed dock never does).
+PAINT_WAIT_S = 5.0
+
+
+def _tap(job: Generator, emit: Callable[[Any, threading.Event], None]) -> Generator:
+    """``job``'s records, each also passed to ``emit(record, painted)`` (from the worker
+    thread: a queued Qt signal), and its return value; closing this closes ``job``.
+
+    After a record carrying a prediction the job waits (at most :data:`PAINT_WAIT_S`) until
+    the main thread has set ``painted``: building layers on the main thread while the job's
+    cross-validation runs in Python beside it makes both fight for the GIL, and the window
+    froze for seconds (each GIL hand-over can cost the main thread a switch interval)."""
+    import time
+
     try:
         while True:
             try:
                 record = next(job)
             except StopIteration as stop:
                 return stop.value
-            emit(record)
+            painted = threading.Event()
+            emit(record, painted)
+            if getattr(record.data, "kind", None) == "prediction":
+                t0 = time.perf_counter()
+                while not painted.wait(0.05) and time.perf_counter() - t0 < PAINT_WAIT_S:
+                    pass
             yield record
     finally:
         job.close()
+
+
+def class_map_export_job(pred: Any, path: Path, level0_size: Sequence[int], downsample: float,
+                         mpp: float | None) -> Generator:  # fmt: skip
+    """A probe prediction's class map as a pyramid TIFF at ``path``, plus ``<stem>.csv`` (per
+    patch: class index and name, probability per class) and ``<stem>.geojson`` (the class
+    regions as QuPath annotations) beside it; a job (see :func:`map_export_job`)."""
+    from ..analyses.export import write_csv
+    from ..annotations.geojson import class_polygons, write_geojson
+
+    names = list(pred.class_names)
+    raster = pred.class_raster()
+    colours = None if pred.colours is None else np.asarray(pred.colours).tolist()
+    meta = {"kind": "class-map", "values": "class i painted i + 1, 0 = no patch",
+            "classes": ["none", *names], "colours": colours}  # fmt: skip
+
+    def tables() -> list[Path]:
+        labels = np.asarray(pred.labels)
+        cols: dict[str, Any] = {"class_index": labels,
+                                "class": np.asarray(names, dtype=object)[labels]}
+        for i, n in enumerate(names):
+            cols[f"p_{n}"] = pred.proba[:, i]
+        csv = path.with_suffix(".csv")
+        write_csv(csv, pred.coords, cols)
+        regions = path.with_suffix(".geojson")
+        write_geojson(regions, class_polygons(raster, names, pred.colours))
+        return [csv, regions]
+
+    return (yield from map_export_job([(path, raster, meta)], level0_size, downsample, mpp,
+                                      tables))  # fmt: skip

@@ -1,7 +1,7 @@
 """``napari-gpfm demo``: the main job on the bundled sample slide, driven through the docks.
 
 Opens napari with the sample slide (``viewer.open``) and the "GPFM", "Embedding plot" and
-"Annotate & classify" docks (added through napari's plugin path, as the Plugins menu does, so
+"Annotate and classify" docks (added through napari's plugin path, as the Plugins menu does, so
 they share the window's one session), then: computes the
 embeddings with the default model (``default_model_name()``), clusters them (k = 4), shows the
 cluster map, the distance-to-centre heatmap and a similarity query from the most typical
@@ -124,7 +124,7 @@ def build(viewer, model: str, allow_random: bool = False, out: Path | None = Non
     add = viewer.window.add_plugin_dock_widget
     dw1, dock = add("napari-gpfm", "GPFM")
     dw2, plot = add("napari-gpfm", "Embedding plot")
-    dw3, annotate = add("napari-gpfm", "Annotate & classify")
+    dw3, annotate = add("napari-gpfm", "Annotate and classify")
     dock.annotate = annotate
     dock.random_check.setChecked(allow_random)
     dock.set_model(model)

@@ -1,8 +1,21 @@
 """'Finetune (distillation)' dock: launch a distillation run on the open slides, in the background.
 
 The run itself is ``napari_gpfm.distill.iter_distillation`` (the same loop as
-``napari-gpfm distill``); this widget only gathers the inputs, shows progress and loss, and asks
-the run to stop (it saves a checkpoint; starting again resumes).
+``napari-gpfm distill``) through :func:`napari_gpfm.jobs.distill.distill_job`; this widget
+gathers the inputs, shows progress and loss, and asks the run to stop (it saves a checkpoint;
+starting again resumes).
+
+- **A readable name**, chosen before the start (default: the config's name and today's date):
+  the exported student is registered under it, and the run lives in
+  ``<runs folder>/<name>`` (so starting the same name again resumes that run).
+- **Every model list at once**: when the student is exported the dock tells the session
+  (``session.models_changed``), whose ``models`` event refreshes the model lists of the GPFM,
+  PathoTune and Finetune docks; the dock lists the finetuned models of the user models folder.
+- **The loss plot keeps its history across a resume**: the run's CSV log (``log.csv``) is read
+  when it starts, and the new steps continue the curve.
+- **Each config says what it is and how long it takes here**: the first comment line of its
+  file, and steps × seconds per step (measured by an earlier run of this config on this
+  machine, else the project's benchmark), for the steps still to run.
 """
 
 from __future__ import annotations
@@ -10,54 +23,74 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
-from qtpy.QtCore import QPointF, Qt
+from qtpy.QtCore import QPointF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QListWidget,
     QListWidgetItem,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..layers.session import session_for
-from ._jobs import JobPanel
+from ._jobs import JobPanel, scrolling_layout, settle_width
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "distill" / "configs" / "experiments"
+DEFAULT_RUNS_DIR = Path.home() / "napari-gpfm-runs" / "finetune"
 
 
-def run_overrides(slides: list[str], tiles: str, out_dir: str, steps: int, extra: str) -> list[str]:
+def run_overrides(slides: list[str], tiles: str, out_dir: str, steps: int, extra: str,
+                  model_name: str | None = None) -> list[str]:  # fmt: skip
     """The ``key=value`` overrides a run from this dock adds to its experiment config."""
     overrides = [f"data.slides={json.dumps(slides)}", f"output.dir={json.dumps(out_dir)}"]
     if tiles:
         overrides.append(f"data.tiles={json.dumps([tiles])}")
     if steps > 0:
         overrides.append(f"train.steps={steps}")
+    if model_name:
+        overrides.append(f"output.model_name={json.dumps(model_name)}")
     overrides += extra.split()
     return overrides
 
 
 class LossPlot(QWidget):
-    """A small line plot of the total loss per step."""
+    """A small line plot of the total loss per step (``steps`` and ``values``)."""
 
     def __init__(self):
         super().__init__()
+        self.steps: list[int] = []
         self.values: list[float] = []
         self.setMinimumHeight(90)
 
-    def add(self, value: float) -> None:
-        self.values.append(value)
+    def set_history(self, points: list[tuple[int, float]]) -> None:
+        """Start from earlier steps of the run (``(step, loss)``, e.g. its CSV log)."""
+        self.steps = [int(s) for s, _ in points]
+        self.values = [float(v) for _, v in points]
+        self.update()
+
+    def add(self, value: float, step: int | None = None) -> None:
+        """Append a step; points of a step at or after ``step`` (left by an interrupted run,
+        whose log a resumed run rewrites) are dropped first."""
+        if step is None:
+            step = self.steps[-1] + 1 if self.steps else 0
+        while self.steps and self.steps[-1] >= step:
+            self.steps.pop()
+            self.values.pop()
+        self.steps.append(int(step))
+        self.values.append(float(value))
         self.update()
 
     def clear(self) -> None:
-        self.values = []
+        self.steps, self.values = [], []
         self.update()
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt name
@@ -66,16 +99,16 @@ class LossPlot(QWidget):
         lo, hi = min(self.values), max(self.values)
         span = (hi - lo) or 1.0
         w, h = self.width() - 4, self.height() - 4
-        n = len(self.values) - 1
-        points = QPolygonF(
-            [QPointF(2 + w * i / n, 2 + h * (1 - (v - lo) / span)) for i, v in enumerate(self.values)]
-        )
+        s0, s1 = self.steps[0], self.steps[-1]
+        n = (s1 - s0) or 1
+        points = QPolygonF([QPointF(2 + w * (s - s0) / n, 2 + h * (1 - (v - lo) / span))
+                            for s, v in zip(self.steps, self.values, strict=True)])
         painter = QPainter(self)
         painter.setPen(QPen(QColor("#4fc3f7"), 1.5))
         painter.drawPolyline(points)
         painter.setPen(QColor("#aaaaaa"))
         painter.drawText(4, 14, f"{hi:.3f}")
-        painter.drawText(4, self.height() - 4, f"{lo:.3f}")
+        painter.drawText(4, self.height() - 4, f"{lo:.3f}  (steps {s0 + 1}–{s1 + 1})")
         painter.end()
 
 
@@ -86,16 +119,28 @@ class DistillWidget(QWidget):
         self.session = session_for(napari_viewer)
         self.stop_event = threading.Event()
         self.result = None
+        self._auto_name = ""  # the default name shown (replaced when the config changes)
+        self._names: set[str] = set()  # the registry's model names (refresh_models)
 
         self.config_combo = QComboBox()
         self.config_combo.addItems(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
         self.config_combo.setEditable(True)
         browse = QPushButton("…")
-        browse.clicked.connect(self._browse_config)
+        browse.setFixedWidth(28)
+        browse.clicked.connect(lambda: self._browse_config())
+        self.config_info = QLabel("")
+        self.config_info.setWordWrap(True)
+        self.name_edit = QLineEdit()
+        self.name_edit.setToolTip(
+            "The finetuned model's name in every model list (lower case, letters, digits, "
+            "'.', '_' or '-'). The run is kept in <runs folder>/<name>: start the same name "
+            "again to resume it.")
         self.slide_list = QListWidget()
+        self.slide_list.setMaximumHeight(110)
         self.tiles_edit = QLineEdit()
         self.tiles_edit.setPlaceholderText("optional folder of image tiles")
-        self.out_edit = QLineEdit(str(Path.home() / "napari-gpfm-runs" / "finetune"))
+        self.out_edit = QLineEdit(str(DEFAULT_RUNS_DIR))
+        self.out_edit.setToolTip("Runs folder: each run is kept in <runs folder>/<name>.")
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 10_000_000)
         self.steps_spin.setSpecialValueText("from config")
@@ -105,37 +150,61 @@ class DistillWidget(QWidget):
         self.jobs = JobPanel("Finetune", self.session, [self.start_button])
         self.jobs.cancel_button.setText("Stop")
         self.jobs.cancel_button.clicked.disconnect()
-        self.jobs.cancel_button.clicked.connect(self.stop)
+        self.jobs.cancel_button.clicked.connect(lambda: self.stop())
         self.stop_button = self.jobs.cancel_button
         self.progress = self.jobs.bar
         self.status = self.jobs.status
         self.jobs.say("Pick slides and a config, then Start.")
         self.plot = LossPlot()
+        self.models_list = QListWidget()
+        self.models_list.setMaximumHeight(90)
+        self.models_list.setToolTip("Finetuned models in your models folder (every model list "
+                                    "shows them: GPFM, PathoTune).")
 
         config_row = QHBoxLayout()
         config_row.addWidget(self.config_combo, 1)
         config_row.addWidget(browse)
         form = QFormLayout()
         form.addRow("Config", config_row)
+        form.addRow(self.config_info)
+        form.addRow("Model name", self.name_edit)
         form.addRow("Slides", self.slide_list)
         form.addRow("Tiles", self.tiles_edit)
-        form.addRow("Output", self.out_edit)
+        form.addRow("Runs folder", self.out_edit)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Overrides", self.extra_edit)
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.start_button)
         layout.addWidget(self.jobs)
         layout.addWidget(self.plot)
+        layout.addWidget(QLabel("Finetuned models"))
+        layout.addWidget(self.models_list)
+        layout.addStretch(1)
+        self.config_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.config_combo.setMinimumContentsLength(12)
 
-        self.start_button.clicked.connect(self.start)
-        self.stop_button.clicked.connect(self.stop)
-        self.session.events.slides.connect(self._update_slides)
+        self.start_button.clicked.connect(lambda: self.start())
+        self.config_combo.currentTextChanged.connect(lambda _: self._config_changed())
+        self.steps_spin.valueChanged.connect(lambda _: self.update_info())
+        self.extra_edit.editingFinished.connect(lambda: self.update_info())
+        self.name_edit.editingFinished.connect(lambda: self.update_info())
+        self.out_edit.editingFinished.connect(lambda: self.update_info())
+        ev = self.session.events
+        hooks = [(ev.slides, self._update_slides), (ev.models, self._models_changed)]
+        for emitter, cb in hooks:
+            emitter.connect(cb)
+        self.destroyed.connect(_disconnect(hooks))
         self._update_slides()
+        self._config_changed()
+        self.refresh_models()
+        settle_width(self)
 
     # ------------------------------------------------------------------ inputs
     def _browse_config(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Distillation config", "", "YAML (*.yaml *.yml)")
+        path, _ = QFileDialog.getOpenFileName(self, "Distillation config", "",
+                                              "YAML (*.yaml *.yml)")  # fmt: skip
         if path:
             self.config_combo.setEditText(path)
 
@@ -153,7 +222,99 @@ class DistillWidget(QWidget):
 
     def selected_slides(self) -> list[str]:
         items = (self.slide_list.item(i) for i in range(self.slide_list.count()))
-        return [it.data(Qt.ItemDataRole.UserRole) for it in items if it.checkState() == Qt.CheckState.Checked]
+        return [it.data(Qt.ItemDataRole.UserRole) for it in items
+                if it.checkState() == Qt.CheckState.Checked]
+
+    def model_name(self) -> str:
+        """The name the student will be registered under (safe for the registry)."""
+        from ..jobs.distill import safe_model_name
+
+        return safe_model_name(self.name_edit.text())
+
+    def run_dir(self) -> Path:
+        """Where this run's checkpoints, config and log live: ``<runs folder>/<name>``."""
+        return Path(self.out_edit.text().strip() or DEFAULT_RUNS_DIR).expanduser() / (
+            self.model_name() or "run")
+
+    def _config_changed(self) -> None:
+        """A new config: a default name from it and today's date (unless the user typed one)."""
+        from ..jobs.distill import default_model_name
+
+        config = self.config_combo.currentText().strip()
+        if config and (not self.name_edit.text() or self.name_edit.text() == self._auto_name):
+            self._auto_name = default_model_name(config)
+            self.name_edit.setText(self._auto_name)
+        self.update_info()
+
+    def _overrides(self) -> list[str]:
+        return run_overrides(self.selected_slides(), self.tiles_edit.text().strip(),
+                             str(self.run_dir()), self.steps_spin.value(),
+                             self.extra_edit.text(), self.model_name() or None)  # fmt: skip
+
+    def update_info(self) -> None:
+        """The config's one-line description and how long its steps still to run take here."""
+        from ..jobs.distill import (
+            config_description,
+            estimate_duration,
+            fmt_duration,
+            loss_history,
+            preview_config,
+        )
+
+        config = self.config_combo.currentText().strip()
+        lines = []
+        description = config_description(config) if config else ""
+        if description:
+            lines.append(description)
+        try:
+            cfg = preview_config(config, self._overrides())
+        except (OSError, ValueError, KeyError) as exc:
+            self.config_info.setText(f"{description}\n⚠ {exc}".strip())
+            return
+        steps = int(cfg["train"]["steps"])
+        done = 0
+        history = loss_history(self.run_dir()) if cfg["train"]["resume"] else []
+        if history:
+            done = min(history[-1][0] + 1, steps)
+        todo = max(steps - done, 0)
+        estimate = estimate_duration(config, cfg, todo)
+        when = (" (duration unknown until a first run of this config on this machine)"
+                if estimate is None else f" ≈ {fmt_duration(estimate[0])} ({estimate[1]})")
+        resume = f", resuming at step {done + 1}" if done else ""
+        lines.append(f"{todo:,} of {steps:,} steps to run{resume}{when}.")
+        name = self.model_name()
+        if name and name in self._names:
+            lines.append(f"A model named '{name}' exists: a finished run replaces it.")
+        self.config_info.setText("\n".join(lines))
+
+    # ------------------------------------------------------------------ models
+    def _models_changed(self, event=None) -> None:
+        """The session's ``models`` event: refresh on the next turn of the event loop (every
+        dock's list refreshes on this event; not all in one go)."""
+        QTimer.singleShot(0, self.refresh_models)
+
+    def refresh_models(self, event=None) -> None:
+        """The finetuned models of the user models folder (a new one appears at once)."""
+        from ..encoders import list_cards
+        from ..encoders.registry import user_models_dir
+
+        user = user_models_dir().resolve()
+        self.models_list.clear()
+        try:
+            cards = list_cards()
+        except Exception:  # noqa: BLE001 - a broken card must not break the dock
+            cards = []
+        self._names = {c.name for c in cards}
+        for card in cards:
+            if card.path is None or card.path.parent.resolve() != user:
+                continue
+            method = str(card.provenance.get("method", ""))
+            if "distillation" not in method:
+                continue
+            steps = card.provenance.get("steps")
+            extra = f", {steps:,} steps" if isinstance(steps, int) else ""
+            self.models_list.addItem(f"{card.name} — {card.display_name}{extra}")
+        self.update_info()
 
     # ------------------------------------------------------------------ run
     @property
@@ -162,28 +323,32 @@ class DistillWidget(QWidget):
 
     def start(self) -> None:
         from ..distill import load_config
-        from ..jobs.distill import distill_job
+        from ..jobs.distill import distill_job, loss_history
 
-        overrides = run_overrides(
-            self.selected_slides(),
-            self.tiles_edit.text().strip(),
-            self.out_edit.text().strip(),
-            self.steps_spin.value(),
-            self.extra_edit.text(),
-        )
+        if self.jobs.busy:
+            return
+        name = self.model_name()
+        if not name:
+            self.jobs.say("Give the finetuned model a name (letters and digits).", True)
+            return
+        if name != self.name_edit.text():
+            self.name_edit.setText(name)
+        config = self.config_combo.currentText()
         try:
-            cfg = load_config(self.config_combo.currentText(), overrides)
+            cfg = load_config(config, self._overrides())
         except (OSError, ValueError, KeyError) as exc:
-            self.jobs.say(f"Config {self.config_combo.currentText()!r}: {exc}", True)
+            self.jobs.say(f"Config {config!r}: {exc}", True)
             return
         if not cfg["data"]["slides"] and not cfg["data"]["tiles"]:
             self.jobs.say("No data: tick at least one open slide or give a tiles folder.", True)
             return
         self.stop_event = threading.Event()
         self.result = None
-        self.plot.clear()
-        self.jobs.run(distill_job(cfg, self.stop_event), on_result=self._on_done,
-                      message="Starting (building the model and data)…")  # fmt: skip
+        self.plot.set_history(loss_history(self.run_dir()) if cfg["train"]["resume"] else [])
+        resumed = f" (resuming at step {self.plot.steps[-1] + 2})" if self.plot.steps else ""
+        self.jobs.run(distill_job(cfg, self.stop_event, timing_key=config),
+                      on_result=self._on_done,
+                      message=f"Starting {name}{resumed}: building the model and data…")
         self.jobs.worker.yielded.connect(self._on_step)
 
     def stop(self) -> None:
@@ -196,7 +361,7 @@ class DistillWidget(QWidget):
         record = p.data
         if p.status != "running" or record is None or not hasattr(record, "losses"):
             return
-        self.plot.add(record.losses["total"])
+        self.plot.add(record.losses["total"], record.step)
         terms = ", ".join(f"{k} {v:.3f}" for k, v in record.losses.items() if k != "total")
         self.jobs.say(
             f"step {record.step + 1}/{record.total_steps}: loss {record.losses['total']:.4f} "
@@ -206,9 +371,26 @@ class DistillWidget(QWidget):
     def _on_done(self, result) -> None:
         self.result = result
         if result.finished and result.card_path is not None:
-            self.jobs.say(f"Done: student saved as model '{Path(result.card_path).stem}' ({result.card_path}).")
+            name = Path(result.card_path).stem
+            self.jobs.say(f"Done: student saved as model '{name}' ({result.card_path}); it is "
+                          "in every model list now.")
+            self.session.models_changed(name)  # GPFM, PathoTune and this dock refresh
         else:
             self.jobs.say(
                 f"Stopped at step {result.next_step}/{result.total_steps}; checkpoint in "
                 f"{result.output_dir}. Start again to resume."
             )
+            self.update_info()
+
+
+def _disconnect(hooks: list[tuple[Any, Any]]):
+    """A slot removing the dock's session callbacks once it is deleted (a closure)."""
+
+    def run(*_: Any) -> None:
+        for emitter, cb in hooks:
+            try:
+                emitter.disconnect(cb)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+
+    return run

@@ -5,16 +5,25 @@ other dock) and the jobs of :mod:`napari_gpfm.jobs`: inputs are gathered here, l
 through a :class:`~._jobs.JobPanel`, results go into the session, which builds every layer.
 Features are written to ``<output folder>/<tiling>/features_<model>/<slide>.h5``; the output
 folder is the session's (default ``~/.cache/napari-gpfm/features``).
+
+What is on screen is explained here too: the cluster table is the clusters' legend (colour and
+name, as the Labels layer's ``features``) with a gallery of the patches nearest each centre; the
+heatmap section names the shown heatmap and its value range beside napari's colour bar; similarity
+hits are a gallery of thumbnails with score and slide (a click centres the viewer on the patch).
+A first query whose slides have no similarity index yet builds it in a job (features are read
+and normalised off the main thread), with a message, before the maps are drawn.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtGui import QColor
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -23,6 +32,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QMessageBox,
@@ -34,9 +44,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..jobs.progress import Progress
 from ..layers import convert
+from ..layers.gallery import exemplar_tiles, hit_tiles
 from ..layers.session import HEATMAP_LABELS, session_for
 from ._jobs import JobPanel, fit_width, settle_width, wrap_in_scroll
+from .gallery import ColourBarLegend, TileGallery, centre_on_patch
 
 CUSTOM = "custom"
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,6 +81,24 @@ def _detacher(viewer, drag_cb, move_cb):
     return detach
 
 
+def index_job(states: Sequence[Any]) -> Generator[Progress, None, int]:
+    """Build the similarity index of each slide state (read and L2-normalise its features),
+    off the main thread; returns how many were built."""
+    states = list(states)
+    total = sum(s.n for s in states)
+    done = 0
+    for i, s in enumerate(states):
+        yield Progress("similarity", "indexing", done, total, status="started" if i == 0
+                       else "running", unit="patches",
+                       message=f"Similarity: reading and indexing the {s.n:,} patch features of "
+                               f"{s.name} ({i + 1}/{len(states)})…")  # fmt: skip
+        s.index  # noqa: B018 - builds and caches the index
+        done += s.n
+    yield Progress("similarity", "indexing", total, total, status="done", unit="patches",
+                   message="Similarity: index ready; drawing the maps…")
+    return len(states)
+
+
 def fill_slide_combo(combo: QComboBox, session: Any, only_embedded: bool = False) -> None:
     """Slide layers of the session in ``combo`` (text: layer name, data: uid), keeping the
     current choice when it is still there."""
@@ -81,6 +112,12 @@ def fill_slide_combo(combo: QComboBox, session: Any, only_embedded: bool = False
     if i >= 0:
         combo.setCurrentIndex(i)
     combo.blockSignals(False)
+
+
+def _swatch(rgba, size: int = 12) -> QIcon:
+    pm = QPixmap(size, size)
+    pm.fill(QColor.fromRgbF(*(float(v) for v in list(rgba)[:3])))
+    return QIcon(pm)
 
 
 class GPFMWidget(QWidget):
@@ -107,6 +144,11 @@ class GPFMWidget(QWidget):
     def run_finished(self):
         """Signal(str) emitted when an embed job ends: "done", "cancelled" or "error"."""
         return self.jobs.finished
+
+    @property
+    def hits_table(self) -> TileGallery:
+        """The similarity hits (now a gallery; ``rowCount()`` still counts them)."""
+        return self.hits_gallery
 
     # ================================================================== construction
     def _build(self, allow_random: bool) -> None:
@@ -180,8 +222,20 @@ class GPFMWidget(QWidget):
         self.cluster_button = QPushButton("Cluster (k-means)")
         self.cluster_table = QTableWidget(0, 4)
         self.cluster_table.setHorizontalHeaderLabels(["cluster", "patches", "%", "area (mm²)"])
-        self.cluster_table.horizontalHeader().setStretchLastSection(True)
+        header = self.cluster_table.horizontalHeader()
+        for c in range(3):
+            header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        self.cluster_table.verticalHeader().setVisible(False)
+        self.cluster_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.cluster_table.setMaximumHeight(180)
+        self.cluster_table.setToolTip("The clusters' legend: colour and name as on the slide's "
+                                      "cluster map (its layer's features table).")
+        self.exemplars_label = QLabel("Exemplars: the patches nearest each cluster's centre "
+                                      "(click one to go there)")  # fmt: skip
+        self.exemplars_label.setWordWrap(True)
+        self.exemplars = TileGallery(self.session, size=72, rows=2)
+        self._exemplars_of: tuple | None = None
         cl_box = self.cluster_box = QGroupBox("Clusters")
         cl = QVBoxLayout(cl_box)
         row = QHBoxLayout()
@@ -191,6 +245,8 @@ class GPFMWidget(QWidget):
         cl.addLayout(row)
         cl.addWidget(self.cluster_jobs)
         cl.addWidget(self.cluster_table)
+        cl.addWidget(self.exemplars_label)
+        cl.addWidget(self.exemplars)
 
         # heatmaps
         self.value_combo = QComboBox()
@@ -201,12 +257,14 @@ class GPFMWidget(QWidget):
         self.opacity_spin.setSingleStep(0.05)
         self.opacity_spin.setValue(0.6)
         self.heatmap_button = QPushButton("Show heatmap")
+        self.legend = ColourBarLegend()
         hm_box = QGroupBox("Heatmap")
         hm = QFormLayout(hm_box)
         hm.addRow("Value", self.value_combo)
         hm.addRow("Colormap", self.cmap_combo)
         hm.addRow("Opacity", self.opacity_spin)
         hm.addRow(self.heatmap_button)
+        hm.addRow(self.legend)
 
         # similarity
         self.click_check = QCheckBox("Click on the slide to query (Alt-drag still pans)")
@@ -216,11 +274,14 @@ class GPFMWidget(QWidget):
         self.topk_spin = QSpinBox()
         self.topk_spin.setRange(1, 500)
         self.topk_spin.setValue(10)
-        self.hits_table = QTableWidget(0, 3)
-        self.hits_table.setHorizontalHeaderLabels(["slide", "patch", "cosine"])
-        self.hits_table.horizontalHeader().setStretchLastSection(True)
-        self.hits_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.hits_table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.hits_gallery = TileGallery(self.session, rows=2)
+        self.hits_gallery.setToolTip("Most similar patches, best first: cosine similarity and "
+                                     "slide. Click one to centre the viewer on it.")
+        self.sim_jobs = JobPanel("Similarity", self.session, [])
+        self.sim_jobs.say("Click a patch on an embedded slide (or use a Points layer).")
+        self._sim_bar(False)
+        self._pending_query: tuple[int, np.ndarray] | None = None
+        self._query_result: Any = None
         sim_box = QGroupBox("Similarity search")
         sim = QFormLayout(sim_box)
         sim.addRow(self.click_check)
@@ -229,7 +290,8 @@ class GPFMWidget(QWidget):
         prow.addWidget(self.points_button)
         sim.addRow("Points", prow)
         sim.addRow("Top k", self.topk_spin)
-        sim.addRow(self.hits_table)
+        sim.addRow(self.sim_jobs)
+        sim.addRow(self.hits_gallery)
 
         # export
         self.export_buttons = {
@@ -271,8 +333,10 @@ class GPFMWidget(QWidget):
         self.jobs.finished.connect(self._after_job)
         self.cluster_button.clicked.connect(lambda: self.cluster())
         self.heatmap_button.clicked.connect(lambda: self.show_heatmap())
-        self.points_button.clicked.connect(lambda: self.query_points())
-        self.hits_table.cellClicked.connect(lambda r, _c: self.go_to_hit(r))
+        self.points_button.clicked.connect(lambda: self.query_points(wait=False))
+        self.hits_gallery.tile_clicked.connect(self.go_to_patch)
+        self.exemplars.tile_clicked.connect(self.go_to_patch)
+        self.sim_jobs.finished.connect(self._after_indexing)
         for what, b in self.export_buttons.items():
             b.clicked.connect(lambda _=False, w=what: self.export((w,)))
         self.layer_combo.currentIndexChanged.connect(lambda _: self._refresh_results())
@@ -283,7 +347,9 @@ class GPFMWidget(QWidget):
         ev.store.connect(self._refresh_results)
         ev.clusters.connect(self._refresh_results)
         ev.similarity.connect(self._refresh_values)
+        ev.similarity.connect(self._show_hits)
         ev.out_dir.connect(self._out_dir_changed)
+        ev.models.connect(self.refresh_models)  # a finetuned model appears at once (issue 13)
 
     # ================================================================== inputs
     def refresh_models(self) -> None:
@@ -380,6 +446,8 @@ class GPFMWidget(QWidget):
         if current in names:
             self.points_combo.setCurrentText(current)
         self.points_combo.blockSignals(False)
+        if self.legend.layer is not None and self.legend.layer not in self.viewer.layers:
+            self.legend.set_layer(None)  # its heatmap was removed
         self._refresh_results()
 
     def _query_points_layers(self) -> list:
@@ -564,18 +632,32 @@ class GPFMWidget(QWidget):
     def _refresh_results(self, event=None) -> None:
         s = self.session_state()
         rows = s.cluster_rows() if s is not None and s.has_store else []
+        k = 0 if s is None or s.clusters is None else int(s.clusters.labels.max()) + 1
+        legend = convert.cluster_legend(k)
         self.cluster_table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             area = row.get("area_um2")
-            cells = [f"{row['cluster']}", f"{row['count']:,}", f"{100 * row['fraction']:.1f}",
+            name, rgba = legend[row["cluster"]]
+            cells = [name, f"{row['count']:,}", f"{100 * row['fraction']:.1f}",
                      f"{area / 1e6:.4f}" if area is not None else f"{row['area_px2']:.0f} px²"]
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if c == 0:
-                    rgb = convert.CLUSTER_COLOURS[row["cluster"] % len(convert.CLUSTER_COLOURS)]
-                    item.setBackground(QColor(*(int(v * 255) for v in rgb)))
+                    item.setIcon(_swatch(rgba))
+                    item.setData(Qt.ItemDataRole.UserRole, [float(v) for v in rgba])
                 self.cluster_table.setItem(r, c, item)
+        self._refresh_exemplars(s)
         self._refresh_values()
+
+    def _refresh_exemplars(self, s) -> None:
+        """The patches nearest each cluster centre of the current slide (read again only when
+        the slide or its clusters changed)."""
+        key = None if s is None or s.clusters is None else (s.uid, id(s.clusters))
+        if key == self._exemplars_of:
+            return
+        self._exemplars_of = key
+        self.exemplars.set_tiles(exemplar_tiles(s) if key is not None else [])
+        self.exemplars_label.setVisible(key is not None)
 
     def _refresh_values(self, event=None) -> None:
         s = self.session_state()
@@ -594,8 +676,10 @@ class GPFMWidget(QWidget):
             if s is not None:
                 self.say("No per-patch values yet: cluster or run a similarity query.", True)
             return None
-        return self.session.show_heatmap(s.uid, key, colormap=self.cmap_combo.currentText(),
-                                         opacity=self.opacity_spin.value())  # fmt: skip
+        layer = self.session.show_heatmap(s.uid, key, colormap=self.cmap_combo.currentText(),
+                                          opacity=self.opacity_spin.value())  # fmt: skip
+        self.legend.set_layer(layer, HEATMAP_LABELS.get(key, key.replace("_", " ")))
+        return layer
 
     # ================================================================== similarity
     def _session_at(self, world) -> tuple[Any, int]:
@@ -612,19 +696,20 @@ class GPFMWidget(QWidget):
                     return s, int(i)
         return None, -1
 
-    def handle_click(self, world) -> Any:
-        """Similarity query from a click at world position (y, x) in µm; returns the result."""
+    def handle_click(self, world, wait: bool = True) -> Any:
+        """Similarity query from a click at world position (y, x) in µm; returns the result
+        (``None`` with ``wait=False`` when the query waits for an index job: see :meth:`query`)."""
         s, i = self._session_at(world)
         if s is None:
-            self.say("No embedded patch under the click.")
+            self.sim_jobs.say("No embedded patch under the click.")
             return None
-        return self.query(s.uid, [i])
+        return self.query(s.uid, [i], wait=wait)
 
-    def query_points(self, layer_name: str | None = None) -> Any:
+    def query_points(self, layer_name: str | None = None, wait: bool = True) -> Any:
         """Similarity query from every point of a Points layer (averaged)."""
         name = layer_name or self.points_combo.currentText()
         if not name or name not in self.viewer.layers:
-            self.say("Add a Points layer and place points on patches first.", True)
+            self.sim_jobs.say("Add a Points layer and place points on patches first.", True)
             return None
         pts = self.viewer.layers[name]
         world = np.array([pts.data_to_world(p) for p in pts.data]).reshape(-1, pts.ndim)
@@ -634,48 +719,103 @@ class GPFMWidget(QWidget):
         idx = np.atleast_1d(s.patch_at(world[:, -2:]))
         idx = idx[idx >= 0]
         if idx.size == 0:
-            self.say(f"None of the points of {name!r} lie on an embedded patch of {s.name}.", True)
+            self.sim_jobs.say(f"None of the points of {name!r} lie on an embedded patch of "
+                              f"{s.name}.", True)  # fmt: skip
             return None
-        return self.query(s.uid, idx)
+        return self.query(s.uid, idx, wait=wait)
 
-    def query(self, uid: int, indices) -> Any:
+    def _cold_peers(self, uid: int) -> list:
+        """Slides the query will score whose similarity index is not built yet (finished
+        stores of the same model in the output folder are attached first, as the query does)."""
+        s = self.session.get(uid)
+        for other in list(self.session.slides.values()):
+            if not other.has_store and s.model:
+                self.session.find_store(other.uid, s.model)
+        return [p for p in self.session.compatible(uid) if not p.index_ready]
+
+    def query(self, uid: int, indices, wait: bool = True) -> Any:
+        """Similarity of every patch of every compatible slide to patches ``indices`` of slide
+        ``uid``: heatmaps, outlined hits and the hits gallery.
+
+        Runs at once when every slide's index is built (the embed job builds it). Otherwise an
+        index job reads the features in a worker first (the dock says so) and the query runs
+        when it ends; ``wait=True`` (scripts) processes Qt events until then and returns the
+        result, ``wait=False`` (mouse clicks) returns ``None`` at once. The latest query waiting
+        for an index is the one that runs."""
+        try:
+            cold = self._cold_peers(uid)
+        except (ValueError, LookupError) as exc:
+            self.sim_jobs.say(str(exc), True)
+            return None
+        if not cold and not self.sim_jobs.busy:
+            return self._query_now(uid, indices)
+        self._pending_query = (int(uid), np.asarray(indices))
+        self._query_result = None
+        if not self.sim_jobs.busy:
+            n = sum(p.n for p in cold)
+            self._sim_bar(True)
+            self.sim_jobs.run(index_job(cold), slide=uid,
+                              message=f"Similarity: indexing {n:,} patches of {len(cold)} "
+                                      "slide(s) first…")  # fmt: skip
+        if not wait:
+            return None
+        self.sim_jobs.wait(600)
+        return self._query_result
+
+    def _sim_bar(self, visible: bool) -> None:
+        """The similarity progress bar shows only while an index is built."""
+        self.sim_jobs.bar.setVisible(visible)
+        self.sim_jobs.cancel_button.setVisible(visible)
+
+    def _after_indexing(self, outcome: str) -> None:
+        self._sim_bar(False)
+        pending, self._pending_query = self._pending_query, None
+        if pending is None:
+            return
+        if outcome != "done":
+            if outcome == "cancelled":
+                self.sim_jobs.say("Similarity query cancelled.")
+            return
+        if pending[0] in self.session.slides:
+            self._query_result = self.query(*pending, wait=False)
+
+    def _query_now(self, uid: int, indices) -> Any:
         t0 = time.perf_counter()
         try:
             res = self.session.similarity(uid, indices, k=self.topk_spin.value())
-            self.session.show_similarity(res)
+            self.sim_jobs.say(f"Drawing the similarity map on {len(res.scores)} slide(s)…")
+            self.sim_jobs.status.repaint()  # seen before the (main-thread) layer work
+            layers = self.session.show_similarity(res)
         except (ValueError, LookupError) as exc:
-            self.say(str(exc), True)
+            self.sim_jobs.say(str(exc), True)
             return None
         self.last_result = res
-        self._fill_hits(res)
+        mine = [la for la in layers if la.metadata.get(convert.META_KEY, {}).get("slide_uid")
+                == uid and la.metadata[convert.META_KEY].get("kind") == "heatmap"]  # fmt: skip
+        if mine:
+            self.legend.set_layer(mine[0], HEATMAP_LABELS["similarity"])
         name = self.session.slides[uid].name
-        self.say(f"Similarity to {len(res.query)} patch(es) of {name} on {len(res.scores)} "
-                 f"slide(s) in {1000 * (time.perf_counter() - t0):.0f} ms.")  # fmt: skip
+        self.sim_jobs.say(f"Similarity to {len(res.query)} patch(es) of {name} on "
+                          f"{len(res.scores)} slide(s) in "
+                          f"{1000 * (time.perf_counter() - t0):.0f} ms; best hits below "
+                          "(click one to go there).")  # fmt: skip
         return res
 
-    def _fill_hits(self, res) -> None:
-        self.hits_table.setRowCount(len(res.hits))
-        for r, (uid, idx, score) in enumerate(res.hits):
-            for c, text in enumerate((res.names.get(uid, "?"), str(idx), f"{score:.4f}")):
-                self.hits_table.setItem(r, c, QTableWidgetItem(text))
+    def _show_hits(self, event=None) -> None:
+        res = event.value if event is not None else self.last_result
+        self.hits_gallery.set_tiles(hit_tiles(res) if res is not None else [])
 
     def go_to_hit(self, row: int) -> None:
-        """Centre the camera on the row's patch, a few patch widths across the canvas."""
+        """Centre the camera on the ``row``-th hit, a few patch widths across the canvas."""
         if self.last_result is None or not 0 <= row < len(self.last_result.hits):
             return
         uid, idx, _ = self.last_result.hits[row]
-        s = self.session.slides.get(uid)
-        if s is None:
-            self.say("That slide was closed.", True)
-            return
-        canvas = tuple(self.viewer.canvas.size)
-        centre, zoom = convert.camera_for_patch(s.coords[idx], s.patch_size_level0, s.mpp,
-                                                canvas, offset=s.offset)  # fmt: skip
-        camera = self.viewer.scene.camera
-        camera.center = centre
-        camera.zoom = zoom
-        if s.layer is not None:
-            s.layer.visible = True
+        self.go_to_patch(uid, idx)
+
+    def go_to_patch(self, uid: int, index: int) -> None:
+        """Centre the camera on patch ``index`` of slide ``uid`` (a gallery click)."""
+        if not centre_on_patch(self.viewer, self.session, uid, index):
+            self.sim_jobs.say("That slide was closed.", True)
 
     # ---- mouse -------------------------------------------------------------------------
     def _on_mouse_drag(self, viewer, event):
@@ -695,7 +835,7 @@ class GPFMWidget(QWidget):
                 moved = True
             yield
         if event.type == "mouse_release" and not moved:
-            self.handle_click(event.position)
+            self.handle_click(event.position, wait=False)
 
     def _on_mouse_move(self, viewer, event):
         if not self.session.embedded():
@@ -707,15 +847,105 @@ class GPFMWidget(QWidget):
             self.session.hover(s.uid if s is not None else -1, i)
 
     # ================================================================== export
-    def export(self, what=("png", "table", "geojson")) -> list[Path]:
+    def export(self, what=("png", "table", "geojson"), where: str | Path | None = None,
+               downsample: float | None = None) -> Any:  # fmt: skip
+        """Export the current slide's results (every file written atomically):
+
+        - ``"png"``, the maps: each heatmap and the cluster map as a pyramid TIFF over the whole
+          slide (a value per pixel, at the slide's level-0 size, or ``downsample`` level-0
+          pixels per pixel) and as a per-patch PNG overlay with its placement sidecar;
+        - ``"table"``: the per-patch table (CSV; Parquet when the name ends ``.parquet``);
+        - ``"geojson"``: QuPath GeoJSON, one detection per patch, and the cluster regions
+          beside it (``…_clusters.geojson``).
+
+        One kind without ``where`` (the dock's buttons) asks with a file dialog opening in the
+        project folder (the session's output folder), and for maps at which resolution (full
+        resolution first), then writes in the background (progress and Cancel in the dock, the
+        files listed when done); returns the job's worker (``None``: nothing to export, or the
+        user cancelled). Otherwise everything goes into ``where`` (default ``<project folder>/
+        exports``) at once and the files written are returned (for scripts)."""
+        import os
+        import shutil
+        import tempfile
+
+        from ..analyses.export import write_map_tiff, write_table
+        from .annotate_widget import ask_downsample, files_job, map_export_job
+
         s = self._require_session()
         if s is None:
-            return []
-        out = self.session.out_dir / "exports"
-        try:
-            files = s.export(out, what)
-        except OSError as e:  # shown, not raised: the user picks another folder
-            self.say(f"Export failed: {e}", True)
-            return []
-        self.say(f"Wrote {len(files)} file(s) to {out}: " + ", ".join(p.name for p in files))
-        return files
+            return [] if len(tuple(what)) != 1 or where is not None else None
+        what = tuple(what)
+        project = self.session.out_dir
+        size = tuple(int(v) for v in s.slide.dimensions)
+        k = 0 if s.clusters is None else int(s.clusters.labels.max()) + 1
+        maps = [(key, s.heatmap(key), {"kind": "heatmap", "value": key,
+                                       "label": HEATMAP_LABELS.get(key, key)})
+                for key in s.values if key != "cluster"]  # fmt: skip
+        if k:
+            maps.append(("clusters", s.labels(), {
+                "kind": "clusters", "values": "cluster i painted i + 1, 0 = no patch",
+                "classes": ["none"] + [f"Cluster {i}" for i in range(k)]}))  # fmt: skip
+        if len(what) != 1 or where is not None:  # scripts: everything, no questions
+            out = Path(where) if where is not None else project / "exports"
+            try:
+                files = s.export(out, what)
+                if "png" in what:
+                    for key, raster, meta in maps:
+                        files.append(Path(write_map_tiff(
+                            out / f"{s.name}_{key}.tif", raster, size, downsample or 1.0,
+                            mpp=s.mpp, metadata=meta)))  # fmt: skip
+            except OSError as e:  # shown, not raised: the user picks another folder
+                self.say(f"Export failed: {e}", True)
+                return []
+            self.say(f"Wrote {len(files)} file(s) to {out}: " + ", ".join(p.name for p in files))
+            return files
+
+        def said(files: list[Path]) -> None:
+            self.say(f"Wrote {len(files)} file(s): " + ", ".join(str(p) for p in files))
+
+        kind = what[0]
+        if kind == "png":
+            if not maps:
+                self.say("No maps to export yet: cluster, or run a similarity query.", True)
+                return None
+            folder = QFileDialog.getExistingDirectory(self, "Export the maps to", str(project))
+            if not folder:
+                return None
+            d = downsample if downsample is not None else ask_downsample(self, size)
+            if d is None:
+                return None
+            folder = Path(folder)
+            jobs = [(folder / f"{s.name}_{key}.tif", r, m) for key, r, m in maps]
+            per_patch = lambda: s.export(folder, ("png",))  # noqa: E731 - PNGs + sidecars
+            return self.jobs.run(map_export_job(jobs, size, d, s.mpp, per_patch),
+                                 on_result=said, message=f"Writing {len(jobs)} map(s) of "
+                                                         f"{s.name} at 1/{d:g} of level 0…")
+        suffix, title, filters = {
+            "table": (".csv", "Per-patch table", "CSV (*.csv);;Parquet (*.parquet)"),
+            "geojson": (".geojson", "QuPath GeoJSON", "GeoJSON (*.geojson)"),
+        }[kind]  # fmt: skip
+        path, _ = QFileDialog.getSaveFileName(
+            self, title, str(project / f"{s.name}_patches{suffix}"), filters)
+        if not path:
+            return None
+        path = Path(path)
+        if path.suffix.lower() not in (".csv", ".parquet", ".geojson", ".json"):
+            path = path.with_name(path.name + suffix)
+
+        def write() -> list[Path]:
+            if kind == "table":
+                return [Path(write_table(path, s.coords, s.columns()))]
+            tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=path.parent))
+            try:  # written beside the destination, then renamed to the names chosen
+                files = []
+                for made in s.export(tmp, ("geojson",)):
+                    dest = path if made.name.endswith("_patches.geojson") else \
+                        path.with_name(f"{path.stem}_clusters{path.suffix}")  # fmt: skip
+                    os.replace(made, dest)
+                    files.append(dest)
+                return files
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        return self.jobs.run(files_job(write, f"writing {path.name}"), on_result=said,
+                             message=f"Writing {path}…")

@@ -13,10 +13,17 @@ gathers, on the main thread:
   the class names in the order of the session's class palette (shared with the Annotate dock);
 - the backbone (the store's model by default), text template, prompt switches, epochs.
 
-The job runs in a :class:`~._jobs.JobPanel` (progress, Cancel, errors). The prediction is
-painted by :meth:`~napari_gpfm.layers.session.ViewerSession.set_prediction` (class map, one
-probability map per class, uncertainty: ``"<slide> · PathoTune classes"`` …), aligned with the
-slide layer, and the classifier becomes the session's ``"pathotune"`` classifier.
+The job runs in a :class:`~._jobs.JobPanel` (progress, Cancel, errors; model loading shows
+its steps). Before anything is read the dock lists the labelled patches per class and how they
+are split for training and validation, with a visible warning while a class has fewer than 20
+labelled patches or the validation fewer than 30 (shared with the Annotate dock). The
+prediction is painted like the session's (class map, one probability map per class,
+uncertainty: ``"<slide> · PathoTune classes"`` …), aligned with the slide layer, one layer per
+turn of the event loop, and the classifier becomes the session's ``"pathotune"`` classifier.
+With the slide's embeddings, the linear probe fitted on PathoTune's training patches paints
+its map beside it (``"<slide> · probe classes"``), and a small table gives both validation
+scores on the same split and how often the two maps agree. The backbone list follows the
+model registry (a finetuned model appears at once: the session's ``models`` event).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from napari.utils.notifications import show_info
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -38,7 +47,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -47,13 +55,46 @@ from ..encoders.errors import EncoderError
 from ..layers.annotation_layers import annotations_from_layer, is_annotation_layer
 from ..layers.session import session_for
 from ._jobs import JobPanel, scrolling_layout, settle_width
-from .annotate_widget import relative_to_slide
+from .annotate_widget import (
+    WARNING_STYLE,
+    fill_table,
+    paint_predictions,
+    relative_to_slide,
+    sample_warnings,
+    show_warnings,
+    small_table,
+    start_warming,
+    warmed,
+)
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["PathoTuneWidget"]
 
+
+class _Relay(QObject):
+    """Carries a job's records from its worker thread to the dock (lives as long as the job)."""
+
+    record = Signal(object)
+
+
+def _relayed(job: Any, emit: Any) -> Any:
+    """``job``'s records, each also passed to ``emit`` (from the worker thread), and its return
+    value; closing this closes ``job``."""
+    try:
+        while True:
+            try:
+                record = next(job)
+            except StopIteration as stop:
+                return stop.value
+            emit(record)
+            yield record
+    finally:
+        job.close()
+
 SOURCE = "pathotune"  # the session's classifier / prediction key
 LABEL = "PathoTune"  # result layers: "<slide> · PathoTune classes"
+#: The same-split linear probe's prediction key; its layers are "<slide> · probe classes" …
+PROBE_SOURCE, PROBE_LABEL = "probe (PathoTune split)", "probe"
 #: What the dock catches from the package and shows (never a bare ``Exception``).
 USER_ERRORS = (ValueError, LookupError, OSError, StoreError, EncoderError)
 
@@ -68,12 +109,14 @@ class PathoTuneWidget(QWidget):
         self.classifier = None
         self.last: Any = None  # the last run's JobResult
         self.text_encoder = None
+        self.loading_steps: list[str] = []  # the last run's model-loading messages
         self._stop = threading.Event()
         self._running: dict[str, Any] = {}  # the running job's worker and stop event
         self._build()
         settle_width(self)
         self._connect()
         self._refresh_layers()
+        start_warming()
 
     @property
     def layers(self) -> Any:
@@ -101,6 +144,13 @@ class PathoTuneWidget(QWidget):
             default = None
         if default in [c.name for c in cards]:
             self.model_combo.setCurrentText(default)
+        self.counts_table = small_table()  # labelled / train / validation patches per class
+        self.warning_label = QLabel("")
+        self.warning_label.setWordWrap(True)
+        self.warning_label.setStyleSheet(WARNING_STYLE)
+        self.warning_label.setVisible(False)
+        self.compare_table = small_table()  # PathoTune vs probe on the same split
+        self.compare_table.setVisible(False)
         self.random_check = QCheckBox("random weights when missing (testing only)")
         defaults = TextTemplate()
         self.template_edit = QLineEdit(DEFAULT_TEMPLATE)
@@ -126,7 +176,7 @@ class PathoTuneWidget(QWidget):
         self.cancel_button = self.jobs.cancel_button
         self.progress = self.jobs.bar
         self.status = self.jobs.status
-        self.jobs.say("Annotate at least two classes (Annotate & classify dock), then train.")
+        self.jobs.say("Annotate at least two classes (Annotate and classify dock), then train.")
         self.scores = QLabel("-")
         self.scores.setWordWrap(True)
 
@@ -162,6 +212,9 @@ class PathoTuneWidget(QWidget):
         layout.addWidget(prompts)
         layout.addLayout(row)
         layout.addWidget(self.jobs)
+        layout.addWidget(self.counts_table)
+        layout.addWidget(self.warning_label)
+        layout.addWidget(self.compare_table)
         layout.addWidget(self.scores)
         layout.addLayout(files)
         layout.addStretch(1)
@@ -189,7 +242,8 @@ class PathoTuneWidget(QWidget):
         layers, ev = self.layers, self.session.events
         hooks = [(layers.events.inserted, self._refresh_layers),
                  (layers.events.removed, self._refresh_layers),
-                 (ev.slides, self._refresh_layers), (ev.store, self._on_store)]  # fmt: skip
+                 (ev.slides, self._refresh_layers), (ev.store, self._on_store),
+                 (ev.models, self._models_changed)]  # fmt: skip
         for emitter, cb in hooks:
             emitter.connect(cb)
         disconnects = [lambda e=e, c=c: e.disconnect(c) for e, c in hooks]
@@ -209,6 +263,24 @@ class PathoTuneWidget(QWidget):
         self.destroyed.connect(teardown)
 
     # ================================================================== inputs
+    def _models_changed(self, event: Any = None) -> None:
+        """The session's ``models`` event: refresh on the next turn of the event loop (every
+        dock's list refreshes on this event; not all in one go)."""
+        QTimer.singleShot(0, self.refresh_models)
+
+    def refresh_models(self, event: Any = None) -> None:
+        """The backbone list follows the registry (a model finetuned meanwhile appears)."""
+        from ..encoders import list_cards
+
+        current = self.model_combo.currentText()
+        names = [c.name for c in list_cards()]
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems(names)
+        if current in names:
+            self.model_combo.setCurrentText(current)
+        self.model_combo.blockSignals(False)
+
     def current_uid(self) -> int | None:
         return self.slide_combo.currentData()
 
@@ -306,7 +378,7 @@ class PathoTuneWidget(QWidget):
             shapes = self.shapes_layer()
             if shapes is None or not len(shapes.data):
                 raise ValueError("Draw or import annotations first (a Shapes layer whose shapes "
-                                 "have a class: Annotate & classify dock).")  # fmt: skip
+                                 "have a class: Annotate and classify dock).")  # fmt: skip
             annotations = annotations_from_layer(relative_to_slide(shapes, s.offset), s.mpp,
                                                  self.session.palette)  # fmt: skip
             names, colours = self._classes(annotations)
@@ -348,11 +420,38 @@ class PathoTuneWidget(QWidget):
         uid = self.current_uid()
         s = self.session.slides[uid]
         what = "Predicting" if classifier is not None else "Training PathoTune on"
-        worker = self.jobs.run(pathotune_job(job, self._stop), slide=uid,
-                               on_result=lambda r: self._on_done(uid, r),
+        if classifier is None:
+            self.compare_table.setVisible(False)
+        self.loading_steps = []
+        relay = _Relay()  # records reach the dock from the first one on (no race with start)
+        relay.record.connect(self._on_progress)
+        job = _relayed(warmed(pathotune_job(job, self._stop), "pathotune"), relay.record.emit)
+        worker = self.jobs.run(job, slide=uid, on_result=lambda r: self._on_done(uid, r),
                                message=f"{what} {s.name}…")  # fmt: skip
-        self._running.update(worker=worker, stop=self._stop)
+        self._running.update(worker=worker, stop=self._stop, relay=relay)
         return worker
+
+    def _on_progress(self, p: Any) -> None:
+        """Model loading's steps are kept (``loading_steps``); the labelled patches per class
+        and the split are shown as soon as the job knows them."""
+        if p.stage == "loading backbone" and p.message and (
+                not self.loading_steps or self.loading_steps[-1] != p.message):  # fmt: skip
+            self.loading_steps.append(p.message)
+        split = p.data
+        if p.stage == "reading patches" and p.status == "started" and hasattr(split, "train"):
+            self.show_split(split)
+
+    def show_split(self, split: Any, n_validation: int | None = None) -> None:
+        """The per-class table (labelled, training, validation patches) and the warnings."""
+        names = list(split.class_names)
+        palette = self.session.palette
+        fill_table(self.counts_table, ["class", "labelled", "train", "validation"],
+                   [(n, split.labelled.get(n, 0), split.train.get(n, 0),
+                     split.validation.get(n, 0)) for n in names],
+                   colours=[palette.colour(n) if n in palette else None
+                            for n in names])  # fmt: skip
+        n_val = split.n_validation if n_validation is None else n_validation
+        show_warnings(self.warning_label, sample_warnings(split.labelled, n_val))
 
     def cancel(self) -> None:
         """Stop the run within one training step / prediction batch."""
@@ -362,16 +461,19 @@ class PathoTuneWidget(QWidget):
     def _on_done(self, uid: int, result: Any) -> None:
         self.last = result
         train = result.train
+        if result.split is not None:
+            n_val = None if train is None or train.val_indices is None \
+                else int(np.asarray(train.val_indices).size)  # fmt: skip
+            self.show_split(result.split, n_val)
         if train is not None:
             clf = train.classifier
-            val = "n/a" if train.val_bal_acc is None else f"{train.val_bal_acc:.3f}"
-            probe = ("n/a (no embeddings of this slide: compute them in the GPFM dock)"
-                     if result.probe_val_bal_acc is None
-                     else f"{result.probe_val_bal_acc:.3f}")  # fmt: skip
+            self.show_comparison(result)
             self.scores.setText(
-                f"{clf.config.label}: {result.n_labelled} labelled patches, validation balanced "
-                f"accuracy {val} (epoch {train.best_epoch}); linear probe on the same split: "
-                f"{probe}; {clf.model.n_trainable():,} trainable parameters"
+                f"{clf.config.label}: {result.n_labelled} labelled patches, best epoch "
+                f"{train.best_epoch}; {clf.model.n_trainable():,} trainable parameters"
+                + ("" if result.probe_prediction is not None or result.prediction is None
+                   else "; no embeddings of this slide, so no linear probe to compare "
+                        "(compute them in the GPFM dock)")
                 + (" — cancelled" if train.cancelled else ""))  # fmt: skip
         if result.cancelled:
             self.jobs.say("Cancelled: nothing painted.")
@@ -382,10 +484,37 @@ class PathoTuneWidget(QWidget):
             return  # the slide was closed meanwhile
         s = self.session.slides[uid]
         pred = result.prediction
-        self.session.set_prediction(uid, SOURCE, pred.rasters(s.mpp), pred.class_names,
-                                    result.classifier.colours, label=LABEL)  # fmt: skip
+        rasters = result.rasters if result.rasters is not None else pred.rasters(s.mpp)
+        colours = result.classifier.colours
+        paints = [(uid, SOURCE, rasters, pred.class_names, colours, LABEL)]
+        if result.probe_rasters is not None:
+            paints.append((uid, PROBE_SOURCE, result.probe_rasters, pred.class_names, colours,
+                           PROBE_LABEL))  # fmt: skip
+        paint_predictions(self.session, paints)
         self.jobs.say(f"{s.name}: {pred.proba.shape[0]:,} patches predicted "
                       f"({pred.patches_per_s:.1f}/s).")  # fmt: skip
+
+    def show_comparison(self, result: Any) -> None:
+        """PathoTune and the linear probe on the same split, in a small table."""
+        train = result.train
+        split = result.split
+        n_tr = None if split is None else split.n_train
+        n_va = None if train.val_indices is None else int(np.asarray(train.val_indices).size)
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        agree = "n/a" if result.agreement is None else f"{100 * result.agreement:.1f} %"
+        probe_acc = ("no embeddings" if result.probe_prediction is None
+                     else fmt(result.probe_val_bal_acc))  # fmt: skip
+        fill_table(self.compare_table,
+                   ["classifier", "val. bal. acc.", "train", "val.", "maps agree"],
+                   [(train.classifier.config.label, fmt(train.val_bal_acc), n_tr, n_va, agree),
+                    ("linear probe", probe_acc, n_tr if result.probe_prediction is not None
+                     else None, n_va if result.probe_prediction is not None else None,
+                     agree)])  # fmt: skip
+        self.compare_table.setToolTip(
+            "Both classifiers trained on the same training patches and scored (balanced "
+            "accuracy) on the same validation patches; 'maps agree': the share of all patches "
+            "both classify alike.")
+        self.compare_table.setVisible(True)
 
     # ================================================================== files
     def save(self, path: str | Path) -> Path | None:

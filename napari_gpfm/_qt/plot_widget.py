@@ -2,13 +2,19 @@
 
 Drawn with vispy, which napari already depends on (no matplotlib or pyqtgraph needed): one
 ``Markers`` visual holds every point on the GPU, so pan/zoom stays smooth at 100,000 points.
-Points are coloured by cluster with the palette of the cluster Labels layer. Box or lasso
-selection (``skimage.measure.points_in_poly``, a napari dependency) highlights the selected
-patches on the slide; the patch under the mouse on the slide is ringed in the plot.
+The plot has labelled axes (PC1/PC2 or UMAP1/UMAP2, ticks following pan and zoom), fills the
+dock as it resizes, and a legend names the cluster colours (the palette of the cluster Labels
+layer). Box or lasso selection (``skimage.measure.points_in_poly``, a napari dependency)
+highlights the selected patches on the slide and shows them as a tile gallery (a click centres
+the viewer on one); the patch under the mouse on the slide is ringed in the plot.
+
+UMAP can take a minute on a large slide: the PCA is shown first (seconds), then replaced by
+the UMAP when it is done, with a stage message meanwhile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -17,17 +23,47 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
 
 from ..layers import convert
+from ..layers.gallery import selection_tiles
 from ..layers.session import session_for
 from ._jobs import JobPanel
+from .gallery import SwatchLegend, TileGallery, centre_on_patch
 from .gpfm_widget import fill_slide_combo
 
 MODES = ("pan/zoom", "box select", "lasso select")
 GREY = np.array([0.75, 0.75, 0.75, 1.0])
+AXES = {"pca": ("PC1", "PC2"), "umap": ("UMAP1", "UMAP2")}
+UMAP_FIT = 5_000  # patches UMAP is fitted on (analyses.clusters.umap's fit_size)
+GALLERY_MAX = 50  # selected patches shown as tiles
+TEXT = "#d6d6d6"
+LINES = "#8a8d93"
+
+
+def umap_message(n: int) -> str:
+    """The stage message while UMAP runs."""
+    if n > UMAP_FIT:
+        return f"UMAP: fitting on {UMAP_FIT:,} patches, then placing all {n:,}…"
+    return f"UMAP: fitting on {n:,} patches…"
+
+
+def _retitled(gen: Generator, message: str) -> Generator:
+    """Re-yield a job's records with ``message`` on the first one; returns its result."""
+    first = True
+    try:
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield p.with_(message=message) if first else p
+            first = False
+    finally:
+        gen.close()
 
 
 class EmbeddingPlotWidget(QWidget):
@@ -41,6 +77,9 @@ class EmbeddingPlotWidget(QWidget):
         self.session = session_for(napari_viewer)
         self.uid: int | None = None
         self.xy: np.ndarray | None = None
+        self.method: str | None = None
+        self._then: tuple[int, str] | None = None
+        self._gallery_of: tuple | None = None
         self.hover_index = -1
         self._drag: list[np.ndarray] = []
 
@@ -60,9 +99,34 @@ class EmbeddingPlotWidget(QWidget):
         self.jobs.say("Compute embeddings in the GPFM dock, then Plot.")
 
         self.canvas = scene.SceneCanvas(keys=None, show=False, bgcolor="#262930", size=(360, 360))
-        self.canvas.native.setMinimumHeight(200)
-        self.view = self.canvas.central_widget.add_view()
-        self.view.camera = scene.PanZoomCamera(aspect=1)
+        self.canvas.native.setMinimumSize(240, 220)
+        self.canvas.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                         QSizePolicy.Policy.Expanding)  # fmt: skip
+        grid = self.canvas.central_widget.add_grid(spacing=0, margin=4)
+        style = {"axis_color": LINES, "tick_color": LINES, "text_color": TEXT,
+                 "tick_font_size": 7, "axis_font_size": 9, "axis_width": 1, "tick_width": 1,
+                 "major_tick_length": 5, "minor_tick_length": 2}
+        self.yaxis = scene.AxisWidget(orientation="left", axis_label="PC2", tick_label_margin=3,
+                                      axis_label_margin=36, **style)  # fmt: skip
+        self.yaxis.width_max = 52
+        self.xaxis = scene.AxisWidget(orientation="bottom", axis_label="PC1",
+                                      tick_label_margin=12, axis_label_margin=26,
+                                      **style)  # fmt: skip
+        self.xaxis.height_max = 40
+        grid.add_widget(self.yaxis, row=0, col=0)
+        grid.add_widget(self.xaxis, row=1, col=1)
+        corner = grid.add_widget(row=1, col=0)
+        corner.width_max, corner.height_max = 52, 40
+        self.view = grid.add_view(row=0, col=1)
+        self.view.camera = scene.PanZoomCamera()  # fills the plot area (axes give the scale)
+        self.xaxis.link_view(self.view)
+        self.yaxis.link_view(self.view)
+        self._show_axes(False)  # nothing to draw before the first plot
+        self.legend = SwatchLegend()
+        self.legend.setToolTip("Point colours: clusters, as on the slide's cluster map.")
+        self.gallery_label = QLabel("")
+        self.gallery_label.setWordWrap(True)
+        self.gallery = TileGallery(self.session, size=72, rows=1.5)
         self.markers = scene.visuals.Markers(parent=self.view.scene)
         self.selected = scene.visuals.Markers(parent=self.view.scene)
         self.hover = scene.visuals.Markers(parent=self.view.scene)
@@ -87,9 +151,17 @@ class EmbeddingPlotWidget(QWidget):
         lay.addLayout(top)
         lay.addLayout(mid)
         lay.addWidget(self.canvas.native, 1)
+        lay.addWidget(self.legend)
+        lay.addWidget(self.gallery_label)
+        lay.addWidget(self.gallery)
         lay.addWidget(self.jobs)
+        self.gallery_label.setVisible(False)
+        self.legend.setVisible(False)
 
         self.plot_button.clicked.connect(lambda: self.compute())
+        self.jobs.finished.connect(self._after_job)
+        self.gallery.tile_clicked.connect(
+            lambda uid, i: centre_on_patch(self.viewer, self.session, uid, i))
         self.clear_button.clicked.connect(lambda: self.select_indices([]))
         self.mode_combo.currentTextChanged.connect(self._mode_changed)
         self.slide_combo.currentIndexChanged.connect(self._slide_changed)
@@ -119,15 +191,27 @@ class EmbeddingPlotWidget(QWidget):
             self._clear()  # a new store for the plotted slide: the old points are stale
 
     def _clear(self) -> None:
-        self.uid, self.xy = None, None
+        self.uid, self.xy, self.method = None, None, None
         self.markers.visible = self.selected.visible = self.hover.visible = False
+        self._show_axes(False)
+        self.legend.set_entries([])
+        self._show_gallery(None, np.empty(0, np.int64))
         self.canvas.update()
 
     def _slide_changed(self, _index: int = -1) -> None:
         s = self.session.slides.get(self.slide_combo.currentData())
         if s is not None and s.projections:
-            method = next(iter(s.projections))
-            self.set_data(s.uid, s.projections[method])
+            method = "umap" if "umap" in s.projections else next(iter(s.projections))
+            self.set_data(s.uid, s.projections[method], method)
+
+    def _show_axes(self, visible: bool) -> None:
+        self.xaxis.visible = self.yaxis.visible = visible
+        self.view.border_color = LINES if visible else None
+
+    @property
+    def axis_labels(self) -> tuple[str, str]:
+        """The (x, y) axis titles drawn on the plot."""
+        return (self.xaxis.axis.axis_label, self.yaxis.axis.axis_label)
 
     @property
     def name(self) -> str | None:
@@ -135,19 +219,38 @@ class EmbeddingPlotWidget(QWidget):
         s = self.session.slides.get(self.uid)
         return None if s is None else s.name
 
-    def compute(self, method: str | None = None) -> Any:
-        """Project the chosen slide's embeddings in a worker, then plot them."""
-        s = self.session.slides.get(self.slide_combo.currentData())
+    def compute(self, method: str | None = None, uid: int | None = None,
+                pca_first: bool = True) -> Any:  # fmt: skip
+        """Project the chosen slide's embeddings in a worker, then plot them (UMAP: the PCA
+        first, replaced by the UMAP when done). Returns the worker of the first job."""
+        s = self.session.slides.get(self.slide_combo.currentData() if uid is None else uid)
         if s is None or not s.has_store:
             self.jobs.say("No embeddings loaded: use Compute embeddings in the GPFM dock.", True)
             return None
         from ..jobs.projection import projection_job
 
-        method = method or self.method_combo.currentData()
+        method = method or self.method_combo.currentData() or "pca"
         uid = s.uid
+        if method == "umap" and "umap" not in s.projections and pca_first:
+            # UMAP takes long: PCA first (seconds), replaced by the UMAP when it is done
+            self._then = (uid, "umap")
+            return self.jobs.run(projection_job(s, "pca"), slide=uid,
+                                 on_result=lambda xy: self.set_data(uid, xy, "pca"),
+                                 message=f"PCA of {s.n:,} patches first (UMAP follows)…")
+        if method == "umap":
+            return self.jobs.run(_retitled(projection_job(s, "umap"), umap_message(s.n)),
+                                 slide=uid, on_result=lambda xy: self.set_data(uid, xy, "umap"),
+                                 message=umap_message(s.n))  # fmt: skip
         return self.jobs.run(projection_job(s, method), slide=uid,
-                             on_result=lambda xy: self.set_data(uid, xy),
+                             on_result=lambda xy: self.set_data(uid, xy, method),
                              message=f"{method.upper()} of {s.n:,} patches…")  # fmt: skip
+
+    def _after_job(self, outcome: str) -> None:
+        then, self._then = self._then, None
+        if then is None or outcome != "done" or then[0] not in self.session.slides:
+            return
+        uid, method = then
+        self.compute(method, uid, pca_first=False)  # the PCA stays on screen meanwhile
 
     def colours(self) -> np.ndarray:
         s = self.session.slides.get(self.uid)
@@ -157,28 +260,45 @@ class EmbeddingPlotWidget(QWidget):
         k = int(s.clusters.labels.max()) + 1
         return convert.cluster_colours(k)[s.clusters.labels]
 
-    def set_data(self, uid: int, xy: np.ndarray) -> None:
-        """Show (N, 2) coordinates of slide ``uid``'s patches (main thread)."""
+    def set_data(self, uid: int, xy: np.ndarray, method: str = "pca") -> None:
+        """Show (N, 2) ``method`` coordinates of slide ``uid``'s patches (main thread)."""
         if uid not in self.session.slides:
             return
         self.uid = uid
+        self.method = method
         name = self.name
         self.xy = np.asarray(xy, dtype=np.float32)
         size = 6 if len(self.xy) < 5_000 else 3
         self.markers.set_data(self.xy, face_color=self.colours(), edge_width=0, size=size)
         self.markers.visible = True
+        xl, yl = AXES.get(method, (f"{method} 1", f"{method} 2"))
+        self.xaxis.axis.axis_label, self.yaxis.axis.axis_label = xl, yl
+        self._show_axes(True)
+        self._update_legend()
         lo, hi = self.xy.min(0), self.xy.max(0)
         pad = 0.05 * np.maximum(hi - lo, 1e-6)
         self.view.camera.set_range(x=(lo[0] - pad[0], hi[0] + pad[0]),
                                    y=(lo[1] - pad[1], hi[1] + pad[1]))  # fmt: skip
         self._selection_changed()
-        self.status.setText(f"{name}: {len(self.xy):,} patches. Choose box or lasso select to "
-                            "highlight patches on the slide.")  # fmt: skip
+        self.status.setText(f"{name}: {xl}/{yl} of {len(self.xy):,} patches. Choose box or "
+                            "lasso select to highlight patches on the slide.")  # fmt: skip
+        self.canvas.update()
+
+    def _update_legend(self) -> None:
+        s = self.session.slides.get(self.uid)
+        if s is None or s.clusters is None or self.xy is None:
+            self.legend.set_entries([("not clustered (cluster in the GPFM dock)", GREY)]
+                                    if self.xy is not None else [])  # fmt: skip
+            return
+        counts = np.bincount(s.clusters.labels, minlength=int(s.clusters.labels.max()) + 1)
+        self.legend.set_entries([(f"{n} ({counts[i]:,})", c) for i, (n, c) in
+                                 enumerate(convert.cluster_legend(len(counts)))])  # fmt: skip
 
     def _clusters_changed(self, event=None) -> None:
         if self.xy is not None and event is not None and event.value == self.uid:
             self.markers.set_data(self.xy, face_color=self.colours(), edge_width=0,
                                   size=6 if len(self.xy) < 5_000 else 3)  # fmt: skip
+            self._update_legend()
 
     # ================================================================== selection
     def select_indices(self, indices) -> None:
@@ -220,6 +340,19 @@ class EmbeddingPlotWidget(QWidget):
             self.selected.set_data(self.xy[idx], face_color=(1, 1, 0, 1), edge_color="black",
                                    edge_width=0.5, size=7)  # fmt: skip
         self.status.setText(f"{self.name}: {idx.size:,} of {len(self.xy):,} patches selected.")
+        self._show_gallery(s, idx)
+
+    def _show_gallery(self, s, idx: np.ndarray) -> None:
+        """The selected patches as tiles (a sample of :data:`GALLERY_MAX` when more)."""
+        key = None if s is None or not idx.size else (s.uid, len(idx), hash(idx.tobytes()))
+        if key == self._gallery_of:
+            return
+        self._gallery_of = key
+        tiles = [] if key is None else selection_tiles(s, idx, GALLERY_MAX)
+        self.gallery.set_tiles(tiles)
+        shown = "" if len(tiles) == len(idx) else f" ({len(tiles)} of them, sampled)"
+        self.gallery_label.setText(f"Selected patches{shown}: click one to go there.")
+        self.gallery_label.setVisible(bool(tiles))
 
     # ================================================================== hover
     def _hover_changed(self, event) -> None:

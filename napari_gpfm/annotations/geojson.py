@@ -39,7 +39,9 @@ no shapely needed). This module does not import ``analyses`` (independent siblin
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,7 @@ from napari_gpfm.errors import NapariGpfmError
 
 __all__ = [
     "GeoJSONError",
+    "GeoJSONWarning",
     "Annotation",
     "AnnotationList",
     "read_geojson",
@@ -83,8 +86,22 @@ GEOMETRY_TYPES = (
 COLLECTION, FEATURES, FEATURE, GEOMETRY = "FeatureCollection", "features", "Feature", "geometry"
 
 
+#: Coordinates beyond this many level-0 pixels lie outside any slide (a 75 mm slide at
+#: 0.05 µm/px is 1.5 million px long); reported when the caller gives no slide size.
+FAR_OUTSIDE = 10_000_000
+#: Feature indices listed in one note before "…".
+_LISTED = 10
+
+
 class GeoJSONError(NapariGpfmError, ValueError):
     """A GeoJSON file or object cannot be read (the message names the file and the place)."""
+
+
+class GeoJSONWarning(UserWarning):
+    """Something in a GeoJSON file takes no part in what napari-gpfm does with it (shapes that
+    are not areas, coordinates outside the slide, no classes), or a non-finite value was
+    written as ``null``; the message names the file and the features. The same text is in
+    :attr:`AnnotationList.notes`."""
 
 
 @dataclass(eq=False)
@@ -137,20 +154,23 @@ class AnnotationList(list):
     bare list), ``"Feature"`` (one bare feature) or ``"geometry"`` (one bare geometry);
     ``extra`` the FeatureCollection's members other than ``type`` and ``features``.
     :func:`write_geojson` writes the same container back (when the count still fits it).
+    ``notes`` lists what the reader reports without refusing the file (each note names the
+    file and the features; shown by the caller, and warned as :class:`GeoJSONWarning`).
     """
 
     def __init__(
         self, items: Iterable[Annotation] = (), container: str = COLLECTION,
-        extra: Mapping | None = None,
+        extra: Mapping | None = None, notes: Iterable[str] = (),
     ) -> None:  # fmt: skip
         super().__init__(items)
         self.container = container
         self.extra = dict(extra or {})
+        self.notes = list(notes)
 
 
 def is_ignored_class(name: str | None) -> bool:
     """QuPath's convention: classes named ``Ignore*`` mark regions to leave out."""
-    return bool(name) and name.startswith("Ignore")
+    return isinstance(name, str) and name.startswith("Ignore")
 
 
 # --- geometry helpers -----------------------------------------------------------------------
@@ -161,6 +181,13 @@ def _ring(coords: Any, where: str) -> Ring:
     if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] < 3:
         raise GeoJSONError(f"{where}: a polygon ring needs at least 3 [x, y] positions")
     r = r[:, :2]
+    bad = ~np.isfinite(r).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise GeoJSONError(
+            f"{where}: position {i} of a polygon ring is {coords[i]!r}, not a finite [x, y] "
+            "(NaN or infinity): the shape cannot be placed on the slide"
+        )
     if not np.array_equal(r[0], r[-1]):
         r = np.vstack([r, r[:1]])
     return r
@@ -202,32 +229,71 @@ def _rgb_from_packed(value: int) -> tuple[int, int, int]:
     return ((v >> 16) & 255, (v >> 8) & 255, v & 255)
 
 
+def _kind(v: Any) -> str:
+    """How a JSON value is described in messages: ``5 (a number)``, ``['a'] (a list)``."""
+    kinds = {bool: "true/false", int: "a number", float: "a number", str: "text", list: "a list",
+             dict: "an object", type(None): "null"}  # fmt: skip
+    text = repr(v)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({kinds.get(type(v), type(v).__name__)})"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _colour_ok(c: Any) -> bool:
+    return (
+        isinstance(c, (list, tuple)) and len(c) in (3, 4)
+        and all(_is_number(v) and math.isfinite(v) and 0 <= v <= 255 for v in c)
+    )  # fmt: skip
+
+
+_COLOUR_FORMS = "[r, g, b] or [r, g, b, a] with values 0-255, or a packed integer"
+
+
 def _parse_classification(cls: Any) -> tuple[str | None, tuple | None, int | None, dict]:
-    """(class name, RGB, alpha, unknown members) of a ``classification`` value."""
+    """(class name, RGB, alpha, unknown members) of a ``classification`` value; a value that
+    cannot be a class (a number or list as the class or its name, a colour that is not one)
+    raises ``ValueError`` saying what it is (the caller adds the file and feature)."""
     if isinstance(cls, str):  # some tools write a bare class name
         return cls, None, None, {}
-    if not isinstance(cls, Mapping):  # null (unclassified) or something unusable
+    if cls is None:  # unclassified
         return None, None, None, {}
+    if not isinstance(cls, Mapping):
+        raise ValueError(
+            f"'classification' is {_kind(cls)}; expected an object such as "
+            '{"name": "Tumor", "color": [200, 0, 0]}, a class name, or null'
+        )
     rest = dict(cls)
     name = rest.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"the class name is {_kind(name)}; a class name must be text")
     names = rest.get("names")
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+    if names is not None:
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"the class 'names' are {_kind(names)}; expected a list of texts")
         rest.pop("names")
         if name is None and names:  # QuPath's derived class, shown as "A: B"
             name = ": ".join(names)
     color = alpha = None
-    c = rest.get("color")
-    if isinstance(c, (list, tuple)) and len(c) in (3, 4) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in c
-    ):
-        rest.pop("color")
-        color = tuple(int(v) for v in c[:3])
-        alpha = int(c[3]) if len(c) == 4 else None
-    elif isinstance(c, int) and not isinstance(c, bool):
-        rest.pop("color")
+    if "color" in rest and rest["color"] is not None:
+        c = rest.pop("color")
+        if _colour_ok(c):
+            color = tuple(int(v) for v in c[:3])
+            alpha = int(c[3]) if len(c) == 4 else None
+        elif isinstance(c, int) and not isinstance(c, bool):
+            color = _rgb_from_packed(c)
+        else:
+            raise ValueError(f"the class colour is {_kind(c)}; expected {_COLOUR_FORMS}")
+    elif "colorRGB" in rest and rest["colorRGB"] is not None:
+        c = rest.pop("colorRGB")
+        if not (isinstance(c, int) and not isinstance(c, bool)):
+            raise ValueError(
+                f"the class colour 'colorRGB' is {_kind(c)}; expected a packed integer"
+            )
         color = _rgb_from_packed(c)
-    elif "colorRGB" in rest and isinstance(rest["colorRGB"], int):
-        color = _rgb_from_packed(rest.pop("colorRGB"))
     return name, color, alpha, rest
 
 
@@ -282,24 +348,33 @@ def _feature_to_annotation(feat: Mapping, where: str) -> Annotation:
         source["implied_object_type"] = object_type
     if "classification" in props:
         source["classification"] = props.pop("classification")
-    class_name, color, alpha, cls_extra = _parse_classification(source.get("classification"))
+    try:
+        class_name, color, alpha, cls_extra = _parse_classification(source.get("classification"))
+    except ValueError as exc:
+        raise GeoJSONError(f"{where}: {exc}") from None
     if not isinstance(geom, Mapping):
         raise GeoJSONError(f"{where}: feature has no geometry")
     gtype = geom.get("type")
+    if not isinstance(gtype, str):
+        raise GeoJSONError(f"{where}: the geometry's 'type' is {_kind(gtype)}; expected e.g. "
+                           "\"Polygon\"")  # fmt: skip
     polygons: list[Polygon] = []
     raw = None
     geometry_extra: dict = {}
     try:
         if gtype == "Polygon":
-            polygons = [[_ring(r, where) for r in geom["coordinates"]]]
+            polygons = [_polygon(geom["coordinates"], where)]
         elif gtype == "MultiPolygon":
-            polygons = [[_ring(r, where) for r in poly] for poly in geom["coordinates"]]
+            if not isinstance(geom["coordinates"], list):
+                raise TypeError("'coordinates' is not a list")
+            polygons = [_polygon(poly, where) for poly in geom["coordinates"]]
         else:
             raw = dict(geom)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         if isinstance(exc, GeoJSONError):
             raise
-        raise GeoJSONError(f"{where}: malformed {gtype} coordinates ({exc})") from exc
+        what = "no 'coordinates'" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise GeoJSONError(f"{where}: malformed {gtype} coordinates ({what})") from None
     if raw is None:
         geometry_extra = {k: v for k, v in geom.items() if k not in ("type", "coordinates")}
         source["geometry_keys"] = list(geom.keys())
@@ -320,23 +395,135 @@ def _feature_to_annotation(feat: Mapping, where: str) -> Annotation:
     )
 
 
-def annotations_from_geojson(obj: Any, source: str = "<geojson>") -> AnnotationList:
+def _polygon(rings: Any, where: str) -> Polygon:
+    if not isinstance(rings, list) or not rings:
+        raise GeoJSONError(
+            f"{where}: a polygon needs a list of rings (an exterior, then holes), got "
+            f"{_kind(rings)}"
+        )
+    return [_ring(r, where) for r in rings]
+
+
+def _feature_safely(feat: Any, where: str) -> Annotation:
+    """:func:`_feature_to_annotation`, any failure a :class:`GeoJSONError` naming ``where``."""
+    try:
+        return _feature_to_annotation(feat, where)
+    except GeoJSONError:
+        raise
+    except RecursionError:
+        raise GeoJSONError(f"{where}: nested too deeply to be a GeoJSON feature") from None
+    except Exception as exc:  # a value of an unexpected type somewhere in the feature
+        raise GeoJSONError(f"{where}: malformed feature ({type(exc).__name__}: {exc})") from None
+
+
+def _listed(indices: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in indices[:_LISTED])
+    return shown + (f", … ({len(indices) - _LISTED} more)" if len(indices) > _LISTED else "")
+
+
+def _notes(anns: Sequence[Annotation], source: str, slide_size: tuple[int, int] | None
+           ) -> list[str]:  # fmt: skip
+    """What the file holds that takes no part in labels: no feature at all, shapes that are
+    not areas, areas outside the slide (or far outside any slide)."""
+    notes = []
+    if not anns:
+        return [f"{source}: the file holds no features"]
+    other: dict[str, list[int]] = {}
+    for i, a in enumerate(anns):
+        if a.raw_geometry is not None:
+            other.setdefault(str(a.geometry_type), []).append(i)
+    if other:
+        n = sum(len(v) for v in other.values())
+        by_count = sorted(other.items(), key=lambda kv: -len(kv[1]))
+        kinds = ", ".join(f"{len(v)} {k}" for k, v in by_count)
+        idx = sorted(i for v in other.values() for i in v)
+        notes.append(
+            f"{source}: {n} feature{'s are' if n > 1 else ' is'} not an area ({kinds}; "
+            f"feature{'s' if n > 1 else ''} {_listed(idx)}) and take{'' if n > 1 else 's'} no "
+            "part in patch labels (only Polygon and MultiPolygon do); kept, and written back "
+            "unchanged"
+        )
+    if slide_size is not None:
+        w, h = (float(v) for v in slide_size)
+        x0, y0, x1, y1 = 0.0, 0.0, w, h
+        where = f"outside the slide ({int(w):,} × {int(h):,} px)"
+    else:
+        x0 = y0 = -FAR_OUTSIDE
+        x1 = y1 = FAR_OUTSIDE
+        where = f"beyond ±{FAR_OUTSIDE:,} px, outside any slide"
+    entirely, partly = [], []
+    for i, a in enumerate(anns):
+        if not a.polygons:
+            continue
+        pts = np.concatenate([r for poly in a.polygons for r in poly])
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        if hi[0] <= x0 or hi[1] <= y0 or lo[0] >= x1 or lo[1] >= y1:
+            entirely.append(i)
+        elif lo[0] < x0 or lo[1] < y0 or hi[0] > x1 or hi[1] > y1:
+            partly.append(i)
+    if entirely:
+        notes.append(
+            f"{source}: {len(entirely)} feature{'s lie' if len(entirely) > 1 else ' lies'} "
+            f"entirely {where} (feature{'s' if len(entirely) > 1 else ''} {_listed(entirely)}): "
+            "they cover no patch. Is this the file of this slide, in level-0 pixels?"
+        )
+    if partly:
+        notes.append(
+            f"{source}: {len(partly)} feature{'s reach' if len(partly) > 1 else ' reaches'} "
+            f"{where} (feature{'s' if len(partly) > 1 else ''} {_listed(partly)}); only their "
+            "parts on the slide cover patches"
+        )
+    return notes
+
+
+def _unclassified_note(anns: Sequence[Annotation], source: str) -> list[str]:
+    """A note (not warned: unclassified shapes are fine to view) when no feature has a class."""
+    if anns and not any(a.class_name for a in anns):
+        return [
+            f"{source}: none of the {len(anns)} features has a class "
+            "(properties.classification): they can be shown, not used to train a classifier"
+        ]
+    return []
+
+
+def annotations_from_geojson(
+    obj: Any, source: str = "<geojson>", slide_size: tuple[int, int] | None = None,
+    warn: bool = True,
+) -> AnnotationList:  # fmt: skip
     """Annotations from a parsed GeoJSON object: a FeatureCollection, a list of features, a
-    feature, or a bare geometry (one unclassified annotation)."""
+    feature, or a bare geometry (one unclassified annotation).
+
+    Every error is a :class:`GeoJSONError` naming ``source`` and the feature index. What is read
+    but takes no part in labels is reported in the result's ``notes`` (and, with ``warn``, as
+    one :class:`GeoJSONWarning` each): shapes that are not areas (points, lines, collections),
+    with their count; features outside the slide when ``slide_size`` (level-0 width, height)
+    is given, else beyond ±10 million px; an empty file; and (a note only, not warned) a
+    file without any class.
+    """
     extra: dict = {}
     if isinstance(obj, Mapping) and obj.get("type") == "FeatureCollection":
-        feats = obj.get("features") or []
+        if "features" not in obj or obj["features"] is None:
+            raise GeoJSONError(
+                f"{source}: the FeatureCollection has no 'features' member (the list of its "
+                "features); the file is incomplete or not a GeoJSON export"
+            )
+        feats = obj["features"]
         if not isinstance(feats, list):
-            raise GeoJSONError(f"{source}: 'features' of the FeatureCollection must be a list")
+            raise GeoJSONError(
+                f"{source}: 'features' of the FeatureCollection must be a list, got "
+                f"{_kind(feats)}"
+            )
         extra = {k: v for k, v in obj.items() if k not in ("type", "features")}
         container = COLLECTION
     elif isinstance(obj, Mapping) and obj.get("type") == "Feature":
         feats, container = [obj], FEATURE
     elif isinstance(obj, Mapping) and obj.get("type") in GEOMETRY_TYPES:
-        bare = _feature_to_annotation({"type": "Feature", "geometry": obj}, f"{source}, geometry")
+        bare = _feature_safely({"type": "Feature", "geometry": obj}, f"{source}, geometry")
         bare.source = {k: v for k, v in bare.source.items() if k in ("geometry_keys",
                                                                     "implied_object_type")}
-        return AnnotationList([bare], GEOMETRY)
+        out = AnnotationList([bare], GEOMETRY, notes=_notes([bare], source, slide_size))
+        _warn_notes(out.notes, warn)
+        return out
     elif isinstance(obj, list):
         feats, container = obj, FEATURES
     else:
@@ -345,21 +532,51 @@ def annotations_from_geojson(obj: Any, source: str = "<geojson>") -> AnnotationL
             f"{source}: expected a FeatureCollection, a Feature, a list of features or a "
             f"geometry, got {what!r}"
         )
-    anns = [_feature_to_annotation(f, f"{source}, feature {i}") for i, f in enumerate(feats)]
-    return AnnotationList(anns, container, extra)
+    anns = [_feature_safely(f, f"{source}, feature {i}") for i, f in enumerate(feats)]
+    out = AnnotationList(anns, container, extra, _notes(anns, source, slide_size))
+    _warn_notes(out.notes, warn)
+    out.notes += _unclassified_note(anns, source)
+    return out
 
 
-def read_geojson(path: str | os.PathLike) -> AnnotationList:
-    """Read a QuPath GeoJSON file (``.geojson``/``.json``) into :class:`Annotation` objects."""
+def _warn_notes(notes: Sequence[str], warn: bool) -> None:
+    if warn:
+        for note in notes:
+            warnings.warn(note, GeoJSONWarning, stacklevel=4)
+
+
+def read_geojson(
+    path: str | os.PathLike, slide_size: tuple[int, int] | None = None, warn: bool = True
+) -> AnnotationList:
+    """Read a QuPath GeoJSON file (``.geojson``/``.json``) into :class:`Annotation` objects.
+
+    Errors are :class:`GeoJSONError` naming the file (and the feature index); ``slide_size``
+    (level-0 width, height) reports features outside the slide (see
+    :func:`annotations_from_geojson` for the ``notes``).
+    """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # UTF-8, with or without a BOM
             obj = json.load(fh)
     except FileNotFoundError:
         raise GeoJSONError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise GeoJSONError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    return annotations_from_geojson(obj, path)
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1]
+        raise GeoJSONError(
+            f"{path}: not UTF-8 text (byte 0x{bad.hex()} at offset {exc.start} is not UTF-8; "
+            "perhaps Latin-1 or Windows-1252). GeoJSON files are UTF-8: save it again as UTF-8 "
+            "(QuPath writes UTF-8; or `iconv -f latin1 -t utf-8`)"
+        ) from None
+    except RecursionError:
+        raise GeoJSONError(
+            f"{path}: nested too deeply to be read (arrays or objects inside each other more "
+            "than about a thousand levels deep): not a GeoJSON export"
+        ) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise GeoJSONError(f"{path}: not valid JSON ({exc})") from None
+    return annotations_from_geojson(obj, path, slide_size=slide_size, warn=warn)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -397,6 +614,48 @@ def _annotation_to_feature(a: Annotation) -> dict:
     return _ordered(feat, src.get("feature_keys"))
 
 
+def _finite(value: Any, where: str, nulled: list[str], refuse: bool) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf: not JSON) replaced by ``None``
+    (recorded in ``nulled`` as ``where``), or, with ``refuse``, a :class:`GeoJSONError`."""
+    if isinstance(value, float) or isinstance(value, np.floating):
+        if math.isfinite(value):
+            return value
+        if refuse:
+            raise GeoJSONError(f"{where} is {float(value)!r}: GeoJSON cannot hold NaN or infinity")
+        nulled.append(where)
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v, f"{where}.{k}", nulled, refuse) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", nulled, refuse) for i, v in enumerate(value)]
+    return value
+
+
+def _to_geojson(annotations: Iterable[Annotation], container: str | None
+                ) -> tuple[Any, list[str]]:  # fmt: skip
+    """:func:`annotations_to_geojson` and the places whose NaN/inf were written as null."""
+    extra = getattr(annotations, "extra", {}) or {}
+    if container is None:
+        container = getattr(annotations, "container", COLLECTION)
+    feats, nulled = [], []
+    for i, a in enumerate(annotations):
+        feat = _annotation_to_feature(a)
+        for key in list(feat):
+            # a shape with a NaN position cannot be placed: refused; a measurement or any
+            # other value that is NaN is written as null (what JSON has for "no value")
+            refuse = key == "geometry"
+            feat[key] = _finite(feat[key], f"feature {i} {key}", nulled, refuse)
+        feats.append(feat)
+    extra = _finite(dict(extra), "FeatureCollection", nulled, False)
+    if container == FEATURES:
+        return feats, nulled
+    if container in (FEATURE, GEOMETRY) and len(feats) == 1:
+        return (feats[0]["geometry"] if container == GEOMETRY else feats[0]), nulled
+    if container not in (COLLECTION, FEATURE, GEOMETRY):
+        raise ValueError(f"unknown GeoJSON container {container!r}")
+    return {"type": "FeatureCollection", "features": feats, **extra}, nulled
+
+
 def annotations_to_geojson(annotations: Iterable[Annotation], container: str | None = None) -> Any:
     """The GeoJSON object of the annotations.
 
@@ -404,18 +663,11 @@ def annotations_to_geojson(annotations: Iterable[Annotation], container: str | N
     list), ``"Feature"`` / ``"geometry"`` (one bare feature / geometry; more than one annotation
     gives a FeatureCollection). ``None`` takes the container of an :class:`AnnotationList` (as
     read), whose FeatureCollection members are written back too.
+
+    Never holds NaN or infinity (not JSON): such a measurement or property becomes ``None``
+    (``null``); a geometry with one raises :class:`GeoJSONError` naming the feature.
     """
-    extra = getattr(annotations, "extra", {}) or {}
-    if container is None:
-        container = getattr(annotations, "container", COLLECTION)
-    feats = [_annotation_to_feature(a) for a in annotations]
-    if container == FEATURES:
-        return feats
-    if container in (FEATURE, GEOMETRY) and len(feats) == 1:
-        return feats[0]["geometry"] if container == GEOMETRY else feats[0]
-    if container not in (COLLECTION, FEATURE, GEOMETRY):
-        raise ValueError(f"unknown GeoJSON container {container!r}")
-    return {"type": "FeatureCollection", "features": feats, **extra}
+    return _to_geojson(annotations, container)[0]
 
 
 def write_geojson(
@@ -429,10 +681,24 @@ def write_geojson(
     """
     path = os.fspath(path)
     container = None if as_collection is None else (COLLECTION if as_collection else FEATURES)
-    obj = annotations_to_geojson(annotations, container)
+    try:
+        obj, nulled = _to_geojson(annotations, container)
+        text = json.dumps(obj, allow_nan=False)  # never a bare NaN: not JSON
+    except GeoJSONError as exc:
+        raise GeoJSONError(f"{path}: not written: {exc}") from None
+    except ValueError as exc:  # allow_nan=False: a non-finite number the sweep missed
+        raise GeoJSONError(f"{path}: not written: {exc}") from None
+    if nulled:
+        warnings.warn(
+            f"{path}: {len(nulled)} NaN or infinite value{'s' if len(nulled) > 1 else ''} "
+            f"written as null (JSON has no NaN): {', '.join(nulled[:_LISTED])}"
+            + (f", … ({len(nulled) - _LISTED} more)" if len(nulled) > _LISTED else ""),
+            GeoJSONWarning,
+            stacklevel=2,
+        )
     tmp = path + ".part"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh)
+        fh.write(text)
     os.replace(tmp, path)
     return path
 
@@ -485,6 +751,7 @@ def patch_features(
         name = col = None
         if labels is not None and labels[i] >= 0:
             name, col = _class_fields(int(labels[i]), class_names, rgb)
+        # a NaN/inf measurement stays NaN here; write_geojson writes it as null, saying so
         props = {"measurements": {k: float(v[i]) for k, v in meas.items()}} if meas else {}
         out.append(Annotation([[ring]], "Polygon", name, col, object_type, properties=props))
     return out

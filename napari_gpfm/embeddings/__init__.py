@@ -10,6 +10,12 @@ Headless API (the napari widgets and the CLI call exactly these)::
     # p.path == out/0.5mpp_224px_0px_overlap/features_gpfm/slide.h5
     store = open_store(p.path, expected_slide=slide)  # refuses incomplete / other slide files
     store = find_store("out", slide, recipe)          # the finished store, None, or raises
+
+Nothing lost, nothing silently wrong: a full disk or an I/O error raises one
+``OutputWriteError`` (the ``.partial`` file keeps what was written, a previous store is
+untouched, the process never crashes); a store with NaN/inf features is never marked complete
+(``NonFiniteFeaturesError``); damaged features, coords or metadata raise ``DamagedStoreError``
+naming the store (checksums: coords at open, features on first read).
 """
 
 from typing import Any
@@ -18,9 +24,12 @@ from napari_gpfm.tiles.tissue import NoTissueError
 
 from .recipe import KEY_FIELDS, EmbeddingRecipe
 from .store import (
+    DamagedStoreError,
     ExternalFeaturesWarning,
     FeatureStore,
     IncompleteStoreError,
+    NonFiniteFeaturesError,
+    OutputWriteError,
     RecipeMismatchError,
     SlideMismatchError,
     StoreError,
@@ -40,12 +49,15 @@ _RUN_NAMES = {"EmbedProgress", "default_spec", "embed", "embed_slide", "make_rec
 
 __all__ = [
     "KEY_FIELDS",
+    "DamagedStoreError",
     "EmbedProgress",
     "EmbeddingRecipe",
     "ExternalFeaturesWarning",
     "FeatureStore",
     "IncompleteStoreError",
     "NoTissueError",
+    "NonFiniteFeaturesError",
+    "OutputWriteError",
     "RecipeMismatchError",
     "SlideMismatchError",
     "StoreError",

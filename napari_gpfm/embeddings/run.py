@@ -27,6 +27,8 @@ from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_w
 from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
 
 from .recipe import EmbeddingRecipe, current_versions
+from napari_gpfm.errors import OutputWriteError
+
 from .store import (
     SlideMismatchError,
     StoreWriter,
@@ -201,7 +203,15 @@ def embed_slide(
         NoTissueError: no tissue, or no patch reaches ``spec.min_tissue`` (no store written).
         RecipeMismatchError: a finished store with another recipe exists (use ``overwrite``).
         SlideMismatchError: the finished (or partial) store at the path was computed from
-            another slide file with the same name (use another ``out_dir``, or ``overwrite``).
+            another slide file with the same name, or from this path before the file was
+            replaced (use another ``out_dir``, or ``overwrite``).
+        DamagedStoreError: the finished store at the path is damaged (``overwrite`` replaces
+            it).
+        NonFiniteFeaturesError: the model gave NaN or inf for some patches: the store is not
+            marked complete and its ``.partial`` file stays for inspection (``overwrite``
+            starts afresh).
+        OutputWriteError: the disk is full or failed; the ``.partial`` file keeps the chunks
+            written before (the next run resumes them) and a previous store is untouched.
     """
     t_start = time.perf_counter()
     slide = _open(slide_or_path, mpp, opener)
@@ -280,6 +290,11 @@ def _embed_open_slide(
         if not overwrite:
             raise
         writer = None
+    if writer is not None and overwrite and writer.n_nonfinite:
+        # NaN/inf rows would only be refused again at the end: overwrite starts afresh (e.g. on
+        # another device or precision, which the recipe does not record)
+        writer.close()
+        writer = None
     if writer is None:
         writer = StoreWriter.create(
             final,
@@ -336,9 +351,12 @@ def _embed_open_slide(
                     "running", final,
                 )
             path = writer.finish()
-    finally:
+    except BaseException:
         batches.close()
-        writer.close()
+        with contextlib.suppress(OutputWriteError):  # the first error is the one to report
+            writer.close()
+        raise
+    batches.close()
     elapsed = time.perf_counter() - t_run
     rate = (total - start) / elapsed if elapsed > 0 else 0.0
     yield EmbedProgress(

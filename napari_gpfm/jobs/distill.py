@@ -12,21 +12,172 @@ Stopping: set ``stop_event``, or close the generator. Either way the current ste
 a checkpoint is saved atomically (``checkpoints/step_<N>``, written under a temporary name and
 renamed) and the run can be resumed by starting it again; nothing half-written is left and no
 student is exported for an unfinished run.
+
+Helpers for a dock, all headless and free of torch: :func:`preview_config` (a config merged
+without validation), :func:`config_description` (its file's first comment line),
+:func:`loss_history` (a run's logged losses, to keep the plot across a resume),
+:func:`estimate_duration` (steps × seconds per step on this machine: measured by earlier runs
+of the same config, :func:`record_timing`, else the project's benchmark) and
+:func:`default_model_name` (config + date).
 """
 
 from __future__ import annotations
 
+import csv
+import datetime
+import json
+import re
 import threading
+import time
 from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .pathotune import quiet_gc
 from .progress import Meter, Progress
 
-__all__ = ["distill_job"]
+__all__ = ["config_description", "default_model_name", "distill_job", "estimate_duration",
+           "loss_history", "preview_config", "record_timing", "timings_path"]
 
 JOB = "distill"
 STAGE = "training"
+TIMINGS_FILE = "finetune-timings.json"
+#: Images per second of the bundled configs on the project's 2-core CPU machine
+#: (``bench/bench_distill.py`` and the bundled student's run; README "Distillation training"),
+#: used until a run on this machine has measured its own.
+REFERENCE_IMAGES_PER_S = {"tiny_cpu": 229.0, "bundled_student": 5.4, "vits14_expert_uni": 0.72}
+REFERENCE_WHERE = "the project's 2-core CPU benchmark"
+NAME_RE = re.compile(r"[^a-z0-9._-]+")
+
+
+# ------------------------------------------------------------------- configs and estimates
+def config_key(config: Any) -> str:
+    """A config's short name (an experiment name or a file's stem)."""
+    return Path(str(config)).stem
+
+
+def preview_config(config: Any, overrides: Sequence[str] = ()) -> dict:
+    """Defaults <- experiment file <- ``overrides``, *not* validated (no data needed): what a
+    dock shows before a run. Raises the config's errors (unknown file or key)."""
+    import yaml
+
+    from ..distill.config import load_defaults, merge, parse_dotlist, resolve_config_path
+
+    cfg = load_defaults()
+    file_cfg = yaml.safe_load(resolve_config_path(config).read_text()) or {}
+    cfg = merge(cfg, file_cfg)
+    if overrides:
+        cfg = merge(cfg, parse_dotlist(list(overrides)))
+    return cfg
+
+
+def config_description(config: Any) -> str:
+    """The first comment line of the config's file (its one-line description), or ``""``."""
+    from ..distill.config import resolve_config_path
+
+    try:
+        text = resolve_config_path(config).read_text()
+    except (OSError, ValueError):
+        return ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#") and line.strip("# "):
+            return line.lstrip("#").strip()
+        if line and not line.startswith("#"):
+            break
+    return ""
+
+
+def default_model_name(config: Any, day: datetime.date | None = None) -> str:
+    """``<config>-<YYYY-MM-DD>``, lower-case, safe as a registry name and a file name."""
+    day = day or datetime.date.today()
+    return safe_model_name(f"{config_key(config)}-{day.isoformat()}")
+
+
+def safe_model_name(name: str) -> str:
+    """A registry name: lower case, letters, digits, ``. _ -`` (others become ``-``)."""
+    return NAME_RE.sub("-", name.strip().lower()).strip("-.")
+
+
+def timings_path() -> Path:
+    """Where measured seconds per step are kept: beside the user models folder."""
+    from ..encoders.registry import user_models_dir
+
+    return user_models_dir().parent / TIMINGS_FILE
+
+
+def _timing_key(config: Any, cfg: Mapping) -> str:
+    t = cfg["train"]
+    return f"{config_key(config)}|{t['device']}|{t['batch_size']}x{t['accumulation_steps']}"
+
+
+def load_timings() -> dict:
+    try:
+        data = json.loads(timings_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_timing(config: Any, cfg: Mapping, s_per_step: float, startup_s: float) -> None:
+    """Remember a run's measured seconds per step and start-up time for this config (the
+    estimate shown before the next run); written atomically."""
+    from ..analyses.export import atomic_path
+
+    data = load_timings()
+    data[_timing_key(config, cfg)] = {"s_per_step": round(float(s_per_step), 4),
+                                      "startup_s": round(float(startup_s), 1),
+                                      "when": datetime.datetime.now().isoformat(timespec="seconds")}
+    path = timings_path()
+    try:
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(data, indent=1))
+    except OSError:
+        pass  # an estimate only
+
+
+def estimate_duration(config: Any, cfg: Mapping, steps: int) -> tuple[float, str] | None:
+    """(seconds, where the rate comes from) for ``steps`` steps of ``config`` on this machine:
+    a run of this config measured here, else the project's benchmark for the bundled configs;
+    ``None`` when neither is known."""
+    measured = load_timings().get(_timing_key(config, cfg))
+    if measured:
+        return (measured["startup_s"] + steps * measured["s_per_step"],
+                f"measured on this machine: {measured['s_per_step']:.3g} s/step")
+    ref = REFERENCE_IMAGES_PER_S.get(config_key(config))
+    if ref is None:
+        return None
+    t = cfg["train"]
+    s_per_step = t["batch_size"] * t["accumulation_steps"] / ref
+    return steps * s_per_step, f"{s_per_step:.3g} s/step from {REFERENCE_WHERE}"
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, total loss) of every step a run logged (``<run_dir>/log.csv``), in order."""
+    from ..distill.runlog import LOG_FILE
+
+    path = Path(run_dir).expanduser() / LOG_FILE
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error):
+        return []
+    out = []
+    for row in rows:
+        try:
+            out.append((int(row["step"]), float(row["total"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 def _config(config: Any, overrides: Sequence[str] | Mapping[str, Any] | None) -> dict:
@@ -56,6 +207,7 @@ def distill_job(
     config: Any,
     stop_event: threading.Event | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    timing_key: Any = None,
 ) -> Generator[Progress, None, Any]:
     """Run a distillation; yields :class:`Progress`, returns the ``DistillResult``.
 
@@ -63,10 +215,14 @@ def distill_job(
     name/path (``None``: the defaults) loaded with ``overrides`` (``key=value`` strings or a
     nested mapping, merged into a loaded config too). ``stop_event`` (a ``threading.Event``)
     stops the run after the current step with a checkpoint; closing the generator does the
-    same.
+    same. With ``timing_key`` (the config's name) the run's measured seconds per step are
+    remembered for :func:`estimate_duration` (runs of two or more steps). The model and data
+    are built without garbage collections (:func:`~napari_gpfm.jobs.pathotune.quiet_gc`).
     """
     from ..distill import iter_distillation
 
+    t_start = time.perf_counter()
+    stamps: list[float] = []
     cfg = _config(config, overrides)
     stop_event = stop_event if stop_event is not None else threading.Event()
     total = int(cfg["train"]["steps"])
@@ -77,11 +233,16 @@ def distill_job(
     try:
         while True:
             try:
-                record = next(steps)
+                if stamps:
+                    record = next(steps)
+                else:  # building the model and data: no full collections meanwhile
+                    with quiet_gc():
+                        record = next(steps)
             except StopIteration as end:
                 result = end.value
                 break
             done = record.step + 1
+            stamps.append(time.perf_counter())
             if meter is None:  # rate over this run's steps (a resumed run starts later)
                 meter = Meter(JOB, STAGE, record.total_steps, "steps", start_done=done)
             losses = record.losses
@@ -99,6 +260,9 @@ def distill_job(
         raise
     finally:
         steps.close()
+    if timing_key is not None and len(stamps) >= 2:
+        s_per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        record_timing(timing_key, cfg, s_per_step, max(stamps[0] - t_start - s_per_step, 0.0))
     yield Progress(JOB, STAGE, result.next_step, result.total_steps, eta_s=0.0, status="done",
                    unit="steps", message=_done_message(result), data=result)
     return result

@@ -9,10 +9,16 @@ in ``Progress.data`` so a dock can still show epochs and validation scores.
 Stages, in order (``job="pathotune"``):
 
 ``"loading backbone"``
-    ``started`` then ``done`` (``skipped`` when predicting with a given classifier).
+    ``started``, then ``running`` records counting its steps (``unit="steps"``: importing
+    torch, building the network, checking the weights' SHA-256 (the message counts the
+    megabytes), reading the weights, and with text prompts and no ``text_encoder`` given,
+    loading MiniLM), repeated every quarter second with the time spent while a step runs, then
+    ``done`` (``skipped`` when predicting with a given classifier).
 ``"reading patches"``
     the labelled patches, read at the encoder's input size: ``started`` (``message`` gives the
-    labelled patches per class, ``data`` the ``PatchLabels``), ``running`` per batch
+    labelled patches per class and the split, ``data`` a :class:`SplitSummary`: labelled
+    patches per class, as ``counts``, and the train/validation split training will use, known
+    before anything is read), ``running`` per batch
     (``unit="patches"``, ``data`` the ``TrainProgress`` with status ``"reading"``), ``done``.
 ``"training"``
     ``started``, ``running`` after every optimiser step and every epoch (``unit="steps"``,
@@ -22,6 +28,14 @@ Stages, in order (``job="pathotune"``):
 ``"predicting"``
     every patch of the grid: ``started``, ``running`` per batch (``unit="patches"``, ``data``
     the ``PredictProgress``), ``done``.
+
+The result also holds what a dock paints and shows, computed in the job (off the main thread):
+the PathoTune rasters (``rasters``), the linear probe fitted on PathoTune's training patches of
+the store's embeddings and its prediction of every patch (``probe_prediction``,
+``probe_rasters``), and the share of patches where the two maps agree (``agreement``).
+
+Heavy imports and model construction run without garbage collections (:func:`quiet_gc`): a
+full collection of a napari + torch heap holds the GIL long enough to freeze the window.
 
 Inputs are explicit: the grid is the feature store the caller found (``store_path``; the job
 never looks for one), else the backbone card's tiling over detected tissue; ``class_names`` in
@@ -35,9 +49,13 @@ patch-reading processes end, the classifier keeps its best weights so far, nothi
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,7 +68,9 @@ __all__ = [
     "JobResult",
     "NotEnoughClassesError",
     "PathoTuneJob",
+    "SplitSummary",
     "pathotune_job",
+    "quiet_gc",
     "resolve_classes",
 ]
 
@@ -108,6 +128,31 @@ class PathoTuneJob:
 
 
 @dataclass
+class SplitSummary:
+    """Labelled patches per class and how training will split them (validation = stratified
+    ``val_fraction`` of every class with at least two patches), known before reading."""
+
+    class_names: list[str]
+    labelled: dict[str, int]
+    train: dict[str, int]
+    validation: dict[str, int]
+    labels: Any = field(default=None, repr=False)  # the PatchLabels
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Labelled patches per class (as ``PatchLabels.counts``)."""
+        return dict(self.labelled)
+
+    @property
+    def n_train(self) -> int:
+        return sum(self.train.values())
+
+    @property
+    def n_validation(self) -> int:
+        return sum(self.validation.values())
+
+
+@dataclass
 class JobResult:
     """What a run returns.
 
@@ -116,7 +161,11 @@ class JobResult:
     reached; its ``rasters(mpp)`` are the class map, per-class probabilities and uncertainty);
     ``classifier`` the trained (or given) classifier; ``probe_val_bal_acc`` the linear probe's
     validation balanced accuracy on the store's embeddings with PathoTune's exact split
-    (``None`` without a store); ``labels`` the ``PatchLabels`` of the grid.
+    (``None`` without a store); ``labels`` the ``PatchLabels`` of the grid; ``split`` the
+    :class:`SplitSummary`. ``rasters`` are the prediction's rasters at the job's mpp;
+    ``probe_prediction`` the same-split probe's ``Prediction`` of every patch (with
+    ``probe_rasters``), ``agreement`` the share of patches both classify alike (``None``
+    without a store).
     """
 
     train: Any
@@ -125,6 +174,11 @@ class JobResult:
     n_labelled: int = 0
     probe_val_bal_acc: float | None = None
     labels: Any = None
+    split: SplitSummary | None = None
+    rasters: dict | None = None
+    probe_prediction: Any = None
+    probe_rasters: dict | None = None
+    agreement: float | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -154,6 +208,153 @@ def resolve_classes(
     if len(col) != len(names):
         raise ValueError(f"{len(col)} colours for {len(names)} classes {names}")
     return names, col
+
+
+_GC_LOCK = threading.Lock()
+_GC_HOLDERS: list[int] = []
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Any:
+    """No garbage collection while heavy modules are imported or models built in a worker
+    thread (a full collection of napari's and torch's heap holds the GIL, freezing the window,
+    for hundreds of ms); the objects alive at the end are frozen (``gc.freeze``: later full
+    collections skip them). Nestable, across threads."""
+    with _GC_LOCK:
+        _GC_HOLDERS.append(threading.get_ident())
+        gc.disable()
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_HOLDERS.remove(threading.get_ident())
+            if not _GC_HOLDERS:
+                gc.freeze()
+                gc.enable()
+
+
+def _in_thread(fn: Callable[[], Any], stage: str, done: int, total: int, what: str
+               ) -> Generator[Progress, None, Any]:  # fmt: skip
+    """Run ``fn`` in a helper thread, yielding a record every quarter second with the time
+    spent (so a long, silent call still shows that it is alive); returns its value."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with quiet_gc():
+                box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the job
+            box["error"] = exc
+
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=run, name=f"napari-gpfm {what}", daemon=True)
+    thread.start()
+    yield Progress(JOB, stage, done, total, status="running", unit="steps", message=f"{what}…")
+    while thread.is_alive():
+        thread.join(0.25)
+        if thread.is_alive():
+            yield Progress(JOB, stage, done, total, status="running", unit="steps",
+                           message=f"{what}… {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _checksum(path: Any, card_name: str, done: int, total: int
+              ) -> Generator[Progress, None, str]:  # fmt: skip
+    """SHA-256 of a weights file, yielding megabytes read (a GPFM file is over a gigabyte)."""
+    import os
+
+    size = max(os.path.getsize(path), 1)
+    total_mb = max(int(size / 2**20), 1)
+    digest = hashlib.sha256()
+    read, last = 0, 0.0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
+            digest.update(chunk)
+            read += len(chunk)
+            now = time.perf_counter()
+            if now - last > 0.2:
+                last = now
+                yield Progress(JOB, LOADING, done, total, status="running", unit="steps",
+                               message=f"{card_name}: checking the weights "
+                                       f"({read / 2**20:,.0f} / {total_mb:,} MB)")
+    return digest.hexdigest()
+
+
+def load_backbone(model: str, allow_random: bool = False, seed: int = 0, more_steps: int = 0
+                  ) -> Generator[Progress, None, Any]:  # fmt: skip
+    """``encoders.load_encoder`` step by step, with a record per step (and every quarter
+    second during one) instead of one silent wait; returns the ``Encoder``. Records count
+    ``more_steps`` beyond the backbone's in their total (work the caller does next)."""
+    n = 4 + more_steps
+    card = yield from _in_thread(lambda: _card(model), LOADING, 0, n,
+                                 f"{model}: importing torch and timm")
+    from ..encoders.encoder import RANDOM_INIT_PREFIX, Encoder, build_model
+    from ..encoders.errors import CheckpointError, WeightsNotFoundError
+
+    path = card.resolve_weights(None)
+    if path is not None and not path.is_file():
+        raise WeightsNotFoundError(
+            f"{path}: the weights file given for model '{card.name}' does not exist.")
+    if path is None and not allow_random:
+        raise WeightsNotFoundError(card.missing_weights_message())
+    arch = card.architecture.timm_name
+    if path is None:
+        import torch
+
+        def random_model() -> Any:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return build_model(card)
+
+        net = yield from _in_thread(random_model, LOADING, 1, n,
+                                    f"{card.name}: building {arch} (random weights)")
+        return Encoder(net, card, None, f"{RANDOM_INIT_PREFIX}{seed}")
+    net = yield from _in_thread(lambda: build_model(card), LOADING, 1, n,
+                                f"{card.name}: building {arch}")
+    digest = yield from _checksum(path, card.name, 2, n)
+    if card.weights.sha256 and digest != card.weights.sha256:
+        raise CheckpointError(
+            path, f"SHA-256 {digest} does not match {card.weights.sha256} recorded for "
+                  f"'{card.name}': the file is damaged or a different release; download it "
+                  "again.")  # fmt: skip
+    from ..encoders.checkpoint import load_weights
+
+    yield from _in_thread(lambda: load_weights(net, path, model_name=card.name,
+                                               expected_layout=card.checkpoint_layout),
+                          LOADING, 3, n, f"{card.name}: reading the weights ({path.name})")
+    return Encoder(net, card, path, digest)
+
+
+def _card(model: str) -> Any:
+    import timm  # noqa: F401 - imported here, in the helper thread, without collections
+    import torch  # noqa: F401
+
+    from ..encoders import get_card
+
+    return get_card(model)
+
+
+def _needs_text_encoder(job: PathoTuneJob) -> bool:
+    return job.text_encoder is None and bool(getattr(job.prompt_config, "ttp", False))
+
+
+def _text_encoder(job: PathoTuneJob, names: list[str], done: int
+                  ) -> Generator[Progress, None, Any]:  # fmt: skip
+    """The text encoder TTP needs, loaded (and the template's sentences encoded) here, in the
+    loading stage, rather than silently inside training."""
+    if not _needs_text_encoder(job):
+        return job.text_encoder
+    from ..analyses.pathotune.text import encode_sentences, get_text_encoder
+
+    def load() -> Any:
+        enc = get_text_encoder()
+        encode_sentences(job.template, names, enc)  # loads MiniLM; the sentences are cached
+        return enc
+
+    return (yield from _in_thread(load, LOADING, done, done + 1,
+                                  "loading the text encoder (MiniLM) for the text prompts"))
 
 
 def _open_store(job: PathoTuneJob) -> Any:
@@ -266,12 +467,14 @@ def pathotune_job(
     from ..annotations.labels import labels_from_annotations
 
     clf = job.classifier
+    text_encoder = job.text_encoder
     if clf is None:
-        from ..encoders import load_encoder
-
         yield Progress(JOB, LOADING, status="started", message=f"loading {job.model}")
-        encoder = load_encoder(job.model, allow_random=job.allow_random)
-        yield Progress(JOB, LOADING, status="done",
+        more = int(_needs_text_encoder(job))
+        encoder = yield from load_backbone(job.model, job.allow_random, more_steps=more)
+        names, _ = resolve_classes(job.annotations, job.class_names, job.colours)
+        text_encoder = yield from _text_encoder(job, names, 4)
+        yield Progress(JOB, LOADING, 4 + more, 4 + more, status="done", unit="steps",
                        message=f"{encoder.card.name}: {encoder.embed_dim}-d backbone")
     else:
         encoder = clf.encoder
@@ -279,26 +482,29 @@ def pathotune_job(
                        message=f"predicting with the classifier's {encoder.card.name} backbone")
     store = _open_store(job) if job.store_path else None
     coords, size0 = _grid(job, encoder, store)
-    train, labels, n_labelled, probe_acc = None, None, 0, None
+    train, labels, n_labelled, probe_acc, split, probe_pred = None, None, 0, None, None, None
     if clf is None:
         names, colours = resolve_classes(job.annotations, job.class_names, job.colours)
         labels = labels_from_annotations(job.annotations, coords, size0, names,
                                          job.min_fraction)
         _check_two_classes(labels)
         n_labelled = int((labels.labels >= 0).sum())
+        split = split_summary(labels, job.train_config)
         counts = ", ".join(f"{n} {c}" for n, c in labels.counts.items())
-        yield Progress(JOB, READING, 0, n_labelled, status="started", unit="patches",
-                       message=f"{n_labelled:,} labelled patches ({counts})", data=labels)
+        yield Progress(JOB, READING, 0, n_labelled, status="started", unit="patches", data=split,
+                       message=f"{n_labelled:,} labelled patches ({counts}): "
+                               f"{split.n_train:,} to train, {split.n_validation:,} to "
+                               "validate")  # fmt: skip
         train = yield from _relay(pt.train_from_slide(
             encoder, job.slide_path, coords, size0, labels.labels, labels.class_names,
-            job.prompt_config, job.template, job.train_config, job.text_encoder, colours,
+            job.prompt_config, job.template, job.train_config, text_encoder, colours,
             mpp=job.mpp, num_workers=job.num_workers, stop_event=stop),
             _train_records())
         if train is None or train.cancelled:
             return JobResult(train, None, None if train is None else train.classifier,
-                             n_labelled, None, labels)
+                             n_labelled, None, labels, split)
         clf = train.classifier
-        probe_acc = _probe_on_same_split(job, labels, train, store)
+        probe_acc, probe_pred = _probe_on_same_split(job, labels, train, store, coords, size0)
     elif store is not None:
         from ..analyses.pathotune.predict import check_geometry
 
@@ -308,19 +514,63 @@ def pathotune_job(
     pred = yield from _relay(pt.predict_slide(clf, job.slide_path, coords, size0, mpp=job.mpp,
                                               num_workers=job.num_workers, stop_event=stop),
                              _predict_records)
-    return JobResult(train, pred if pred.done else None, clf, n_labelled, probe_acc, labels)
+    result = JobResult(train, pred if pred.done else None, clf, n_labelled, probe_acc, labels,
+                       split)  # fmt: skip
+    if result.prediction is not None:  # what the dock paints, built here (not on the main thread)
+        result.rasters = pred.rasters(job.mpp)
+        if probe_pred is not None:
+            result.probe_prediction = probe_pred
+            result.probe_rasters = probe_pred.rasters()
+            both = (pred.labels >= 0) & (probe_pred.labels >= 0)
+            if both.any():
+                result.agreement = float((pred.labels[both] == probe_pred.labels[both]).mean())
+    return result
 
 
-def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any,
-                         store: Any = None) -> float | None:
-    """The linear probe's validation balanced accuracy on the slide's stored embeddings, fitted
-    and scored on exactly PathoTune's train/validation patches (None without a store)."""
-    if not job.store_path or train.val_indices is None or train.val_indices.size == 0:
-        return None
-    from ..analyses.probe import holdout_balanced_accuracy
+def split_summary(labels: Any, train_config: Any) -> SplitSummary:
+    """Labelled patches per class and the train/validation split training will make (the same
+    function and seed as :mod:`napari_gpfm.analyses.pathotune.train`)."""
+    from ..analyses.pathotune.train import stratified_split
+
+    names = list(labels.class_names)
+    y = np.asarray(labels.labels)
+    y = y[y >= 0]
+    val_fraction = getattr(train_config, "val_fraction", 0.2)
+    seed = getattr(train_config, "seed", 0)
+    tr, va = stratified_split(y, val_fraction, seed)
+    count = lambda idx: {n: int((y[idx] == i).sum()) for i, n in enumerate(names)}  # noqa: E731
+    return SplitSummary(names, {n: int(v) for n, v in labels.counts.items()}, count(tr),
+                        count(va), labels)  # fmt: skip
+
+
+def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any, store: Any = None,
+                         coords: Any = None, size0: int | None = None,
+                         ) -> tuple[float | None, Any]:  # fmt: skip
+    """A linear probe on the slide's stored embeddings fitted on exactly PathoTune's training
+    patches: its validation balanced accuracy on PathoTune's validation patches (``None``
+    without validation patches) and its ``Prediction`` of every patch of the grid (the map
+    painted beside PathoTune's). ``(None, None)`` without a store."""
+    if not job.store_path or train.train_indices is None:
+        return None, None
+    from ..analyses.classify import predict_features, store_recipe
+    from ..analyses.probe import balanced_accuracy, fit_probe
 
     store = store if store is not None else _open_store(job)
+    names = list(labels.class_names)
+    X = np.asarray(store.features)
     keep = np.flatnonzero(labels.labels >= 0)
-    features = store.features[keep]
-    return holdout_balanced_accuracy(features, labels.labels[keep], train.train_indices,
-                                     train.val_indices, labels.class_names)
+    y = labels.labels[keep]
+    tr = np.asarray(train.train_indices)
+    if len(np.unique(y[tr])) < 2:
+        return None, None
+    colours = train.classifier.colours
+    probe = fit_probe(X[keep][tr], y[tr], names, colours=colours, recipe=store_recipe(store))
+    acc = None
+    va = np.asarray(train.val_indices) if train.val_indices is not None else np.zeros(0, int)
+    if va.size:
+        acc = balanced_accuracy(y[va], probe.predict(X[keep][va]))
+    mpp = job.mpp if job.mpp is not None else getattr(store, "mpp", None)
+    pred = predict_features(probe, X, coords if coords is not None else store.coords,
+                            int(size0 or store.patch_size_level0), mpp,
+                            getattr(store, "slide_name", "slide"))  # fmt: skip
+    return acc, pred

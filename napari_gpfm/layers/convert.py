@@ -10,6 +10,11 @@ Heatmaps are float32 images with NaN off the patch grid; napari draws NaN with t
 ``nan_color`` (transparent by default), so non-tissue stays see-through. Cluster maps are Labels
 layers whose colours come from :data:`CLUSTER_COLOURS`, the palette the embedding plot and
 the GeoJSON export use too.
+
+Legends: every heatmap carries ``metadata["napari_gpfm"]["legend"] = "colorbar"`` and
+:func:`upsert_layer` (the one way result layers reach the viewer) turns on napari's colour-bar
+overlay for it (``layer.colorbar``: the colormap with the contrast limits as its value range);
+cluster and class maps name their labels in ``layer.features`` (:func:`cluster_legend`).
 """
 
 from __future__ import annotations
@@ -23,18 +28,22 @@ from ..analyses.heatmap import PatchGrid, Raster, labels_raster
 
 __all__ = [
     "CLUSTER_COLOURS",
-    "LayerData",
     "MICROMETRE",
     "PIXEL",
+    "LayerData",
+    "apply_legend",
     "camera_for_patch",
     "cluster_colours",
+    "cluster_legend",
     "contrast_limits_for",
     "heatmap_layer_data",
     "labels_layer_data",
+    "legible_limits",
     "mask_layer_data",
     "patch_boxes_world",
     "patch_centre_world",
     "patch_grid_layer_data",
+    "show_colorbar",
     "tissue_layer_data",
     "top_hits_layer_data",
     "upsert_layer",
@@ -44,6 +53,8 @@ LayerData = tuple  # (data, kwargs, layer_type)
 MICROMETRE = "micrometer"
 PIXEL = "pixel"
 META_KEY = "napari_gpfm"
+#: metadata key (under ``napari_gpfm``) of layers that carry a legend: ``"colorbar"``
+LEGEND_KEY = "legend"
 
 #: Cluster colours (RGB 0-1): Tableau 10 then its light variants (tab20 order), then repeats.
 _TAB20 = (
@@ -58,6 +69,12 @@ def cluster_colours(k: int) -> np.ndarray:
     """(k, 4) RGBA float colours of clusters 0..k-1 (the palette cycles after 20)."""
     rgb = CLUSTER_COLOURS[np.arange(k) % len(CLUSTER_COLOURS)]
     return np.hstack([rgb, np.ones((k, 1))])
+
+
+def cluster_legend(k: int) -> list[tuple[str, np.ndarray]]:
+    """(name, RGBA) of clusters 0..k-1: the names of the cluster Labels layer's ``features``
+    and the colours it paints them in."""
+    return [(f"Cluster {i}", c) for i, c in enumerate(cluster_colours(k))]
 
 
 def _units(grid: PatchGrid) -> tuple[str, str]:
@@ -90,6 +107,22 @@ def contrast_limits_for(data: np.ndarray) -> tuple[float, float]:
     return (lo, hi)
 
 
+#: a colour bar needs this many float32 steps between its limits (napari's minimum shades count;
+#: below it napari draws the range rescaled, and its colour bar then reads "0 … 1000")
+_MIN_STEPS = 512
+
+
+def legible_limits(limits: Sequence[float]) -> tuple[float, float]:
+    """``limits`` widened (about their middle) just enough for float32 to hold a colour ramp
+    between them, so the colour bar shows the true values; wider limits are returned as is."""
+    lo, hi = (float(v) for v in limits)
+    need = _MIN_STEPS * float(np.spacing(np.float32(max(abs(lo), abs(hi), 1e-30))))
+    if hi - lo >= need:
+        return (lo, hi)
+    mid = 0.5 * (lo + hi)
+    return (mid - need / 2, mid + need / 2)
+
+
 def heatmap_layer_data(
     raster: Raster,
     name: str,
@@ -106,14 +139,34 @@ def heatmap_layer_data(
     kwargs = {
         "name": name,
         "colormap": colormap,
-        "contrast_limits": contrast_limits or contrast_limits_for(data),
+        "contrast_limits": legible_limits(contrast_limits or contrast_limits_for(data)),
         "opacity": float(opacity),
         "blending": "translucent",
         "interpolation2d": "nearest",
-        "metadata": _meta("heatmap", slide, metadata),
+        "metadata": _meta("heatmap", slide, {**(metadata or {}), LEGEND_KEY: "colorbar"}),
         **_placement(raster.grid, offset),
     }
     return (data, kwargs, "image")
+
+
+def show_colorbar(layer: Any, visible: bool = True) -> None:
+    """Show napari's colour bar of an Image layer (its colormap with the contrast limits as the
+    value range, drawn on the canvas while the layer is visible; several are stacked)."""
+    bar = getattr(layer, "colorbar", None)  # napari >= 0.5.5: a layer overlay
+    if bar is None:
+        return
+    if bar.visible != visible:
+        bar.visible = visible
+    if visible and not bar.box:
+        bar.box = True  # readable over bright tissue
+        bar.font_size = 11
+
+
+def apply_legend(layer: Any) -> None:
+    """Give a result layer the legend its metadata asks for (heatmaps: the colour bar)."""
+    meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    if isinstance(meta, dict) and meta.get(LEGEND_KEY) == "colorbar":
+        show_colorbar(layer)
 
 
 def _label_colormap(colours: np.ndarray, shift: int = 1) -> dict:
@@ -447,6 +500,7 @@ def upsert_layer(viewer: Any, layer_data: LayerData) -> Any:
         else:
             if kwargs.get("visible", True) and not existing.visible:
                 existing.visible = True
+            apply_legend(existing)
             return existing
 
     sel = layers.selection
@@ -465,4 +519,5 @@ def upsert_layer(viewer: Any, layer_data: LayerData) -> Any:
     swap = {id(existing): layer} if existing is not None else {}
     _restore_selection(layers, [swap.get(id(la), la) for la in selected],
                        swap.get(id(current), current))
+    apply_legend(layer)
     return layer

@@ -93,11 +93,16 @@ def layer_slide(layer) -> Slide | None:
 
 
 def set_layer_mpp(layer, mpp: float) -> Slide:
-    """Apply a user-given pixel size to a slide layer: µm scale, units and metadata follow."""
+    """Apply a user-given pixel size to a slide layer: µm scale, units and metadata follow.
+
+    The value goes through the one pixel-size validator (:func:`napari_gpfm.slide.validate_mpp`
+    via ``Slide.with_mpp``): an implausible one raises ``ImplausibleMppError`` (a
+    ``ValueError`` naming the slide, the value and the plausible range) and the layer is left
+    as it was."""
     slide = layer_slide(layer)
     if slide is None:
         raise ValueError(f"layer {layer.name!r} was not opened by napari-gpfm")
-    slide = slide.with_mpp(mpp)
+    slide = slide.with_mpp(mpp, source="set in the 'Slide info' panel")
     meta = dict(layer.metadata["napari_gpfm"])
     meta.update(mpp=slide.mpp, mpp_source=slide.mpp_source, slide=slide)
     layer.metadata = {**layer.metadata, "napari_gpfm": meta}

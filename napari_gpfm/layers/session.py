@@ -311,6 +311,13 @@ class SlideState:
                 written.append(p)
         return written
 
+    # --- gallery (issue 13)
+    @property
+    def index_ready(self) -> bool:
+        """The similarity index is built: a query reads no features (else build it off the
+        main thread by reading :attr:`index` in a worker)."""
+        return self._index is not None
+
 
 # ------------------------------------------------------------------------------ session
 class ViewerSession:
@@ -331,6 +338,7 @@ class ViewerSession:
         self.events = EmitterGroup(
             source=self, slides=None, store=None, clusters=None, similarity=None,
             selection=None, hover=None, prediction=None, classifier=None, out_dir=None,
+            models=None,
         )  # fmt: skip
         viewer.layers.events.inserted.connect(self._on_inserted)
         viewer.layers.events.removed.connect(self._on_removed)
@@ -694,6 +702,12 @@ class ViewerSession:
                 self.viewer.layers.remove(la)
                 gone += 1
         return gone
+
+    # --- models (issue 13) ------------------------------------------------------------------
+    def models_changed(self, name: str | None = None) -> None:
+        """A model card was added or replaced (e.g. a finetuned student was exported): every
+        model list refreshes (``models`` event; ``event.value`` the model's name or None)."""
+        self.events.models(value=name)
 
 
 _SESSIONS: dict[int, tuple[weakref.ref, ViewerSession]] = {}

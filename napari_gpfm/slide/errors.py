@@ -39,15 +39,30 @@ class EmptySlideError(SlideOpenError):
 
 
 class MissingMppError(SlideError):
-    """An operation needs the physical pixel size (µm/px) and the slide does not record it."""
+    """An operation needs the physical pixel size (µm/px) and the slide does not record it.
 
-    def __init__(self, path: str | Path, action: str = "this operation"):
+    ``detail`` says why, when the file records a value that was refused (see
+    :func:`napari_gpfm.slide.mpp.check_file_mpp`)."""
+
+    def __init__(self, path: str | Path, action: str = "this operation", detail: str | None = None):
+        why = (
+            f"the slide records no usable pixel size (microns per pixel), which {action} "
+            f"needs: {detail}."
+            if detail
+            else "the slide does not record its pixel size (microns per pixel), which "
+            f"{action} needs."
+        )
         super().__init__(
             path,
-            f"the slide does not record its pixel size (microns per pixel), which {action} needs. "
+            f"{why} "
             "Set it with --mpp X on the command line, or in the 'Slide info' panel in napari "
             "(e.g. 0.25 for a 40x scan, 0.5 for 20x).",
         )
+
+
+class ImplausibleMppError(SlideError, ValueError):
+    """A pixel size given by the user (``--mpp``, ``open_slide(mpp=)``, ``Slide.with_mpp``, the
+    'Slide info' panel) is not a plausible level-0 pixel size of a brightfield scan."""
 
 
 class TileReadError(SlideError):
@@ -68,3 +83,13 @@ class SlideReadWarning(UserWarning):
 
 class SlideMetadataWarning(UserWarning):
     """Optional metadata of a slide could not be read; the pixels are read all the same."""
+
+
+class ImplausibleMppWarning(SlideMetadataWarning):
+    """The file records a pixel size outside the plausible range; it is treated as not
+    recorded (the message says what was read, from where, and how to set the right one)."""
+
+
+class TruncatedSlideWarning(SlideMetadataWarning):
+    """The file is cut short after the pixels of its first level(s): pages listed after them
+    (associated images such as the label and macro, or further levels) are missing."""

@@ -10,10 +10,14 @@ all :class:`~napari_gpfm.slide.SlideOpenError`; every message names the file.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from .errors import EmptySlideError, SlideOpenError, UnsupportedSlideError
+from .mpp import validate_mpp
 from .slide import Slide
+
+MPP_GIVEN = "given with --mpp or open_slide(mpp=...)"
 
 # Extensions that are whole-slide images whatever their content (errors are ours to report).
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".ome.tif", ".ome.tiff")
@@ -43,6 +47,27 @@ def is_dicom_file(path: str | Path) -> bool:
             return f.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def special_file_kind(path: str | Path) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a folder (after following
+    symbolic links): "a named pipe (FIFO)", "a character device", ...; ``None`` for a regular
+    file, a folder or a path that does not exist. Never opens the path."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
 
 
 def _folder_has_dicom(folder: Path) -> bool:
@@ -79,13 +104,23 @@ def slide_kind(path: str | Path) -> str | None:
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open a whole-slide image.
 
-    ``mpp`` overrides the file's pixel size (µm per level-0 pixel). Raises
+    ``mpp`` overrides the file's pixel size (µm per level-0 pixel); a value no brightfield
+    scan has (outside 0.05-20 µm/px, nan, inf) raises
+    :class:`~napari_gpfm.slide.errors.ImplausibleMppError` before the file is opened. A
+    special file (a FIFO, a device) is refused at once. Raises
     :class:`SlideOpenError` (one of its subclasses where it applies) naming the file and the
     problem when it cannot be read.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise SlideOpenError(p, "no such file or folder")
+    special = special_file_kind(p)
+    if special is not None:  # opening a FIFO would block forever, a device read endlessly
+        raise UnsupportedSlideError(
+            p,
+            f"not a regular file but {special}; napari-gpfm opens only regular files (or a "
+            "folder of DICOM files). Copy the slide to a regular file first.",
+        )
     if p.is_file() and os.path.getsize(p) == 0:
         raise EmptySlideError(p, "the file is empty (0 bytes)")
     kind = slide_kind(p)
@@ -95,9 +130,11 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         raise UnsupportedSlideError(
             p, f"not a whole-slide image format napari-gpfm reads ({what}). Supported: {SUPPORTED}."
         )
+    if mpp is not None:  # a bad override is refused before the file is even opened
+        mpp = validate_mpp(mpp, p, MPP_GIVEN)
     backend = _open_backend(p, kind)
     try:
-        return Slide(backend, mpp=mpp)
+        return Slide(backend, mpp=mpp, mpp_given=MPP_GIVEN)
     except Exception:
         backend.close()
         raise
@@ -121,7 +158,8 @@ def _open_backend(p: Path, kind: str):
         # when OpenSlide refuses them too, our message (what is true about the file) stands.
         from .backends.openslide import OpenSlideBackend, openslide_available
 
-        if not openslide_available() or "truncated" in tiff_error.problem:
+        final = ("truncated" in tiff_error.problem or "header is damaged" in tiff_error.problem)
+        if not openslide_available() or final:
             raise
         try:
             return OpenSlideBackend(p)

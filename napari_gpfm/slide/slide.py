@@ -27,13 +27,22 @@ from PIL import Image
 
 from .backends.base import LevelInfo, SlideBackend, pyramid_downsample
 from .cache import TileCache
-from .errors import MissingMppError, SlideReadWarning, TileReadError
+from .errors import ImplausibleMppWarning, MissingMppError, SlideReadWarning, TileReadError
+from .mpp import implausible_file_mpp_message, validate_mpp
 from .resample import render_region
 
-# Levels of a slide without a pyramid are added down to this size, computed from level 0.
+# Virtual levels (each half the size of the one before, computed tile by tile from it) are
+# added below the smallest stored level down to this size: for a slide without a pyramid, and
+# for a pyramid whose smallest stored level is larger than VIRTUAL_PYRAMID_MIN_SIDE (napari's
+# first draw and the thumbnail then never read a large level whole).
 VIRTUAL_LEVEL_MIN_SIDE = 2048
+VIRTUAL_PYRAMID_MIN_SIDE = 8192
 VIRTUAL_TILE = 512
 BACKGROUND = 255
+# A thumbnail's source level up to this size is read at once; a larger one is reduced chunk by
+# chunk (THUMBNAIL_CHUNK level pixels a side), never decoded whole.
+THUMBNAIL_DIRECT_BYTES = 192 * 2**20
+THUMBNAIL_CHUNK = 2048
 
 _shared_cache = TileCache()
 _uid_lock = threading.Lock()
@@ -71,7 +80,8 @@ def slide_name(backend: SlideBackend) -> str:
 @dataclass(frozen=True)
 class _Level:
     info: LevelInfo
-    source: int | None = None  # for a virtual level: the real level it is computed from
+    source: int | None = None  # for a virtual level: the level it is computed from
+    factor: int = 1  # for a virtual level: its source's pixels per pixel (per axis)
 
 
 class Slide:
@@ -83,6 +93,7 @@ class Slide:
         mpp: float | None = None,
         cache: TileCache | None = None,
         _uid: int | None = None,
+        mpp_given: str = "given with --mpp or open_slide(mpp=...)",
     ):
         self.backend = backend
         self.path = backend.path
@@ -90,31 +101,49 @@ class Slide:
         self.vendor = backend.vendor
         self.objective_power = backend.objective_power
         self.properties = dict(backend.properties)
+        #: why the file's recorded pixel size was refused (None when it was not, or when the
+        #: user gave one)
+        self.mpp_note: str | None = None
         if mpp is not None:
-            self.mpp: float | None = float(mpp)
+            self.mpp: float | None = validate_mpp(mpp, self.path, mpp_given)
             self.mpp_source: str | None = "user"
         else:
             self.mpp = backend.mpp
             self.mpp_source = "file" if backend.mpp is not None else None
+            self.mpp_note = getattr(backend, "mpp_note", None)
+            if self.mpp is None and self.mpp_note and _uid is None:
+                warnings.warn(
+                    implausible_file_mpp_message(self.path, self.mpp_note),
+                    ImplausibleMppWarning,
+                    stacklevel=3,
+                )
         self._cache = cache if cache is not None else _shared_cache
         self._uid = _uid if _uid is not None else _new_uid()
         self._fingerprint = None  # napari_gpfm.slide.identity.slide_fingerprint caches it here
         self._levels = [_Level(info) for info in backend.levels]
         self.has_native_pyramid = len(self._levels) > 1
-        if not self.has_native_pyramid:
+        smallest = self._levels[-1].info
+        if not self.has_native_pyramid or (
+            max(smallest.width, smallest.height) > VIRTUAL_PYRAMID_MIN_SIDE
+        ):
             self._add_virtual_levels()
 
     # ------------------------------------------------------------------ geometry
     def _add_virtual_levels(self) -> None:
-        base = self._levels[0].info
+        """Halve the smallest stored level until it falls under ``VIRTUAL_LEVEL_MIN_SIDE``;
+        each virtual level is computed from the one above it, so one virtual tile never reads
+        more than 2x2 tiles' worth (4 x 512² px) of its source."""
+        base0 = self._levels[0].info
+        last = len(self._levels) - 1
+        stored = self._levels[last].info
         ds = 2
-        while max(base.width, base.height) / ds >= VIRTUAL_LEVEL_MIN_SIDE:
-            w, h = math.ceil(base.width / ds), math.ceil(base.height / ds)
+        while max(stored.width, stored.height) / ds >= VIRTUAL_LEVEL_MIN_SIDE:
+            w, h = math.ceil(stored.width / ds), math.ceil(stored.height / ds)
             info = LevelInfo(
                 w, h, VIRTUAL_TILE, VIRTUAL_TILE,
-                pyramid_downsample((base.width, base.height), (w, h)),
+                pyramid_downsample((base0.width, base0.height), (w, h)),
             )  # fmt: skip
-            self._levels.append(_Level(info, source=0))
+            self._levels.append(_Level(info, source=len(self._levels) - 1, factor=2))
             ds *= 2
 
     @property
@@ -146,17 +175,18 @@ class Slide:
         return best
 
     # ------------------------------------------------------------------ mpp
-    def with_mpp(self, mpp: float) -> Slide:
-        """The same slide with a user-given pixel size (µm/px at level 0)."""
-        if not (mpp > 0 and math.isfinite(mpp)):
-            raise ValueError(f"{self.path}: mpp must be a positive number, got {mpp!r}")
-        other = Slide(self.backend, mpp=mpp, cache=self._cache, _uid=self._uid)
+    def with_mpp(self, mpp: float, source: str = "given to Slide.with_mpp") -> Slide:
+        """The same slide with a user-given pixel size (µm/px at level 0). A value that cannot
+        be a brightfield scan's (outside 0.05-20 µm/px, nan, inf) raises
+        :class:`~napari_gpfm.slide.errors.ImplausibleMppError` (a ``ValueError``) naming the
+        slide, the value and ``source``."""
+        other = Slide(self.backend, mpp=mpp, cache=self._cache, _uid=self._uid, mpp_given=source)
         other._fingerprint = self._fingerprint  # same file: same fingerprint
         return other
 
     def require_mpp(self, action: str = "this operation") -> float:
         if self.mpp is None:
-            raise MissingMppError(self.path, action)
+            raise MissingMppError(self.path, action, self.mpp_note)
         return self.mpp
 
     # ------------------------------------------------------------------ metadata
@@ -201,15 +231,19 @@ class Slide:
         return tile
 
     def _virtual_tile(self, lv: _Level, tx: int, ty: int) -> np.ndarray:
+        """A tile of a virtual level: the ``factor``-times larger area of its source level
+        (clipped to it at the right and bottom edges), box-averaged."""
         info = lv.info
         src = self._levels[lv.source].info
-        scale_x, scale_y = src.width / info.width, src.height / info.height
+        f = lv.factor
         x, y = tx * info.tile_width, ty * info.tile_height
         w, h = min(info.tile_width, info.width - x), min(info.tile_height, info.height - y)
-        sx, sy = round(x * scale_x), round(y * scale_y)
-        sw = min(round(w * scale_x), src.width - sx)
-        sh = min(round(h * scale_y), src.height - sy)
+        sx, sy = x * f, y * f
+        sw, sh = min(w * f, src.width - sx), min(h * f, src.height - sy)
         region = self._read_level_region(lv.source, sx, sy, sw, sh)
+        if (sw, sh) == (w * f, h * f) and f == 2:  # exact 2x2 box mean (what BOX does), faster
+            acc = region.reshape(h, 2, w, 2, 3).astype(np.uint16).sum(axis=(1, 3))
+            return ((acc + 2) // 4).astype(np.uint8)
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
 
     def _read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -294,17 +328,52 @@ class Slide:
 
     def thumbnail_with_downsample(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """A whole-slide overview no larger than ``max_side``, and its exact downsample
-        (level-0 width / thumbnail width)."""
+        (level-0 width / thumbnail width).
+
+        Read from the level nearest the target size (the coarsest one not smaller than it).
+        A level up to ``THUMBNAIL_DIRECT_BYTES`` is read at once; a larger one is reduced
+        chunk by chunk (box means over whole level pixels, then a box resize to the exact
+        size), so memory stays bounded whatever the pyramid.
+        """
         w0, h0 = self.dimensions
+        max_side = max(1, int(max_side))
         target = max(w0, h0) / max_side
         level = self.best_level_for_downsample(max(target, 1.0))
         lw, lh = self.level_dimensions[level]
-        image = self._read_level_region(level, 0, 0, lw, lh)
+        tw, th = lw, lh
         if max(lw, lh) > max_side:
             scale = max_side / max(lw, lh)
             tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))
+        if lw * lh * 3 <= THUMBNAIL_DIRECT_BYTES:
+            image = self._read_level_region(level, 0, 0, lw, lh)
+        else:
+            image = self._reduce_level(level, max(1, min(lw // tw, lh // th)))
+        if image.shape[:2] != (th, tw):
             image = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BOX))
         return image, w0 / image.shape[1]
+
+    def _reduce_level(self, level: int, k: int) -> np.ndarray:
+        """``level`` reduced by whole ``k`` x ``k`` blocks (box means; partial blocks at the
+        right and bottom edges average the pixels they hold), read in chunks of about
+        ``THUMBNAIL_CHUNK`` level pixels a side: the level is never held whole."""
+        lw, lh = self.level_dimensions[level]
+        out = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
+        step = k * max(1, THUMBNAIL_CHUNK // k)
+        for y in range(0, lh, step):
+            ch = min(step, lh - y)
+            rows = np.arange(0, ch, k)
+            nrow = np.minimum(k, ch - rows)
+            for x in range(0, lw, step):
+                cw = min(step, lw - x)
+                cols = np.arange(0, cw, k)
+                ncol = np.minimum(k, cw - cols)
+                chunk = self._read_level_region(level, x, y, cw, ch)
+                sums = np.add.reduceat(chunk, rows, axis=0, dtype=np.uint32)
+                sums = np.add.reduceat(sums, cols, axis=1, dtype=np.uint32)
+                count = (nrow[:, None] * ncol[None, :])[..., None].astype(np.uint32)
+                block = (sums + count // 2) // count
+                out[y // k : y // k + len(rows), x // k : x // k + len(cols)] = block
+        return out
 
     def thumbnail(self, max_side: int = 2048) -> np.ndarray:
         return self.thumbnail_with_downsample(max_side)[0]

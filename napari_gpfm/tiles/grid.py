@@ -18,14 +18,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from napari_gpfm.errors import NapariGpfmError
 from napari_gpfm.slide.errors import MissingMppError
 
 from .tissue import TissueMask
 
 __all__ = [
+    "DEFAULT_MAX_PATCHES",
     "GridSpec",
     "PRESETS",
     "TileGrid",
+    "TooManyPatchesError",
     "best_level",
     "get_preset",
     "make_grid",
@@ -35,6 +38,18 @@ __all__ = [
 
 #: Microns per pixel of a 1× scan under the usual convention (10 µm/px at 1×, 0.5 at 20×).
 MPP_AT_1X = 10.0
+
+#: A slide grid larger than this asks for confirmation (``make_grid(max_patches=...)``, the
+#: CLI's ``--max-patches``): a 100k x 100k px scan at 0.25 µm/px cut into 224 px patches at
+#: 0.5 µm/px gives about 50,000; two million means a wrong pixel size or spec.
+DEFAULT_MAX_PATCHES = 2_000_000
+# Candidate positions evaluated per block (bounds memory on huge grids).
+_GRID_BLOCK = 1_000_000
+
+
+class TooManyPatchesError(NapariGpfmError, ValueError):
+    """The grid would hold more patches than ``max_patches``: most likely a wrong pixel size or
+    patch spec; the message names the slide and the numbers and says how to confirm."""
 
 
 def magnification_to_mpp(magnification: float) -> float:
@@ -201,53 +216,89 @@ def level0_size(patch_size: int, target_mpp: float, slide_mpp: float) -> int:
     return max(1, int(round(patch_size * target_mpp / slide_mpp)))
 
 
+def _too_many(slide: _GridSlide, spec: GridSpec, count: str, size0: int, stride0: int,
+              mpp: float, max_patches: int) -> TooManyPatchesError:  # fmt: skip
+    source = getattr(slide, "mpp_source", None)
+    where = {"file": "recorded in the file", "user": "given by you"}.get(source, "")
+    return TooManyPatchesError(
+        f"{slide.path}: the patch grid would hold {count} patches, more than the limit of "
+        f"{max_patches:,} (patches of {size0} level-0 px every {stride0} px: "
+        f"{spec.patch_size} px at {spec.target_mpp:g} µm/px on a slide of "
+        f"{slide.level_dimensions[0][0]:,} × {slide.level_dimensions[0][1]:,} px at "
+        f"{mpp:g} µm/px{' ' + where if where else ''}). Check the slide's pixel size (--mpp) and "
+        "the patch settings; to cut this many patches anyway, confirm with --max-patches N on "
+        "the command line (0: no limit), or make_grid(..., max_patches=None) in Python."
+    )
+
+
 def make_grid(
     slide: _GridSlide,
     spec: GridSpec,
     tissue: TissueMask | None = None,
     encoder_input: int | None = None,
+    max_patches: int | None = DEFAULT_MAX_PATCHES,
 ) -> TileGrid:
     """Lay ``spec`` over ``slide`` and keep the patches with enough tissue.
 
     Only patches lying entirely inside level 0 are produced. With ``tissue=None`` every grid
     position is kept (tissue fraction reported as 1). Raises
     :class:`~napari_gpfm.slide.errors.MissingMppError` if the slide has no mpp (open it with
-    ``mpp=`` / ``Slide.with_mpp`` to override).
+    ``mpp=`` / ``Slide.with_mpp`` to override), and :class:`TooManyPatchesError` when more than
+    ``max_patches`` patches would be kept (``None`` or 0: no limit); candidate positions are
+    then evaluated block by block, so an absurd grid never allocates its whole layout.
     """
     mpp = getattr(slide, "mpp", None)
-    if mpp is None or not mpp > 0:
-        raise MissingMppError(slide.path, "cutting patches at an exact physical size")
+    if mpp is None or not mpp > 0 or not np.isfinite(mpp):
+        raise MissingMppError(slide.path, "cutting patches at an exact physical size",
+                              getattr(slide, "mpp_note", None))  # fmt: skip
     mpp = float(mpp)
     w0, h0 = (int(v) for v in slide.level_dimensions[0])
     size0 = level0_size(spec.patch_size, spec.target_mpp, mpp)
     stride0 = level0_size(spec.stride, spec.target_mpp, mpp)
     out_size = spec.out_size(encoder_input)
+    limit = int(max_patches) if max_patches else None
 
-    xs = np.arange(0, w0 - size0 + 1, stride0, dtype=np.int64)
-    ys = np.arange(0, h0 - size0 + 1, stride0, dtype=np.int64)
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major: y outer, x inner
-    cand = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
-
-    if tissue is None or len(cand) == 0:
-        frac = np.ones(len(cand), dtype=np.float32)
-        keep = np.ones(len(cand), dtype=bool)
-    else:
-        frac = np.asarray(tissue.fraction_in(cand[:, 0], cand[:, 1], size0), dtype=np.float32)
-        # Tolerance: an all-tissue patch must survive min_tissue=1.0 despite float rounding.
-        keep = (frac >= spec.min_tissue - 1e-6) if spec.min_tissue > 0 else np.ones(len(cand), bool)
+    n_cols = max(0, (w0 - size0) // stride0 + 1) if w0 >= size0 else 0
+    n_rows = max(0, (h0 - size0) // stride0 + 1) if h0 >= size0 else 0
+    xs = np.arange(n_cols, dtype=np.int64) * stride0
+    filtering = tissue is not None and spec.min_tissue > 0
+    if limit is not None and n_rows * n_cols > limit and not filtering:
+        raise _too_many(slide, spec, f"{n_rows * n_cols:,}", size0, stride0, mpp, limit)
+    rows_per_block = max(1, _GRID_BLOCK // max(1, n_cols))
+    coords_parts, frac_parts = [], []
+    kept = 0
+    for r0 in range(0, n_rows, rows_per_block):
+        ys = np.arange(r0, min(n_rows, r0 + rows_per_block), dtype=np.int64) * stride0
+        gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major: y outer, x inner
+        cand = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+        if tissue is None or len(cand) == 0:
+            frac = np.ones(len(cand), dtype=np.float32)
+            keep = np.ones(len(cand), dtype=bool)
+        else:
+            frac = np.asarray(tissue.fraction_in(cand[:, 0], cand[:, 1], size0), dtype=np.float32)
+            # Tolerance: an all-tissue patch must survive min_tissue=1.0 despite float rounding.
+            keep = ((frac >= spec.min_tissue - 1e-6) if spec.min_tissue > 0
+                    else np.ones(len(cand), bool))  # fmt: skip
+        kept += int(keep.sum())
+        if limit is not None and kept > limit:
+            raise _too_many(slide, spec, f"more than {limit:,}", size0, stride0, mpp, limit)
+        coords_parts.append(cand[keep])
+        frac_parts.append(frac[keep])
+    coords = np.concatenate(coords_parts) if coords_parts else np.empty((0, 2), np.int64)
+    fractions = np.concatenate(frac_parts) if frac_parts else np.empty(0, np.float32)
 
     downsamples = list(getattr(slide, "level_downsamples", [1.0]) or [1.0])
     return TileGrid(
-        coords=np.ascontiguousarray(cand[keep]),
+        coords=np.ascontiguousarray(coords, dtype=np.int64),
         patch_size_level0=size0,
         stride_level0=stride0,
         read_level=best_level(downsamples, size0 / out_size),
         spec=spec,
-        tissue_fraction=frac[keep],
+        tissue_fraction=fractions.astype(np.float32, copy=False),
         slide_mpp=mpp,
         mpp_source=getattr(slide, "mpp_source", None),
         level0_width=w0,
         level0_height=h0,
         out_size=out_size,
-        grid_shape=(len(ys), len(xs)),
+        grid_shape=(n_rows, n_cols),
     )

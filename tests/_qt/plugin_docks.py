@@ -22,7 +22,7 @@ DOCKS = {
     "info": "Slide info",
     "gpfm": "GPFM",
     "plot": "Embedding plot",
-    "annotate": "Annotate & classify",
+    "annotate": "Annotate and classify",
     "pathotune": "PathoTune (prompt tuning)",
     "distill": "Finetune (distillation)",
 }

@@ -1,4 +1,4 @@
-"""The 'Annotate & classify' dock as a user drives it: docks from the Plugins menu, slides from
+"""The 'Annotate and classify' dock as a user drives it: docks from the Plugins menu, slides from
 File > Open (moved in the world), embeddings from the GPFM dock, clicks on the dock's buttons,
 shapes drawn with the mouse."""
 
@@ -114,6 +114,13 @@ def test_live_probe_on_the_embeddings_of_the_gpfm_dock(make_napari_viewer, qtbot
     assert w.labels.counts == {"Tumor": int((c[:, 0] < lo).sum()),
                                "Stroma": int((c[:, 0] >= hi).sum())}  # fmt: skip
     assert f"Tumor {int((c[:, 0] < lo).sum())}" in w.labels_label.text()
+    # the labelled patches per class in a table, and the small-sample warning when it applies
+    table = w.counts_table
+    counts = {table.item(r, 0).text(): int(table.item(r, 1).text().replace(",", ""))
+              for r in range(table.rowCount())}  # fmt: skip
+    assert counts == w.labels.counts
+    few = min(counts.values()) < 20 or sum(counts.values()) < 30
+    assert w.warning_label.isVisibleTo(w) == few
     assert w.table.rowCount() == 2 and w.table.columnCount() == 3
     assert w.table.verticalHeaderItem(0).text() == "Tumor"
     assert w.table.item(0, 2).text() not in ("", "-")

@@ -13,6 +13,8 @@ def test_overrides_carry_the_users_choices():
     assert "train.steps=50" in out and "train.batch_size=8" in out
     assert 'data.tiles=["/tiles"]' in out
     assert not any(o.startswith("train.steps") for o in run_overrides([], "", "/r", 0, ""))
+    named = run_overrides([], "", "/r", 0, "", "my-model")
+    assert 'output.model_name="my-model"' in named
 
 
 @pytest.fixture
@@ -29,7 +31,12 @@ def widget(make_napari_viewer, sample_svs, tmp_path, monkeypatch):
 
 def test_run_to_the_end_exports_a_student(widget, qtbot, tmp_path):
     assert widget.selected_slides() == [str(widget.viewer.layers[0].metadata["napari_gpfm"]["path"])]
+    # a one-line description and an estimate for the config; a readable default name
+    assert widget.config_info.text().startswith("A minute-scale CPU run")
+    assert "200 of 200 steps to run ≈" in widget.config_info.text()
+    assert widget.name_edit.text().startswith("tiny_cpu-20")
     widget.steps_spin.setValue(3)
+    assert "3 of 3 steps to run" in widget.config_info.text()
     widget.start_button.click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     assert widget.result is not None and widget.result.finished
@@ -38,6 +45,8 @@ def test_run_to_the_end_exports_a_student(widget, qtbot, tmp_path):
     assert "student saved" in widget.status.text()
     card = widget.result.card_path
     assert card.exists() and card.parent == tmp_path / "models"
+    assert card.stem == widget.name_edit.text()  # registered under the name chosen
+    assert widget.result.output_dir == tmp_path / "run" / card.stem
 
 
 def test_stop_saves_a_checkpoint_and_start_resumes(widget, qtbot):

@@ -125,11 +125,17 @@ def test_embed_cluster_click_export(make_napari_viewer, qtbot, sample_svs, tmp_p
     assert res.names == {s.uid: layer.name, other_uid: other.name}
     assert result_name(other.name, "similarity") in viewer.layers
     np.testing.assert_allclose(res.scores[other_uid], res.scores[s.uid], rtol=1e-5)
-    # the table lists the hits by slide name, patch and score
+    # the gallery shows the hits, best first, captioned with score and slide name
+    gallery = w.hits_gallery
+    assert gallery.count() == len(res.hits)
     for row, (uid, idx, score) in enumerate(res.hits):
-        assert w.hits_table.item(row, 0).text() == res.names[uid]
-        assert w.hits_table.item(row, 1).text() == str(idx)
-        assert float(w.hits_table.item(row, 2).text()) == pytest.approx(score, abs=1e-4)
+        t = gallery.tiles[row]
+        assert (t.uid, t.index) == (uid, idx) and t.score == pytest.approx(score)
+        score_line, name_line = gallery.item(row).text().split("\n")
+        assert score_line.split()[0] == f"#{row + 1}"
+        assert float(score_line.split()[1]) == pytest.approx(score, abs=1e-3)
+        assert name_line == res.names[uid]
+        assert f"patch: {idx}" in gallery.item(row).toolTip()
     # best first; the query patch itself is not a hit, the same patch of the other
     # (identical) slide scores as high as any (the tiny random model ties many patches)
     scores = [sc for _, _, sc in res.hits]

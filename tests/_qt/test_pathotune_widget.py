@@ -4,7 +4,6 @@ dock, classes and shapes from the Annotate dock, clicks on Train / Predict / Can
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 
 import numpy as np
@@ -98,9 +97,23 @@ def test_trains_on_the_embedded_grid_beside_the_probe(make_napari_viewer, qtbot,
                                  "upper": int((c[:, 1] < ymid).sum())}  # fmt: skip
     assert pt.classifier.class_names == ["lower", "upper"]
     assert res.probe_val_bal_acc is not None
-    m = re.search(r"linear probe on the same split: (\d\.\d{3})", pt.scores.text())
-    assert m and float(m.group(1)) == pytest.approx(res.probe_val_bal_acc, abs=5e-4)
+    # both numbers on the same split, in a table: PathoTune's row, then the probe's
+    table = pt.compare_table
+    assert table.isVisibleTo(pt) and table.rowCount() == 2
+    cells = [[table.item(r, c).text() for c in range(table.columnCount())] for r in range(2)]
+    assert cells[1][0] == "linear probe"
+    assert float(cells[1][1]) == pytest.approx(res.probe_val_bal_acc, abs=5e-4)
+    assert float(cells[0][1]) == pytest.approx(res.train.val_bal_acc, abs=5e-4)
+    n_val = len(res.train.val_indices)
+    assert cells[0][2:4] == cells[1][2:4] == [str(res.split.n_train), str(n_val)]
     assert f"{res.n_labelled} labelled patches" in pt.scores.text()
+    # the labelled patches per class and the split were listed before training
+    counts = pt.counts_table
+    assert [counts.item(r, 0).text() for r in range(counts.rowCount())] == ["lower", "upper"]
+    assert [int(counts.item(r, 1).text()) for r in range(2)] == [res.labels.counts["lower"],
+                                                                res.labels.counts["upper"]]
+    qtbot.waitUntil(lambda: f"{slide.name} · PathoTune uncertainty" in viewer.layers,
+                    timeout=10_000)  # painted one layer per turn of the event loop
 
     classes = viewer.layers[f"{slide.name} · PathoTune classes"]
     assert tuple(classes.scale) == pytest.approx((P * mpp, P * mpp))
@@ -114,6 +127,17 @@ def test_trains_on_the_embedded_grid_beside_the_probe(make_napari_viewer, qtbot,
     assert f"{slide.name} · PathoTune uncertainty" in viewer.layers
     assert pt.session.classifiers["pathotune"] is pt.classifier
     assert "patches predicted" in pt.status.text()
+    # the same-split linear probe's map beside PathoTune's, on the same grid
+    probe = viewer.layers[f"{slide.name} · probe classes"]
+    assert tuple(probe.translate) == pytest.approx(tuple(classes.translate))
+    assert probe.data.shape == classes.data.shape
+    assert (np.asarray(probe.data) > 0).sum() == store.n_patches
+    g = pt.session.slide(slide).grid
+    assert [probe.data[g.rows[i], g.cols[i]] - 1 for i in range(store.n_patches)] == \
+        res.probe_prediction.labels.tolist()  # fmt: skip
+    agree = float(np.mean(res.probe_prediction.labels == res.prediction.labels))
+    assert res.agreement == pytest.approx(agree)
+    assert table.item(0, 4).text() == f"{100 * agree:.1f} %"
 
     # Predict slide repaints with the trained classifier
     viewer.layers.remove(classes)

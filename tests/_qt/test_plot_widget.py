@@ -147,3 +147,34 @@ def test_hover_on_slide_rings_the_point(plot, qtbot):
 
     dock._on_mouse_move(viewer, Off())
     assert w.hover_index == -1 and not w.hover.visible
+
+
+def test_axes_legend_exemplars_and_selection_gallery(plot, qtbot):
+    """Labelled axes, the cluster legend, exemplars nearest each centre (planted clusters:
+    distances well above float32 noise) and the selection shown as tiles."""
+    from napari_gpfm.layers.gallery import cluster_exemplars
+
+    _, w, _, s = plot
+    assert not w.xaxis.visible  # nothing plotted yet
+    _plot_pca(qtbot, w)
+    assert w.axis_labels == ("PC1", "PC2") and w.xaxis.visible and w.yaxis.visible
+    counts = np.bincount(s.clusters.labels)
+    assert [n for n, _ in w.legend.entries] == [f"Cluster {c} ({n:,})"
+                                                for c, n in enumerate(counts)]  # fmt: skip
+
+    x = s.features.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    d = np.linalg.norm(x - s.clusters.centres[s.clusters.labels], axis=1)
+    for c, idx in cluster_exemplars(s.clusters, 5).items():
+        members = np.flatnonzero(s.clusters.labels == c)
+        np.testing.assert_array_equal(idx, members[np.argsort(d[members])[:5]])
+
+    idx = w.select_box(w.xy.min(0), w.xy.max(0))  # all 1,600: a sample of 50 is shown
+    assert w.gallery.count() == 50 and not w.gallery.isHidden()
+    shown = [t.index for t in w.gallery.tiles]
+    assert set(shown) <= set(idx.tolist()) and shown == sorted(shown)
+    assert "50 of them" in w.gallery_label.text()
+    assert [t.group for t in w.gallery.tiles] == s.clusters.labels[shown].tolist()
+    assert w.gallery.wait() and w.gallery.error is None and len(w.gallery.images) == 50
+    w.select_indices([])
+    assert w.gallery.isHidden() and w.gallery.count() == 0

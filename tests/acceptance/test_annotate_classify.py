@@ -62,7 +62,7 @@ def test_draw_two_classes_and_see_the_live_class_map(make_napari_viewer, qtbot, 
     layer = open_slide(viewer, sample_svs)
     dock = gpfm_dock(viewer, qtbot)
     compute(qtbot, dock)
-    annotate = add_dock(viewer, "Annotate & classify")
+    annotate = add_dock(viewer, "Annotate and classify")
     state = annotate.session.slide(layer)
     add_class(qtbot, annotate, "Tumour")
     add_class(qtbot, annotate, "Stroma")
@@ -103,7 +103,7 @@ def test_class_maps_follow_a_translated_second_slide(make_napari_viewer, qtbot, 
     for la in (a, b):
         dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(la.name))
         compute(qtbot, dock)
-    annotate = add_dock(viewer, "Annotate & classify")
+    annotate = add_dock(viewer, "Annotate and classify")
     annotate.slide_combo.setCurrentIndex(annotate.slide_combo.findText(a.name))
     sa, sb = annotate.session.slide(a), annotate.session.slide(b)
     add_class(qtbot, annotate, "Tumour")
@@ -141,7 +141,7 @@ def test_napari_own_new_shapes_button_with_the_dock_open(make_napari_viewer, qtb
     shape takes the active class."""
     viewer = new_window(make_napari_viewer)
     layer = open_slide(viewer, sample_svs)
-    annotate = add_dock(viewer, "Annotate & classify")
+    annotate = add_dock(viewer, "Annotate and classify")
     add_class(qtbot, annotate, "Tumour")
     add_class(qtbot, annotate, "Stroma")
     choose_class(qtbot, annotate, "Stroma")
@@ -165,7 +165,7 @@ def test_results_are_published_as_plain_data(make_napari_viewer, qtbot, sample_s
     compute(qtbot, dock)
     with qtbot.waitSignal(dock.cluster_jobs.finished, timeout=30_000):
         click(qtbot, dock.cluster_button)
-    annotate = add_dock(viewer, "Annotate & classify")
+    annotate = add_dock(viewer, "Annotate and classify")
     state = annotate.session.slide(layer)
     add_class(qtbot, annotate, "Tumour")
     add_class(qtbot, annotate, "Stroma")

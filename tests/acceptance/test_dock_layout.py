@@ -7,7 +7,7 @@ import pytest
 from qtpy.QtWidgets import QAbstractButton, QApplication, QComboBox, QLineEdit
 from user import PLUGIN, new_window, open_slide
 
-DOCKS = ["Slide info", "GPFM", "Embedding plot", "Annotate & classify",
+DOCKS = ["Slide info", "GPFM", "Embedding plot", "Annotate and classify",
          "PathoTune (prompt tuning)", "Finetune (distillation)"]  # fmt: skip
 
 

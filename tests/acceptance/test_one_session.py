@@ -11,7 +11,7 @@ from napari_gpfm.layers.session import result_name
 def test_docks_added_before_and_after_see_one_store(make_napari_viewer, qtbot, sample_svs):
     viewer = new_window(make_napari_viewer)
     layer = open_slide(viewer, sample_svs)
-    annotate = add_dock(viewer, "Annotate & classify")  # added before the embeddings exist
+    annotate = add_dock(viewer, "Annotate and classify")  # added before the embeddings exist
     dock = gpfm_dock(viewer, qtbot)
     status = compute(qtbot, dock)
     assert "patch embeddings" in status and layer.name in status

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-# Physical pixel sizes outside this range (µm/px) are treated as not recorded.
-PLAUSIBLE_MPP = (0.02, 100.0)
+from ..mpp import MPP_RANGE, check_file_mpp, mpp_problem
+
+# Physical pixel sizes outside this range (µm/px) are treated as not recorded (with a warning:
+# see napari_gpfm.slide.mpp, the one validator).
+PLAUSIBLE_MPP = MPP_RANGE
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,18 @@ class SlideBackend(ABC):
         self.levels: list[LevelInfo] = []
         self.properties: dict[str, str] = {}
         self.mpp: float | None = None
+        #: why the file's recorded pixel size was refused (what was read, from where), or None
+        self.mpp_note: str | None = None
         self.objective_power: float | None = None
+        #: problems of the file found at open that do not stop reading it (e.g. truncated
+        #: after its first level: associated images missing); Slide warns with each
+        self.open_notes: list[str] = []
+
+    def set_file_mpp(self, *candidates: tuple[object, str]) -> None:
+        """Set :attr:`mpp` from the file's recorded values ``(value, where it was read)``, first
+        present one wins; an implausible one leaves ``mpp`` None and says why in
+        :attr:`mpp_note` (:func:`napari_gpfm.slide.mpp.check_file_mpp`)."""
+        self.mpp, self.mpp_note = check_file_mpp(list(candidates), self.path)
 
     @abstractmethod
     def read_tile(self, level: int, tx: int, ty: int) -> np.ndarray: ...
@@ -77,14 +91,9 @@ def pyramid_downsample(base: tuple[int, int], size: tuple[int, int]) -> float:
 
 
 def plausible_mpp(value: object) -> float | None:
-    """A recorded µm/px value as float, or None when absent, unparsable or implausible."""
-    try:
-        mpp = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    if not (PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
-        return None
-    return mpp
+    """A recorded µm/px value as float, or None when absent, unparsable or implausible
+    (silent: backends use :meth:`SlideBackend.set_file_mpp`, which says why)."""
+    return None if mpp_problem(value) is not None else float(value)  # type: ignore[arg-type]
 
 
 def to_rgb(array: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from ..errors import (
     TileReadError,
     UnsupportedSlideError,
 )
-from .base import LevelInfo, SlideBackend, plausible_mpp, pyramid_downsample, to_rgb
+from .base import LevelInfo, SlideBackend, pyramid_downsample, to_rgb
 
 #: SOP Class UID of VL Whole Slide Microscopy Image Storage.
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -212,7 +212,7 @@ class DicomBackend(SlideBackend):
         self._level_ids = [lvl.level for lvl in levels]
         self.vendor = "dicom"
         mpp = self._optional("the pixel spacing", lambda: self._wsi.mpp)
-        self.mpp = plausible_mpp(getattr(mpp, "width", None))
+        self.set_file_mpp((getattr(mpp, "width", None), "the DICOM pixel spacing"))
         self.properties = {"dicom.instances": str(len(self.files))}
         equipment = self._optional("the equipment metadata", lambda: self._wsi.metadata.equipment)
         if equipment is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideOpenError, TileReadError, UnsupportedSlideError
-from .base import LevelInfo, SlideBackend, plausible_mpp, to_rgb
+from .base import LevelInfo, SlideBackend, to_rgb
 
 TILE = 512
 
@@ -52,8 +52,9 @@ class OpenSlideBackend(SlideBackend):
         props = dict(self._osr.properties)
         self.properties = {k: str(v) for k, v in props.items()}
         self.vendor = props.get("openslide.vendor", "unknown")
-        self.mpp = plausible_mpp(props.get("openslide.mpp-x")) or plausible_mpp(
-            props.get("openslide.mpp-y")
+        self.set_file_mpp(
+            (props.get("openslide.mpp-x"), "property openslide.mpp-x"),
+            (props.get("openslide.mpp-y"), "property openslide.mpp-y"),
         )
         obj = props.get("openslide.objective-power")
         self.objective_power = float(obj) if obj else None

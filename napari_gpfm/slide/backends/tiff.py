@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,10 @@ from ..errors import (
     EmptySlideError,
     SlideOpenError,
     TileReadError,
+    TruncatedSlideWarning,
     UnsupportedSlideError,
 )
-from .base import LevelInfo, SlideBackend, plausible_mpp, pyramid_downsample, to_rgb
+from .base import LevelInfo, SlideBackend, pyramid_downsample, to_rgb
 
 OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
 # Virtual tile side for levels read through tiffslide's read_region.
@@ -50,9 +53,10 @@ class TiffBackend(SlideBackend):
         props = self._ts.properties
         self.vendor = str(props.get("tiffslide.vendor") or "generic-tiff")
         self.properties = {k: "" if v is None else str(v) for k, v in props.items()}
-        mpp_x = plausible_mpp(props.get("tiffslide.mpp-x"))
-        mpp_y = plausible_mpp(props.get("tiffslide.mpp-y"))
-        self.mpp = mpp_x if mpp_x is not None else mpp_y
+        self.set_file_mpp(
+            (props.get("tiffslide.mpp-x"), f"property tiffslide.mpp-x{_mpp_origin(props)}"),
+            (props.get("tiffslide.mpp-y"), f"property tiffslide.mpp-y{_mpp_origin(props)}"),
+        )
         obj = props.get("tiffslide.objective-power")
         self.objective_power = float(obj) if obj not in (None, "") else None
         if self._ts.ts_tifffile.is_ome:
@@ -69,6 +73,7 @@ class TiffBackend(SlideBackend):
         for lvl, dims in enumerate(self._ts.level_dimensions):
             page = series.levels[lvl].keyframe
             _check_compression(self.path, page, lvl)
+            _check_claim(self.path, page, lvl, file_size)
             direct = bool(
                 getattr(page, "is_tiled", False)
                 and not getattr(page, "is_ndpi", False)
@@ -91,6 +96,35 @@ class TiffBackend(SlideBackend):
             self.levels.append(LevelInfo(int(dims[0]), int(dims[1]), tw, th, ds))
         if not self.levels:
             raise EmptySlideError(self.path, "the TIFF holds no image levels")
+        self._check_page_chain(file_size)
+
+    def _check_page_chain(self, file_size: int) -> None:
+        """Warn when the TIFF's list of pages breaks off: a page points to a next page beyond
+        the end of the file (the file is cut short after the pages read). What the missing
+        pages held is said where it can be known (an Aperio SVS holds a thumbnail, a label
+        and a macro image)."""
+        tif = self._ts.ts_tifffile
+        try:
+            n_pages = len(tif.pages)
+            last = tif.pages[n_pages - 1]
+            nxt = _next_ifd_offset(self._fd, tif, int(last.offset))
+        except Exception:  # the check must never stop a readable slide from opening
+            return
+        if nxt == 0 or nxt < file_size:
+            return
+        missing = ""
+        if self.vendor == "aperio":
+            gone = [n for n in ("thumbnail", "label", "macro") if n not in self.associated_names]
+            if gone:
+                missing = f" (the {', '.join(gone)} image{'s' if len(gone) > 1 else ''} of the SVS)"
+        warnings.warn(
+            f"{self.path}: the file is truncated ({file_size:,} bytes): its page {n_pages - 1} "
+            f"points to a next page at byte {nxt:,}, beyond the end, so every page after it is "
+            f"missing{missing}. The {len(self.levels)} pyramid level(s) present are read; "
+            "copy or download the file again to get the rest.",
+            TruncatedSlideWarning,
+            stacklevel=6,
+        )
 
     def _read_ome(self, xml: str) -> None:
         """OME-TIFF: pixel size and objective from the OME-XML (tiffslide does not parse them)."""
@@ -104,7 +138,11 @@ class TiffBackend(SlideBackend):
             size = pixels.get("PhysicalSizeX") or pixels.get("PhysicalSizeY")
             unit = pixels.get("PhysicalSizeXUnit", "µm")
             if size is not None and unit in OME_UNIT_TO_UM:
-                self.mpp = plausible_mpp(float(size) * OME_UNIT_TO_UM[unit])
+                try:
+                    value: object = float(size) * OME_UNIT_TO_UM[unit]
+                except ValueError:
+                    value = size
+                self.set_file_mpp((value, f"OME-XML PhysicalSizeX {size} {unit}"))
         objective = root.find(".//ome:Objective", ns) if ns else root.find(".//Objective")
         if objective is not None and objective.get("NominalMagnification"):
             self.objective_power = float(objective.get("NominalMagnification"))
@@ -166,6 +204,63 @@ class TiffBackend(SlideBackend):
             self._fd = None
         if getattr(self, "_ts", None) is not None:
             self._ts.close()
+
+
+def _mpp_origin(props) -> str:
+    """Where tiffslide read its mpp: the TIFF resolution tags (named with their values) when it
+    recovered it from them, else the vendor metadata."""
+    unit = props.get("tiff.ResolutionUnit")
+    if unit is not None and props.get("tiff.XResolution") is not None:
+        x = props.get("tiff.XResolution")
+        x = f"{x:g}" if isinstance(x, (int, float)) else str(x)
+        return f", from the TIFF resolution tags: {x} px per {str(unit).lower()}"
+    vendor = props.get("tiffslide.vendor")
+    return f", from the {vendor} metadata" if vendor else ""
+
+
+def _next_ifd_offset(fd: int, tif, ifd_offset: int) -> int:
+    """The next-page pointer stored at the end of the page (IFD) at ``ifd_offset``."""
+    big = bool(tif.is_bigtiff)
+    bo = tif.byteorder
+    count_fmt, entry, ptr_fmt = (f"{bo}Q", 20, f"{bo}Q") if big else (f"{bo}H", 12, f"{bo}I")
+    raw = os.pread(fd, struct.calcsize(count_fmt), ifd_offset)
+    (count,) = struct.unpack(count_fmt, raw)
+    where = ifd_offset + struct.calcsize(count_fmt) + count * entry
+    raw = os.pread(fd, struct.calcsize(ptr_fmt), where)
+    if len(raw) < struct.calcsize(ptr_fmt):
+        return where + 1  # the pointer itself is cut off: beyond the end
+    return struct.unpack(ptr_fmt, raw)[0]
+
+
+def _check_claim(path: Path, page, level: int, file_size: int) -> None:
+    """Refuse at open a level whose header claims what the file cannot hold: a tile (or
+    strip) table listing fewer chunks than the claimed width x height needs (e.g. a damaged
+    header claiming 10⁹ x 10⁹ px over a table of 16 tiles)."""
+    if getattr(page, "is_ndpi", False):  # NDPI: one JPEG stream per level, no chunk table
+        return
+    w, h = int(page.imagewidth), int(page.imagelength)
+    planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
+    if getattr(page, "is_tiled", False):
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        if tw <= 0 or th <= 0:
+            return
+        needed = -(-w // tw) * -(-h // th) * planes
+        unit = f"tiles of {tw}×{th} px"
+    else:
+        rows = int(getattr(page, "rowsperstrip", 0) or 0)
+        if rows <= 0:
+            return
+        needed = -(-h // min(rows, max(h, 1))) * planes
+        unit = f"strips of {rows} rows"
+    listed = len(page.dataoffsets)
+    if listed >= needed:
+        return
+    raise DamagedSlideError(
+        path,
+        f"the header of level {level} claims {w:,} × {h:,} px, which needs {needed:,} {unit}, "
+        f"but its table lists {listed:,} (the file has {file_size:,} bytes): the header is "
+        "damaged. Copy or download the file again.",
+    )
 
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
