@@ -587,6 +587,9 @@ class AnnotateWidget(QWidget):
         tl.addWidget(self.apply_label)
 
         layout = scrolling_layout(self)
+        from .reader_choice import reader_choice_panel
+
+        layout.addWidget(reader_choice_panel(self.viewer))
         layout.addLayout(src)
         layout.addWidget(classes)
         layout.addWidget(ann)
@@ -632,7 +635,7 @@ class AnnotateWidget(QWidget):
         hooks = [(layers.events.inserted, self._on_inserted),
                  (layers.events.removed, self._on_removed),
                  (ev.slides, self._update_layer_lists), (ev.store, self._on_store),
-                 (ev.out_dir, self._on_out_dir)]  # fmt: skip
+                 (ev.out_dir, self._on_out_dir), (ev.classifier, self._on_classifier)]  # fmt: skip
         for emitter, cb in hooks:
             emitter.connect(cb)
         disconnects = [lambda e=e, c=c: e.disconnect(c) for e, c in hooks]
@@ -737,6 +740,11 @@ class AnnotateWidget(QWidget):
         if event.value == self.current_uid():
             self._show_store()
             self._schedule()
+
+    def _on_classifier(self, event: Any) -> None:
+        """A linear probe trained, loaded or restored elsewhere (a project) is this dock's too."""
+        if event.value == SOURCE:
+            self.probe = self.session.classifiers.get(SOURCE)
 
     def _on_out_dir(self, event: Any = None) -> None:
         self._load_palette()

@@ -52,6 +52,7 @@ from ._jobs import JobPanel, fit_width, settle_width, wrap_in_scroll
 from .gallery import ColourBarLegend, TileGallery, centre_on_patch
 
 CUSTOM = "custom"
+TISSUE_CHOICES = (("Auto", "auto"), ("Whole image", "none"), ("Otsu (older stores)", "otsu"))
 DEVICES = ("auto", "cpu", "cuda")
 COLORMAPS = ("viridis", "inferno", "magma", "plasma", "turbo", "gray")
 MISSING_MPP = (
@@ -195,6 +196,12 @@ class GPFMWidget(QWidget):
         self.status = self.jobs.status
         self.cluster_jobs = JobPanel("Clusters", self.session, [])
 
+        self.tissue_combo = QComboBox()
+        for label, method in TISSUE_CHOICES:
+            self.tissue_combo.addItem(label, method)
+        self.tissue_combo.setToolTip(
+            "Auto finds tissue on whole slides, crops and TMAs; Whole image embeds every patch "
+            "(ROIs and crops that are all tissue); Otsu reproduces stores made before 0.2.")
         embed_box = QGroupBox("Embeddings")
         form = QFormLayout(embed_box)
         form.addRow("Slide layer", self.layer_combo)
@@ -204,6 +211,7 @@ class GPFMWidget(QWidget):
         form.addRow("Target mpp", self.mpp_spin)
         form.addRow("Patch size", self.size_spin)
         form.addRow("Overlap", self.overlap_spin)
+        form.addRow("Tissue", self.tissue_combo)
         form.addRow("Device", self.device_combo)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out_edit)
@@ -299,13 +307,16 @@ class GPFMWidget(QWidget):
             "table": QPushButton("Patch table"),
             "geojson": QPushButton("QuPath GeoJSON"),
         }
-        ex_box = QGroupBox("Export (to <output folder>/exports)")
+        ex_box = QGroupBox("Export (asks where; full-resolution maps and per-patch tables)")
         ex = QHBoxLayout(ex_box)
         for b in self.export_buttons.values():
             ex.addWidget(b)
 
         inner = QWidget()
         lay = QVBoxLayout(inner)
+        from .reader_choice import reader_choice_panel
+
+        lay.addWidget(reader_choice_panel(self.viewer))
         for box in (embed_box, cl_box, hm_box, sim_box, ex_box):
             lay.addWidget(box)
         lay.addStretch(1)
@@ -324,6 +335,7 @@ class GPFMWidget(QWidget):
         for spin in (self.mpp_spin, self.size_spin, self.overlap_spin):
             spin.valueChanged.connect(self._spec_edited)
         self.model_combo.currentIndexChanged.connect(self._recipe_changed)
+        self.tissue_combo.currentIndexChanged.connect(self._recipe_changed)
         self.random_check.toggled.connect(lambda _: self.refresh_models())
         self.out_button.clicked.connect(self._choose_out)
         self.out_edit.editingFinished.connect(
@@ -400,6 +412,12 @@ class GPFMWidget(QWidget):
         if uid is not None and self.session.hide_preview(uid):
             self.jobs.say("Tiling or model changed: the old preview was removed. Preview again, "
                           "or Compute (a new feature file is made beside the old one).")
+
+    def tissue_params(self):
+        """The tissue detection the current inputs ask for."""
+        from ..tiles import TissueParams
+
+        return TissueParams(method=self.tissue_combo.currentData())
 
     def spec(self):
         """The GridSpec of the current inputs (a preset, or the custom values)."""
@@ -488,11 +506,10 @@ class GPFMWidget(QWidget):
         if card is None:
             return None
         from ..jobs.embed import preview_job
-        from ..tiles import TissueParams
 
         uid = s.uid
         return self.jobs.run(
-            preview_job(s.slide, self.spec(), TissueParams(), card.input.size),
+            preview_job(s.slide, self.spec(), self.tissue_params(), card.input.size),
             on_result=lambda r: self._show_preview(uid, r), slide=uid,
         )  # fmt: skip
 
@@ -503,8 +520,8 @@ class GPFMWidget(QWidget):
         self.session.show_preview(uid, tissue, grid)
         spec = grid.spec
         self.say(f"{len(grid):,} patches of {spec.patch_size} px at {spec.target_mpp:g} µm/px "
-                 f"({grid.patch_size_level0} px at level 0) on {tissue.tissue_fraction:.0%} "
-                 "tissue. Compute embeddings to embed them.")  # fmt: skip
+                 f"({grid.patch_size_level0} px at level 0); {tissue.summary}. Compute "
+                 "embeddings to embed them.")  # fmt: skip
 
     # ================================================================== embed run
     def compute(self, overwrite: bool = False) -> Any:
@@ -516,11 +533,10 @@ class GPFMWidget(QWidget):
         if card is None:
             return None
         from ..jobs.embed import EmbedRequest, embed_or_load
-        from ..tiles import TissueParams
 
         self.session.set_out_dir(self.out_edit.text())
         req = EmbedRequest(
-            slide=s.slide, model=card.name, spec=self.spec(), tissue_params=TissueParams(),
+            slide=s.slide, model=card.name, spec=self.spec(), tissue_params=self.tissue_params(),
             out_dir=self.session.out_dir, device=self.device_combo.currentText(),
             allow_random=self.random_check.isChecked(), batch_size=self.batch_size,
             num_workers=self.num_workers, overwrite=overwrite,

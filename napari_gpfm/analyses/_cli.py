@@ -10,11 +10,13 @@ slide file) and embed the slide otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from napari_gpfm.errors import UsageError, require_file
+from napari_gpfm.errors import NapariGpfmError, UsageError, require_file
 
 __all__ = ["register", "run_train", "run_classify"]
 
@@ -66,6 +68,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
     t.add_argument("--allow-random-weights", action="store_true",
                    help="use a random network if no weights are found (tests, benchmarks)")
+    t.add_argument("--assume-model", default=None, metavar="NAME",
+                   help="the model that made a feature file of another tool that records none "
+                        "(no 'encoder' attribute); such files are refused without it")
     from .pathotune_cli import add_prompt_arguments
 
     add_prompt_arguments(t.add_argument_group("PathoTune (with --method pathotune)"))
@@ -92,12 +97,32 @@ def register(subparsers: Any) -> None:
     c.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
     c.add_argument("--allow-random-weights", action="store_true",
                    help="embed with a random network if no weights are found (tests)")
+    c.add_argument("--assume-model", default=None, metavar="NAME",
+                   help="the model that made feature files of another tool that record none "
+                        "(no 'encoder' attribute); such files are refused without it")
     c.set_defaults(func=run_classify)
 
 
 def _err(msg: str) -> None:
     """One ``error:`` line on stderr (the CLI's form; see :func:`napari_gpfm.errors.error_line`)."""
     print("error: " + " ".join(msg.split()), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warning_lines() -> Any:
+    """Warnings raised inside (external features, assumed models...) as one ``warning:`` line
+    each on stderr, each message once."""
+    seen: set[str] = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                text = " ".join(str(w.message).split())
+                if text not in seen:
+                    seen.add(text)
+                    print(f"warning: {text}", file=sys.stderr)
 
 
 def _embed_store(slide: Any, encoder: Any, spec: Any, store_dir: Path, args: Any,
@@ -158,8 +183,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.method == "pathotune":
         return run_train_pathotune(args, anns, store, names, palette)
     try:
-        result = train_classifier(anns, store, names, palette.colours(names),
-                                  min_fraction=args.min_fraction, cv_folds=args.folds)
+        with _warning_lines():
+            result = train_classifier(anns, store, names, palette.colours(names),
+                                      min_fraction=args.min_fraction, cv_folds=args.folds,
+                                      assume_model=args.assume_model)  # fmt: skip
+    except NapariGpfmError:  # the features (NaN, unknown model...): exit code 2, named
+        raise
     except ValueError as exc:
         _err(f"{args.annotations}: {exc}")
         return 1
@@ -199,7 +228,12 @@ def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: 
     if keep.sum() < 2 or len(set(patch_labels.labels[keep].tolist())) < 2:
         _err(f"{args.annotations}: PathoTune needs labelled patches of at least two classes")
         return 1
-    encoder = load_encoder(store.model, weights=args.weights, device=device,
+    from .classify import feature_model
+
+    with _warning_lines():
+        model = feature_model(store, getattr(args, "assume_model", None),
+                              what="a PathoTune backbone")  # fmt: skip
+    encoder = load_encoder(model, weights=args.weights, device=device,
                            allow_random=args.allow_random_weights)
     result = train_patch_labels(
         encoder, args.slide, store.coords[keep], store.patch_size_level0,
@@ -256,13 +290,16 @@ def classify_store(slide_path: str, probe: Any, args: argparse.Namespace, cache:
         tp = recipe.get("tissue_params")
         tissue = TissueParams.from_dict(tp) if isinstance(tp, dict) else None
         store = _embed_store(slide, cache["encoder"], spec, store_dir, args, tissue)
-    check_recipe(probe, store, source=str(args.classifier))
+    check_recipe(probe, store, source=str(args.classifier),
+                 assume_model=getattr(args, "assume_model", None))
     return store
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    """``classify``: 0 ok, 1 a slide failed; a missing input file or an unreadable classifier
-    raises a :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
+    """``classify``: 0 ok, 1 a slide failed (its problem named: NaN features, an unknown or
+    other model, a full disk...; the next slide is still tried, and a slide's outputs are
+    written all or nothing); a missing input file or an unreadable classifier raises a
+    :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
     from .classify import predict_store, write_outputs
     from .probe import load_probe
 
@@ -273,8 +310,9 @@ def run_classify(args: argparse.Namespace) -> int:
     cache: dict = {}
     for slide_path in args.slides:
         try:
-            store = classify_store(slide_path, probe, args, cache)
-            pred = predict_store(probe, store)
+            with _warning_lines():
+                store = classify_store(slide_path, probe, args, cache)
+                pred = predict_store(probe, store, assume_model=args.assume_model)
             paths = write_outputs(pred, args.out, per_patch=args.per_patch)
             counts = ", ".join(f"{n} {int((pred.labels == i).sum())}"
                                for i, n in enumerate(pred.class_names))

@@ -13,12 +13,25 @@ map and probability rasters first (labels + fit + predict + rasters, well under 
 10,000 labelled and 100,000 predicted patches, see ``bench/bench_probe_live.py``) and the
 cross-validated report after, so the viewer repaints before the slower cross-validation.
 No napari, Qt or torch here.
+
+Nothing silently wrong: features holding NaN or inf are refused naming the store
+(:class:`~napari_gpfm.embeddings.store.NonFiniteFeaturesError`); features from another tool
+that record no model (no ``encoder`` attribute) are refused for a classifier bound to a model
+unless the caller says which model made them (``assume_model=``, ``--assume-model``), with an
+:class:`~napari_gpfm.embeddings.store.ExternalFeaturesWarning` saying what cannot be checked.
+:func:`write_outputs` writes every file to a temporary name and renames them all only when all
+are whole: a full disk raises one :class:`~napari_gpfm.errors.OutputWriteError` and leaves the
+previous outputs untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import uuid
+import warnings
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from ..annotations.geojson import Annotation, class_polygons, patch_features, write_geojson
+from ..embeddings.store import ExternalFeaturesWarning, StoreError, atomic_h5
+from ..errors import NapariGpfmError, OutputWriteError
 from ..annotations.labels import PatchLabels, labels_from_annotations, unlabelled_reasons
 from .export import write_csv
 from .heatmap import PatchGrid, Raster, heatmap_raster, labels_raster, patch_grid
@@ -43,6 +58,7 @@ from .probe import (
 )
 
 __all__ = [
+    "UnknownFeatureModelError",
     "TrainResult",
     "Prediction",
     "LiveUpdate",
@@ -63,13 +79,64 @@ __all__ = [
 # --- stores ------------------------------------------------------------------------------------
 
 
-def store_recipe(store: Any) -> dict:
-    """The store's embedding recipe as a dict (for external files: what is known, the model)."""
+class UnknownFeatureModelError(StoreError, ValueError):
+    """Features from another tool record no model (no ``encoder`` attribute), so a classifier
+    bound to a model cannot be checked against them: say which model made them
+    (``assume_model=`` / ``--assume-model``)."""
+
+
+def store_recipe(store: Any, assume_model: str | None = None) -> dict:
+    """The store's embedding recipe as a dict (for external files: what is known, the model;
+    ``assume_model`` for one that records none, see :func:`feature_model`)."""
     recipe = getattr(store, "recipe", None)
     if recipe is not None:
         return _recipe_dict(recipe)
-    model = getattr(store, "model", None)
+    model = getattr(store, "model", None) or assume_model
     return {"model": model} if model else {}
+
+
+def _store_name(store: Any) -> str:
+    return str(getattr(store, "path", None) or "these features")
+
+
+def feature_model(store: Any, assume_model: str | None = None, need: bool = True,
+                  what: str = "a classifier") -> str | None:  # fmt: skip
+    """The model that made ``store``'s features: recorded, or ``assume_model`` for files of
+    another tool that record none (with an :class:`ExternalFeaturesWarning`).
+
+    Raises :class:`UnknownFeatureModelError` naming the store when the file records no model,
+    none is assumed and ``need`` (a classifier bound to a model), and ``ValueError`` when
+    ``assume_model`` contradicts the recorded model.
+    """
+    recorded = getattr(store, "model", None) or store_recipe(store).get("model")
+    name = _store_name(store)
+    if recorded:
+        if assume_model and str(assume_model) != str(recorded):
+            raise UnknownFeatureModelError(
+                name, f"records model {recorded!r}; --assume-model {assume_model!r} "
+                      "contradicts it (it is only for files that record no model)")  # fmt: skip
+        if getattr(store, "is_external", False):
+            warnings.warn(
+                f"{name}: features from another tool (model {recorded!r} as recorded); their "
+                "weights and tiling are not recorded and cannot be checked",
+                ExternalFeaturesWarning, stacklevel=3,
+            )  # fmt: skip
+        return str(recorded)
+    if assume_model:
+        warnings.warn(
+            f"{name}: the file records no model; assuming the features were made by "
+            f"{assume_model!r} (--assume-model). Their weights and tiling cannot be checked",
+            ExternalFeaturesWarning, stacklevel=3,
+        )  # fmt: skip
+        return str(assume_model)
+    if need:
+        raise UnknownFeatureModelError(
+            name,
+            "records no model (no 'encoder' attribute): features from another tool, whose "
+            f"model is unknown, so {what} cannot be checked against them. If you know which "
+            "model made them, say so: --assume-model NAME (assume_model='NAME')",
+        )
+    return None
 
 
 def store_geometry(store: Any) -> tuple[np.ndarray, int, float | None]:
@@ -172,6 +239,7 @@ def train_classifier(
     cv_folds: int = 5,
     seed: int = 0,
     extra_labels: PatchLabels | None = None,
+    assume_model: str | None = None,
 ) -> TrainResult:
     """Fit a linear probe on ``store``'s features labelled by ``annotations``.
 
@@ -180,15 +248,20 @@ def train_classifier(
     painted Labels layer) are merged in. ``cv_folds`` ≥ 2 adds a stratified cross-validated
     report (balanced accuracy, per-class recall, confusion); when that is impossible (a class
     with one labelled patch) the reason is in ``notes``. Raises ``ValueError`` when fewer than
-    two classes have labelled patches.
+    two classes have labelled patches, :class:`NonFiniteFeaturesError` (naming the store) for
+    NaN/inf features, and :class:`UnknownFeatureModelError` for another tool's file recording
+    no model unless ``assume_model`` names it (recorded in the classifier).
     """
+    feature_model(store, assume_model, what="a classifier trained on them")
+    _require_finite(store)
     labels = labels_for_store(annotations, store, class_names, min_fraction)
     if extra_labels is not None:
         labels = merge_labels(labels, extra_labels)
     names, col = _class_setup(labels, class_names, colours)
     X = store.features
-    probe = fit_probe(X, labels.labels, names, colours=col, recipe=store_recipe(store),
-                      why=unlabelled_reasons(labels, names))
+    probe = fit_probe(X, labels.labels, names, colours=col,
+                      recipe=store_recipe(store, assume_model),
+                      why=unlabelled_reasons(labels, names))  # fmt: skip
     notes = list(labels.skipped)
     report = None
     if cv_folds >= 2:
@@ -204,12 +277,30 @@ def train_classifier(
 # --- applying ----------------------------------------------------------------------------------
 
 
-def check_recipe(probe: LinearProbe, store: Any, source: str | os.PathLike | None = None) -> None:
+def _require_finite(store: Any) -> None:
+    """NonFiniteFeaturesError naming the store when its features hold NaN or inf."""
+    check = getattr(store, "require_finite", None)
+    if check is not None:
+        check()
+    else:
+        from ..embeddings.store import check_finite
+
+        check_finite(store.features, _store_name(store))
+
+
+def check_recipe(probe: LinearProbe, store: Any, source: str | os.PathLike | None = None,
+                 assume_model: str | None = None) -> None:  # fmt: skip
     """Raise :class:`RecipeMismatchError` when ``store``'s features are not the probe's kind.
 
-    The error names ``source`` (the classifier file) when given, else the store's file.
+    The error names ``source`` (the classifier file) when given, else the store's file. A file
+    of another tool that records no model is refused (:class:`UnknownFeatureModelError`) for a
+    probe bound to a model unless ``assume_model`` names the model that made it (then checked
+    like a recorded one, with an :class:`ExternalFeaturesWarning`).
     """
-    expected = store_recipe(store)
+    feature_model(store, assume_model, need=bool((probe.recipe or {}).get("model")),
+                  what=f"the classifier{f' {source}' if source else ''} (trained on "
+                       f"{(probe.recipe or {}).get('model')} features)")  # fmt: skip
+    expected = store_recipe(store, assume_model)
     store_file = getattr(store, "path", None)
     refused = source if source is not None else (store_file or "features")
     features = store_file if source is not None and store_file else "these features"
@@ -231,11 +322,13 @@ def check_recipe(probe: LinearProbe, store: Any, source: str | os.PathLike | Non
         )
 
 
-def load_classifier(path: str | os.PathLike, store: Any = None) -> LinearProbe:
-    """Read a classifier file; with ``store``, refuse it unless it fits that store's recipe."""
+def load_classifier(path: str | os.PathLike, store: Any = None,
+                    assume_model: str | None = None) -> LinearProbe:  # fmt: skip
+    """Read a classifier file; with ``store``, refuse it unless it fits that store's recipe
+    (``assume_model``: see :func:`check_recipe`)."""
     probe = load_probe(path)
     if store is not None:
-        check_recipe(probe, store, source=os.fspath(path))
+        check_recipe(probe, store, source=os.fspath(path), assume_model=assume_model)
     return probe
 
 
@@ -300,9 +393,13 @@ def predict_features(
     )
 
 
-def predict_store(probe: LinearProbe, store: Any) -> Prediction:
-    """Predict every patch of ``store`` (refused when the recipes differ)."""
-    check_recipe(probe, store)
+def predict_store(probe: LinearProbe, store: Any, assume_model: str | None = None) -> Prediction:
+    """Predict every patch of ``store``: refused when the recipes differ
+    (:func:`check_recipe`, ``assume_model`` for files recording no model) and when the features
+    hold NaN or inf (:class:`NonFiniteFeaturesError` naming the store: their probabilities would
+    be NaN)."""
+    check_recipe(probe, store, assume_model=assume_model)
+    _require_finite(store)
     coords, P, mpp = store_geometry(store)
     return predict_features(probe, store.features, coords, P, mpp,
                             getattr(store, "slide_name", "slide"))
@@ -354,6 +451,7 @@ def live_steps(
         ))
         return
     _, col = _class_setup(labels, names, colours)
+    _require_finite(store)
     X = store.features
     probe = fit_probe(X, labels.labels, names, colours=col, recipe=store_recipe(store))
     pred = predict_features(probe, X, coords, P, mpp, getattr(store, "slide_name", "slide"))
@@ -394,54 +492,110 @@ def write_outputs(
     - ``<name>_patches.h5``: datasets ``coords``, ``probabilities``, ``labels``,
       ``uncertainty``; attrs ``class_names``, ``colours`` and ``recipe`` (JSON),
       ``patch_size_level0``, ``mpp``.
-    """
-    import h5py
 
+    All or nothing: each file is written to a temporary name in ``out_dir`` and they are renamed
+    to their names only once all are whole (and on disk). A full disk, an I/O error or a
+    missing permission raises one :class:`~napari_gpfm.errors.OutputWriteError` naming the file
+    that failed; the temporary files are removed and the previous outputs are untouched.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = name or prediction.slide_name
     p = prediction
+    finals = {"geojson": out / f"{name}.geojson"}
+    if "csv" in tables:
+        finals["csv"] = out / f"{name}_patches.csv"
+    if "h5" in tables:
+        finals["h5"] = out / f"{name}_patches.h5"
+    token = uuid.uuid4().hex[:8]
+    tmps = {k: v.with_name(f".{v.stem}.{token}.tmp{v.suffix}") for k, v in finals.items()}
+    current = finals["geojson"]
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputWriteError(out, exc.errno or errno.EIO, "nothing was written") from exc
+        current = finals["geojson"]
+        write_geojson(tmps["geojson"], _prediction_annotations(p, per_patch))
+        if "csv" in finals:
+            current = finals["csv"]
+            cols: dict[str, np.ndarray] = {
+                "class": p.labels,
+                "class_name": np.asarray(p.class_names, dtype=object)[p.labels],
+            }
+            for i, n in enumerate(p.class_names):
+                cols[f"prob_{n}"] = p.proba[:, i]
+            cols["uncertainty"] = p.entropy
+            write_csv(tmps["csv"], p.coords, cols)
+        if "h5" in finals:
+            current = finals["h5"]
+            _write_prediction_h5(tmps["h5"], p)
+        for k in finals:  # everything is whole: on disk before any name changes
+            current = finals[k]
+            _fsync_file(tmps[k])
+        for k in finals:
+            current = finals[k]
+            os.replace(tmps[k], finals[k])
+    except BaseException as exc:
+        for tmp in tmps.values():
+            for leftover in (tmp, Path(f"{tmp}.part")):  # write_geojson's own temporary
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        if isinstance(exc, OutputWriteError):
+            if exc.path in tmps.values():  # name the output, not its temporary file
+                raise OutputWriteError(current, exc.errno, _kept(finals)) from exc
+            raise
+        if isinstance(exc, OSError) and not isinstance(exc, NapariGpfmError):
+            raise OutputWriteError(current, exc.errno or errno.EIO, _kept(finals)) from exc
+        raise
+    return dict(finals)
+
+
+def _kept(finals: dict[str, Path]) -> str:
+    old = [p.name for p in finals.values() if p.exists()]
+    if old:
+        return f"no output was changed (the previous {', '.join(old)} are untouched)"
+    return "no output was left behind"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prediction_annotations(p: Prediction, per_patch: bool) -> list:
     C = len(p.class_names)
     rgb = _rgb(p.colours, C)
-    paths: dict[str, Path] = {}
     if per_patch:
         meas = {f"Prob {n}": p.proba[:, i] for i, n in enumerate(p.class_names)}
         meas["Uncertainty"] = p.entropy
-        anns = patch_features(p.coords, p.patch_size_level0, meas, p.labels, p.class_names, rgb)
-    else:
-        anns = class_polygons(p.class_raster(), p.class_names, rgb)
-        for a in anns:
-            i = p.class_names.index(a.class_name)
-            sel = p.labels == i
-            area = a.area * (p.mpp**2 if p.mpp else 1.0)
-            a.properties["measurements"] = {
-                ("Area µm^2" if p.mpp else "Area px^2"): float(area),
-                "Num patches": int(sel.sum()),
-                "Mean probability": float(p.proba[sel, i].mean()) if sel.any() else 0.0,
-            }
-    paths["geojson"] = Path(write_geojson(out / f"{name}.geojson", anns))
-    if "csv" in tables:
-        cols: dict[str, np.ndarray] = {
-            "class": p.labels,
-            "class_name": np.asarray(p.class_names, dtype=object)[p.labels],
+        return patch_features(p.coords, p.patch_size_level0, meas, p.labels, p.class_names, rgb)
+    anns = class_polygons(p.class_raster(), p.class_names, rgb)
+    for a in anns:
+        i = p.class_names.index(a.class_name)
+        sel = p.labels == i
+        area = a.area * (p.mpp**2 if p.mpp else 1.0)
+        a.properties["measurements"] = {
+            ("Area µm^2" if p.mpp else "Area px^2"): float(area),
+            "Num patches": int(sel.sum()),
+            "Mean probability": float(p.proba[sel, i].mean()) if sel.any() else 0.0,
         }
-        for i, n in enumerate(p.class_names):
-            cols[f"prob_{n}"] = p.proba[:, i]
-        cols["uncertainty"] = p.entropy
-        paths["csv"] = Path(write_csv(out / f"{name}_patches.csv", p.coords, cols))
-    if "h5" in tables:
-        path = out / f"{name}_patches.h5"
-        tmp = path.with_name(path.name + ".part")
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("coords", data=p.coords.astype(np.int64))
-            f.create_dataset("probabilities", data=p.proba.astype(np.float32))
-            f.create_dataset("labels", data=p.labels.astype(np.int64))
-            f.create_dataset("uncertainty", data=p.entropy.astype(np.float32))
-            f.attrs["class_names"] = json.dumps(p.class_names)
-            f.attrs["colours"] = json.dumps(None if rgb is None else rgb.tolist())
-            f.attrs["recipe"] = json.dumps(p.recipe, default=str)
-            f.attrs["patch_size_level0"] = int(p.patch_size_level0)
-            f.attrs["mpp"] = float(p.mpp) if p.mpp else float("nan")
-        os.replace(tmp, path)
-        paths["h5"] = path
-    return paths
+    return anns
+
+
+def _write_prediction_h5(path: Path, p: Prediction) -> None:
+    """The per-patch HDF5 table, written whole through :func:`atomic_h5` (a full disk raises
+    OutputWriteError; HDF5 never sees a failed close, so nothing crashes)."""
+    rgb = _rgb(p.colours, len(p.class_names))
+    with atomic_h5(path) as f:
+        f.create_dataset("coords", data=p.coords.astype(np.int64))
+        f.create_dataset("probabilities", data=p.proba.astype(np.float32))
+        f.create_dataset("labels", data=p.labels.astype(np.int64))
+        f.create_dataset("uncertainty", data=p.entropy.astype(np.float32))
+        f.attrs["class_names"] = json.dumps(p.class_names)
+        f.attrs["colours"] = json.dumps(None if rgb is None else rgb.tolist())
+        f.attrs["recipe"] = json.dumps(p.recipe, default=str)
+        f.attrs["patch_size_level0"] = int(p.patch_size_level0)
+        f.attrs["mpp"] = float(p.mpp) if p.mpp else float("nan")

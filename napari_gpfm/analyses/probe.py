@@ -7,18 +7,27 @@ Prediction folds the scaler into the linear layer (``W/σ``, ``b − W·μ/σ``)
 matrix product, so 100,000 × 1024 patches are scored in a fraction of a second.
 
 A probe file (``.npz``, no pickle) holds the coefficients, scaler mean/scale, class names,
-colours and a JSON header with the embedding recipe and a sha256 of the arrays.
-:func:`load_probe` refuses a file whose recipe differs from the features it would be applied to
-(model, encoder weights sha256, target mpp, patch size): its coefficients would be meaningless.
+colours and a JSON header with the embedding recipe; its ``sha256`` covers the header (recipe,
+classes count, format) and the arrays together (format ``/2``), so an edited recipe is refused
+like an edited coefficient. :func:`load_probe` refuses a file whose recipe differs from the
+features it would be applied to (model, encoder weights sha256, target mpp, patch size): its
+coefficients would be meaningless. Files of the older format ``/1`` (sha256 of the arrays only)
+still load, with a :class:`ProbeFormatWarning` (save them again to sign their header).
+The file is written to a temporary name and renamed when whole; a full disk raises one
+:class:`~napari_gpfm.errors.OutputWriteError` and leaves the previous file untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +36,12 @@ import numpy as np
 
 from napari_gpfm.embeddings.recipe import recipe_diff
 from napari_gpfm.embeddings.store import RecipeMismatchError
-from napari_gpfm.errors import NapariGpfmError
+from napari_gpfm.errors import NapariGpfmError, OutputWriteError
 
 __all__ = [
     "RECIPE_KEYS",
     "ProbeFileError",
+    "ProbeFormatWarning",
     "RecipeMismatchError",
     "LinearProbe",
     "CVReport",
@@ -44,11 +54,16 @@ __all__ = [
 #: Recipe keys that must match between a probe file and the features it is applied to.
 RECIPE_KEYS = ("model", "weights_sha256", "target_mpp", "patch_size")
 _ALIASES = {"model_name": "model", "encoder": "model", "weights_hash": "weights_sha256"}
-_FORMAT = "napari-gpfm-linear-probe/1"
+_FORMAT = "napari-gpfm-linear-probe/2"
+_FORMAT_V1 = "napari-gpfm-linear-probe/1"  # sha256 of the arrays only
 
 
 class ProbeFileError(NapariGpfmError, ValueError):
     """A probe file is missing, unreadable or corrupt (the message names the file)."""
+
+
+class ProbeFormatWarning(UserWarning):
+    """A probe file of an older format, whose header (recipe) its checksum does not cover."""
 
 
 # RecipeMismatchError (a probe trained on embeddings of another recipe than the features it would
@@ -176,28 +191,62 @@ class LinearProbe:
         return arrays
 
     @staticmethod
-    def _digest(arrays: Mapping[str, np.ndarray]) -> str:
+    def _digest(arrays: Mapping[str, np.ndarray], header: Mapping[str, Any] | None = None) -> str:
+        """sha256 of the arrays (name, dtype, shape, bytes) and, from format /2 on, of the
+        header (canonical JSON, without its ``sha256``) before them."""
         h = hashlib.sha256()
+        if header is not None:
+            h.update(_canonical_header(header).encode())
         for key in sorted(arrays):
             h.update(key.encode())
-            h.update(np.ascontiguousarray(arrays[key]).tobytes())
+            a = np.ascontiguousarray(arrays[key])
+            if header is not None:
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
         return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the probe to ``path`` (an ``.npz`` file, written as named) and return it."""
+        """Write the probe to ``path`` (an ``.npz`` file, written as named) and return it.
+
+        Written to a temporary file beside ``path``, forced to disk and renamed: a full disk
+        raises :class:`~napari_gpfm.errors.OutputWriteError` naming ``path`` and the previous
+        file stays untouched."""
         arrays = self._arrays()
-        header = {
-            "format": _FORMAT,
-            "recipe": self.recipe,
-            "n_train": self.n_train,
-            "sha256": self._digest(arrays),
-        }
+        header = {"format": _FORMAT, "recipe": self.recipe, "n_train": self.n_train}
+        header["sha256"] = self._digest(arrays, header)
         path = os.fspath(path)
-        tmp = path + ".part"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, header=np.asarray(json.dumps(header)), **arrays)
-        os.replace(tmp, path)
+        write_atomic(path, lambda fh: np.savez(fh, header=np.asarray(json.dumps(header)),
+                                               **arrays))  # fmt: skip
         return path
+
+
+def _canonical_header(header: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True,
+                      separators=(",", ":"), default=str)  # fmt: skip
+
+
+def write_atomic(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(file object)`` on a temporary file beside ``path``, force it to disk and
+    rename it to ``path``. On failure the temporary file is removed and the previous ``path``
+    is untouched; an I/O failure (disk full, I/O error, no permission) raises
+    :class:`~napari_gpfm.errors.OutputWriteError` naming ``path``."""
+    final = os.fspath(path)
+    folder, name = os.path.split(final)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    kept = (f"the previous {name} is untouched" if os.path.exists(final)
+            else "no output was left behind")  # fmt: skip
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, NapariGpfmError):
+            raise OutputWriteError(final, exc.errno or errno.EIO, kept) from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -416,15 +465,36 @@ def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearPr
         header = json.loads(str(data.pop("header")))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ProbeFileError(f"{path}: probe header missing or unreadable") from exc
-    if header.get("format") != _FORMAT:
-        raise ProbeFileError(
-            f"{path}: unknown probe format {header.get('format')!r} (expected {_FORMAT})"
+    if not isinstance(header, dict):
+        raise ProbeFileError(f"{path}: probe header missing or unreadable")
+    fmt = header.get("format")
+    if fmt == _FORMAT:
+        if LinearProbe._digest(data, header) != header.get("sha256"):
+            raise ProbeFileError(
+                f"{path}: the probe's header (recipe, format) and arrays do not match their "
+                "sha256: the file is corrupt or was edited; train the classifier again"
+            )
+    elif fmt == _FORMAT_V1:
+        if LinearProbe._digest(data) != header.get("sha256"):
+            raise ProbeFileError(
+                f"{path}: probe arrays do not match their sha256 (file corrupt or edited)"
+            )
+        warnings.warn(
+            f"{path}: an older classifier file ({_FORMAT_V1}) whose checksum covers its arrays "
+            "but not its header (recipe): an edited recipe cannot be detected. Load and save "
+            "it again to sign both",
+            ProbeFormatWarning,
+            stacklevel=2,
         )
-    if LinearProbe._digest(data) != header.get("sha256"):
-        raise ProbeFileError(
-            f"{path}: probe arrays do not match their sha256 (file corrupt or edited)"
-        )
+    else:
+        raise ProbeFileError(f"{path}: unknown probe format {fmt!r} (expected {_FORMAT})")
+    missing = [k for k in ("class_names", "present", "coef", "intercept", "scaler_mean",
+                           "scaler_scale") if k not in data]  # fmt: skip
+    if missing:
+        raise ProbeFileError(f"{path}: probe arrays missing: {', '.join(missing)}")
     recipe = header.get("recipe") or {}
+    if not isinstance(recipe, dict):
+        raise ProbeFileError(f"{path}: the probe's recipe is not a mapping: {recipe!r}")
     if expected_recipe is not None:
         diff = _recipe_diff(recipe, _recipe_dict(expected_recipe))
         if diff:

@@ -26,6 +26,7 @@ classifiers and the last similarity query.
 - ``prediction``: a classifier painted a slide ((uid, source));
 - ``classifier``: the current classifier of a kind changed (source);
 - ``out_dir``: the output folder changed.
+- ``models``: the model registry changed (a finetuned student was exported).
 
 Results other plugins and scripts should see are also published as plain data where napari
 keeps them: the slide layer's ``metadata["napari_gpfm"]["results"]`` (store path, model,

@@ -34,6 +34,11 @@ class TileCache:
             self.hits += 1
             return tile
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached (no hit or miss counted, no LRU move)."""
+        with self._lock:
+            return key in self._items
+
     def put(self, key: Hashable, tile: np.ndarray) -> None:
         if tile.nbytes > self.max_bytes:
             return

@@ -44,9 +44,38 @@ BACKGROUND = 255
 THUMBNAIL_DIRECT_BYTES = 192 * 2**20
 THUMBNAIL_CHUNK = 2048
 
+# Regions needing at least this many undecoded stored tiles decode them on DECODE_THREADS.
+PARALLEL_TILES = 4
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+
 _shared_cache = TileCache()
 _uid_lock = threading.Lock()
 _next_uid = 0
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor | None:
+    """The process-wide tile-decoding threads (None with one CPU). Its tasks only decode
+    stored tiles and never wait on the pool, so nested use cannot deadlock."""
+    global _pool
+    if DECODE_THREADS < 2:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="napari-gpfm-decode")
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child (a patch-loading worker) has none of the parent's threads: a fresh pool."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def shared_tile_cache() -> TileCache:
@@ -241,13 +270,14 @@ class Slide:
         sx, sy = x * f, y * f
         sw, sh = min(w * f, src.width - sx), min(h * f, src.height - sy)
         region = self._read_level_region(lv.source, sx, sy, sw, sh)
-        if (sw, sh) == (w * f, h * f) and f == 2:  # exact 2x2 box mean (what BOX does), faster
-            acc = region.reshape(h, 2, w, 2, 3).astype(np.uint16).sum(axis=(1, 3))
-            return ((acc + 2) // 4).astype(np.uint8)
+        if (sw, sh) == (w * f, h * f):  # exact f x f box means (what BOX does), faster
+            return np.asarray(Image.fromarray(region).reduce(f))
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
 
     def _read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """A region in the coordinates of ``level`` itself; outside the image is background."""
+        """A region in the coordinates of ``level`` itself; outside the image is background.
+        Stored tiles not in the cache are decoded on the shared decode threads when there are
+        several (the decoders release the GIL)."""
         info = self._levels[level].info
         out = np.full((h, w, 3), BACKGROUND, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
@@ -255,9 +285,21 @@ class Slide:
         if x1 <= x0 or y1 <= y0:
             return out
         tw, th = info.tile_width, info.tile_height
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self.read_tile(level, tx, ty)
+        txs = range(x0 // tw, (x1 - 1) // tw + 1)
+        tys = range(y0 // th, (y1 - 1) // th + 1)
+        decoded: dict[tuple[int, int], np.ndarray] = {}
+        if self._levels[level].source is None and len(txs) * len(tys) >= PARALLEL_TILES:
+            missing = [(tx, ty) for ty in tys for tx in txs
+                       if (self._uid, level, tx, ty) not in self._cache]  # fmt: skip
+            pool = _decode_pool()
+            if pool is not None and len(missing) >= PARALLEL_TILES:
+                tiles = pool.map(lambda t: self.read_tile(level, t[0], t[1]), missing)
+                decoded = dict(zip(missing, tiles))
+        for ty in tys:
+            for tx in txs:
+                tile = decoded.get((tx, ty))
+                if tile is None:
+                    tile = self.read_tile(level, tx, ty)
                 ox, oy = tx * tw, ty * th
                 ax0, ay0 = max(x0, ox), max(y0, oy)
                 ax1, ay1 = min(x1, ox + tile.shape[1]), min(y1, oy + tile.shape[0])
@@ -337,6 +379,10 @@ class Slide:
         """
         w0, h0 = self.dimensions
         max_side = max(1, int(max_side))
+        key = (self._uid, "thumbnail", max_side)
+        cached = self._cache.get(key)  # tissue detection after a preview: computed once
+        if cached is not None:
+            return cached.copy(), w0 / cached.shape[1]
         target = max(w0, h0) / max_side
         level = self.best_level_for_downsample(max(target, 1.0))
         lw, lh = self.level_dimensions[level]
@@ -350,6 +396,9 @@ class Slide:
             image = self._reduce_level(level, max(1, min(lw // tw, lh // th)))
         if image.shape[:2] != (th, tw):
             image = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BOX))
+        kept = np.array(image)  # tissue detection after a preview reads it from here
+        kept.setflags(write=False)
+        self._cache.put(key, kept)
         return image, w0 / image.shape[1]
 
     def _reduce_level(self, level: int, k: int) -> np.ndarray:
@@ -360,19 +409,10 @@ class Slide:
         out = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
         step = k * max(1, THUMBNAIL_CHUNK // k)
         for y in range(0, lh, step):
-            ch = min(step, lh - y)
-            rows = np.arange(0, ch, k)
-            nrow = np.minimum(k, ch - rows)
             for x in range(0, lw, step):
-                cw = min(step, lw - x)
-                cols = np.arange(0, cw, k)
-                ncol = np.minimum(k, cw - cols)
-                chunk = self._read_level_region(level, x, y, cw, ch)
-                sums = np.add.reduceat(chunk, rows, axis=0, dtype=np.uint32)
-                sums = np.add.reduceat(sums, cols, axis=1, dtype=np.uint32)
-                count = (nrow[:, None] * ncol[None, :])[..., None].astype(np.uint32)
-                block = (sums + count // 2) // count
-                out[y // k : y // k + len(rows), x // k : x // k + len(cols)] = block
+                chunk = self._read_level_region(level, x, y, min(step, lw - x), min(step, lh - y))
+                block = np.asarray(Image.fromarray(chunk).reduce(k)) if k > 1 else chunk
+                out[y // k : y // k + block.shape[0], x // k : x // k + block.shape[1]] = block
         return out
 
     def thumbnail(self, max_side: int = 2048) -> np.ndarray:

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QAbstractButton, QApplication, QComboBox, QLineEdit
 from user import PLUGIN, new_window, open_slide
 
 DOCKS = ["Slide info", "GPFM", "Embedding plot", "Annotate and classify",
-         "PathoTune (prompt tuning)", "Finetune (distillation)"]  # fmt: skip
+         "PathoTune (prompt tuning)", "Finetune (distillation)", "Project (slide list)"]  # fmt: skip
 
 
 def clipped_controls(widget) -> list[str]:

@@ -115,3 +115,18 @@ def test_a_store_with_other_settings_is_replaced_only_after_asking(make_napari_v
         click(qtbot, dock.compute_button)
     qtbot.waitUntil(lambda: dock.jobs.outcome == "done" and not dock.jobs.busy, timeout=60_000)
     assert len(asked) == 2 and path.stat().st_mtime_ns != before
+
+
+def test_whole_image_tissue_choice_embeds_every_patch(make_napari_viewer, qtbot, tmp_path):
+    """A crop that tissue detection cannot judge: "Whole image" embeds every patch."""
+    viewer = new_window(make_napari_viewer)
+    layer = open_slide(viewer, write_white_slide(tmp_path / "crop.tif", size=1024))
+    dock = gpfm_dock(viewer, qtbot)
+    dock.tissue_combo.setCurrentIndex(dock.tissue_combo.findData("none"))
+    with qtbot.waitSignal(dock.jobs.finished, timeout=30_000):
+        click(qtbot, dock.preview_button)
+    assert "whole image" in dock.status.text().lower()
+    compute(qtbot, dock)
+    state = dock.session.slide(layer)
+    per_side = 1024 // state.patch_size_level0
+    assert state.n == per_side * per_side

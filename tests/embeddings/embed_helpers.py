@@ -52,3 +52,13 @@ class FailingEncoder:
             raise RuntimeError("injected failure (simulated crash)")
         self.calls += 1
         return self.inner.embed(x)
+
+
+def strip_integrity(f: Any) -> None:
+    """Make an open (``"a"``) store look written before checksums existed (no metadata digest,
+    no coords or features checksums): how older stores are read."""
+    for key in ("gpfm_meta_sha256", "gpfm_checksum", "gpfm_coords_checksum", "gpfm_n_nonfinite"):
+        if key in f.attrs:
+            del f.attrs[key]
+    if "gpfm_checksums" in f:
+        del f["gpfm_checksums"]
