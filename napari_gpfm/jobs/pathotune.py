@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NapariGpfmError
 from .progress import Meter, Progress
 
 __all__ = [
@@ -80,7 +81,7 @@ LOADING, READING, TRAINING, PREDICTING = (
 STAGES = (LOADING, READING, TRAINING, PREDICTING)
 
 
-class NotEnoughClassesError(ValueError):
+class NotEnoughClassesError(NapariGpfmError, ValueError):
     """Fewer than two classes have labelled patches; the message names every class's count."""
 
 
