@@ -470,8 +470,8 @@ def _notes(anns: Sequence[Annotation], source: str, slide_size: tuple[int, int] 
     if partly:
         notes.append(
             f"{source}: {len(partly)} feature{'s reach' if len(partly) > 1 else ' reaches'} "
-            f"{where} (feature{'s' if len(partly) > 1 else ''} {_listed(partly)}); only their "
-            "parts on the slide cover patches"
+            f"{where} (feature{'s' if len(partly) > 1 else ''} {_listed(partly)}); only "
+            f"{'their' if len(partly) > 1 else 'its'} part on the slide covers patches"
         )
     return notes
 
@@ -631,29 +631,49 @@ def _finite(value: Any, where: str, nulled: list[str], refuse: bool) -> Any:
     return value
 
 
-def _to_geojson(annotations: Iterable[Annotation], container: str | None
-                ) -> tuple[Any, list[str]]:  # fmt: skip
-    """:func:`annotations_to_geojson` and the places whose NaN/inf were written as null."""
+def _raw_geojson(annotations: Iterable[Annotation], container: str | None) -> Any:
     extra = getattr(annotations, "extra", {}) or {}
     if container is None:
         container = getattr(annotations, "container", COLLECTION)
-    feats, nulled = [], []
-    for i, a in enumerate(annotations):
-        feat = _annotation_to_feature(a)
-        for key in list(feat):
-            # a shape with a NaN position cannot be placed: refused; a measurement or any
-            # other value that is NaN is written as null (what JSON has for "no value")
-            refuse = key == "geometry"
-            feat[key] = _finite(feat[key], f"feature {i} {key}", nulled, refuse)
-        feats.append(feat)
-    extra = _finite(dict(extra), "FeatureCollection", nulled, False)
+    feats = [_annotation_to_feature(a) for a in annotations]
     if container == FEATURES:
-        return feats, nulled
+        return feats
     if container in (FEATURE, GEOMETRY) and len(feats) == 1:
-        return (feats[0]["geometry"] if container == GEOMETRY else feats[0]), nulled
+        return feats[0]["geometry"] if container == GEOMETRY else feats[0]
     if container not in (COLLECTION, FEATURE, GEOMETRY):
         raise ValueError(f"unknown GeoJSON container {container!r}")
-    return {"type": "FeatureCollection", "features": feats, **extra}, nulled
+    return {"type": "FeatureCollection", "features": feats, **extra}
+
+
+def _finite_feature(feat: Any, where: str, nulled: list[str]) -> Any:
+    """A feature with NaN/inf as null, except in its geometry (refused: a shape with a NaN
+    position cannot be placed)."""
+    if not isinstance(feat, Mapping):
+        return _finite(feat, where, nulled, False)
+    return {k: _finite(v, f"{where} {k}", nulled, k == "geometry") for k, v in feat.items()}
+
+
+def _encode(annotations: Iterable[Annotation], container: str | None
+            ) -> tuple[Any, str, list[str]]:  # fmt: skip
+    """(GeoJSON object, its JSON text, the places whose NaN/inf were written as null)."""
+    obj = _raw_geojson(annotations, container)
+    try:
+        return obj, json.dumps(obj, allow_nan=False), []  # the common case: one encode
+    except ValueError:
+        pass
+    nulled: list[str] = []
+    if isinstance(obj, list):
+        obj = [_finite_feature(f, f"feature {i}", nulled) for i, f in enumerate(obj)]
+    elif obj.get("type") == "FeatureCollection" and isinstance(obj.get("features"), list):
+        rest = {k: v for k, v in obj.items() if k != "features"}
+        rest = _finite(rest, "FeatureCollection", nulled, False)
+        feats = [_finite_feature(f, f"feature {i}", nulled) for i, f in enumerate(obj["features"])]
+        obj = {"type": "FeatureCollection", "features": feats, **rest}
+    elif obj.get("type") == "Feature":
+        obj = _finite_feature(obj, "feature 0", nulled)
+    else:  # a bare geometry
+        obj = _finite(obj, "feature 0 geometry", nulled, True)
+    return obj, json.dumps(obj, allow_nan=False), nulled
 
 
 def annotations_to_geojson(annotations: Iterable[Annotation], container: str | None = None) -> Any:
@@ -667,7 +687,7 @@ def annotations_to_geojson(annotations: Iterable[Annotation], container: str | N
     Never holds NaN or infinity (not JSON): such a measurement or property becomes ``None``
     (``null``); a geometry with one raises :class:`GeoJSONError` naming the feature.
     """
-    return _to_geojson(annotations, container)[0]
+    return _encode(annotations, container)[0]
 
 
 def write_geojson(
@@ -682,11 +702,8 @@ def write_geojson(
     path = os.fspath(path)
     container = None if as_collection is None else (COLLECTION if as_collection else FEATURES)
     try:
-        obj, nulled = _to_geojson(annotations, container)
-        text = json.dumps(obj, allow_nan=False)  # never a bare NaN: not JSON
+        _, text, nulled = _encode(annotations, container)  # never a bare NaN: not JSON
     except GeoJSONError as exc:
-        raise GeoJSONError(f"{path}: not written: {exc}") from None
-    except ValueError as exc:  # allow_nan=False: a non-finite number the sweep missed
         raise GeoJSONError(f"{path}: not written: {exc}") from None
     if nulled:
         warnings.warn(

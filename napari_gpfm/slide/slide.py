@@ -373,9 +373,9 @@ class Slide:
         (level-0 width / thumbnail width).
 
         Read from the level nearest the target size (the coarsest one not smaller than it).
-        A level up to ``THUMBNAIL_DIRECT_BYTES`` is read at once; a larger one is reduced
-        chunk by chunk (box means over whole level pixels, then a box resize to the exact
-        size), so memory stays bounded whatever the pyramid.
+        A level up to ``THUMBNAIL_DIRECT_BYTES`` is read at once; a larger one is box-resized
+        chunk by chunk (the same pixels), so memory stays bounded whatever the pyramid. The
+        result is kept in the tile cache: tissue detection after a preview reads it again.
         """
         w0, h0 = self.dimensions
         max_side = max(1, int(max_side))
@@ -392,27 +392,36 @@ class Slide:
             tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))
         if lw * lh * 3 <= THUMBNAIL_DIRECT_BYTES:
             image = self._read_level_region(level, 0, 0, lw, lh)
+            if (tw, th) != (lw, lh):
+                image = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BOX))
         else:
-            image = self._reduce_level(level, max(1, min(lw // tw, lh // th)))
-        if image.shape[:2] != (th, tw):
-            image = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BOX))
+            image = self._resize_level(level, tw, th)
         kept = np.array(image)  # tissue detection after a preview reads it from here
         kept.setflags(write=False)
         self._cache.put(key, kept)
         return image, w0 / image.shape[1]
 
-    def _reduce_level(self, level: int, k: int) -> np.ndarray:
-        """``level`` reduced by whole ``k`` x ``k`` blocks (box means; partial blocks at the
-        right and bottom edges average the pixels they hold), read in chunks of about
-        ``THUMBNAIL_CHUNK`` level pixels a side: the level is never held whole."""
+    def _resize_level(self, level: int, tw: int, th: int) -> np.ndarray:
+        """``level`` box-resized to ``tw`` x ``th`` chunk by chunk: each chunk of output
+        pixels is resampled from the level pixels under it (PIL's BOX with the chunk's exact
+        source box, so the result is the whole-level resize), and no chunk is larger than
+        about ``THUMBNAIL_CHUNK`` level pixels a side: the level is never held whole."""
         lw, lh = self.level_dimensions[level]
-        out = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
-        step = k * max(1, THUMBNAIL_CHUNK // k)
-        for y in range(0, lh, step):
-            for x in range(0, lw, step):
-                chunk = self._read_level_region(level, x, y, min(step, lw - x), min(step, lh - y))
-                block = np.asarray(Image.fromarray(chunk).reduce(k)) if k > 1 else chunk
-                out[y // k : y // k + block.shape[0], x // k : x // k + block.shape[1]] = block
+        sx, sy = lw / tw, lh / th
+        out = np.empty((th, tw, 3), np.uint8)
+        step_x = max(1, int(THUMBNAIL_CHUNK // sx))  # output pixels per chunk
+        step_y = max(1, int(THUMBNAIL_CHUNK // sy))
+        for r0 in range(0, th, step_y):
+            r1 = min(th, r0 + step_y)
+            y0, y1 = int(math.floor(r0 * sy)), min(lh, int(math.ceil(r1 * sy)))
+            for c0 in range(0, tw, step_x):
+                c1 = min(tw, c0 + step_x)
+                x0, x1 = int(math.floor(c0 * sx)), min(lw, int(math.ceil(c1 * sx)))
+                chunk = self._read_level_region(level, x0, y0, x1 - x0, y1 - y0)
+                box = (c0 * sx - x0, r0 * sy - y0, c1 * sx - x0, r1 * sy - y0)
+                part = Image.fromarray(chunk).resize((c1 - c0, r1 - r0), Image.Resampling.BOX,
+                                                     box=box)  # fmt: skip
+                out[r0:r1, c0:c1] = np.asarray(part)
         return out
 
     def thumbnail(self, max_side: int = 2048) -> np.ndarray:

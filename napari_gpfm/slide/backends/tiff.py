@@ -116,7 +116,8 @@ class TiffBackend(SlideBackend):
         if self.vendor == "aperio":
             gone = [n for n in ("thumbnail", "label", "macro") if n not in self.associated_names]
             if gone:
-                missing = f" (the {', '.join(gone)} image{'s' if len(gone) > 1 else ''} of the SVS)"
+                names = ", ".join(gone[:-1]) + " and " + gone[-1] if len(gone) > 1 else gone[0]
+                missing = f" (the {names} image{'s' if len(gone) > 1 else ''} of the SVS)"
         warnings.warn(
             f"{self.path}: the file is truncated ({file_size:,} bytes): its page {n_pages - 1} "
             f"points to a next page at byte {nxt:,}, beyond the end, so every page after it is "
