@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..layers.reader import layer_slide, set_layer_mpp
+from ..slide import MPP_RANGE, ImplausibleMppError
 
 PREVIEW_SIDE = 240
 
@@ -47,7 +48,7 @@ class SlideInfoWidget(QWidget):
         self.mpp_warning.setStyleSheet("color: #e0a000;")
         self.mpp_spin = QDoubleSpinBox()
         self.mpp_spin.setDecimals(4)
-        self.mpp_spin.setRange(0.02, 100.0)
+        self.mpp_spin.setRange(*MPP_RANGE)
         self.mpp_spin.setSingleStep(0.01)
         self.mpp_spin.setSuffix(" µm/px")
         self.mpp_button = QPushButton("Set pixel size")
@@ -167,5 +168,10 @@ class SlideInfoWidget(QWidget):
         layer = self.current_layer()
         if layer is None:
             return
-        set_layer_mpp(layer, float(self.mpp_spin.value()))
+        try:
+            set_layer_mpp(layer, float(self.mpp_spin.value()))
+        except ImplausibleMppError as exc:
+            self.mpp_warning.setText(str(exc))
+            self.mpp_warning.setVisible(True)
+            return
         self.refresh()

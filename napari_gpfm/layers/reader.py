@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..slide import MissingMppWarning, Slide, open_slide, slide_kind
-from ..slide.open import TIFF_SUFFIXES
+from ..slide.open import TIFF_SUFFIXES, special_file_kind
 
 LayerData = tuple  # (data, kwargs, layer_type)
 
@@ -28,6 +28,8 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
 
 def _is_ours(path: str | Path) -> bool:
     try:
+        if special_file_kind(path):
+            return True  # a FIFO or device named like a slide: our reader refuses it, by name
         kind = slide_kind(path)
         if kind is None:
             return False
