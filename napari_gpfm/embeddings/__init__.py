@@ -15,7 +15,7 @@ Nothing lost, nothing silently wrong: a full disk or an I/O error raises one
 ``OutputWriteError`` (the ``.partial`` file keeps what was written, a previous store is
 untouched, the process never crashes); a store with NaN/inf features is never marked complete
 (``NonFiniteFeaturesError``); damaged features, coords or metadata raise ``DamagedStoreError``
-naming the store (checksums: coords at open, features on first read).
+naming the store (metadata checked at open, coords and features on their first read).
 """
 
 from typing import Any

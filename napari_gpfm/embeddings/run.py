@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from napari_gpfm.encoders.device import autocast, resolve_device
+from napari_gpfm.errors import OutputWriteError
 from napari_gpfm.slide.errors import MissingMppError
 from napari_gpfm.slide.identity import slide_fingerprint
 from napari_gpfm.tiles.grid import PRESETS, GridSpec, level0_size, make_grid
@@ -27,8 +28,6 @@ from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_w
 from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
 
 from .recipe import EmbeddingRecipe, current_versions
-from napari_gpfm.errors import OutputWriteError
-
 from .store import (
     SlideMismatchError,
     StoreWriter,

@@ -37,6 +37,14 @@ output:
   without loading the model when every slide is finished. A store made from another file with
   the same name is refused: use another --out.
 
+failures (the slide is reported, the others go on, exit code 1):
+  A full disk or an I/O error names the file and the errno (ENOSPC, EIO...); the .partial file
+  keeps what was written (rerun to resume) and a finished store is untouched. Features with NaN
+  or inf are never marked complete (the .partial stays for inspection; --overwrite starts
+  afresh). A damaged store (checksums, metadata) is named with what is damaged: --overwrite
+  replaces it. A slide file replaced since its store was started or finished is refused,
+  naming both.
+
 multi-GPU:
   torchrun --nproc_per_node=4 -m napari_gpfm.jobs._cli SLIDES... --out DIR
   (or `napari-gpfm embed` under torchrun): rank r embeds slides[r::world_size].

@@ -62,3 +62,30 @@ def strip_integrity(f: Any) -> None:
             del f.attrs[key]
     if "gpfm_checksums" in f:
         del f["gpfm_checksums"]
+
+
+class NaNEncoder(FailingEncoder):
+    """Wraps an encoder; ``embed`` gives NaN in the first ``rows`` rows of every batch."""
+
+    def __init__(self, inner: Any, rows: int = 1) -> None:
+        super().__init__(inner, fail_after=10**9)
+        self.rows = rows
+
+    def embed(self, x: Any) -> Any:
+        out = self.inner.embed(x).clone()
+        out[: self.rows] = float("nan")
+        return out
+
+
+def flip_byte(path: Path, dataset: str, byte: int) -> None:
+    """Flip one bit of byte ``byte`` of ``dataset``'s raw data in the file (bit rot)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    assert offset is not None, f"{dataset} is not contiguous"
+    with open(path, "r+b") as fh:
+        fh.seek(offset + byte)
+        b = fh.read(1)
+        fh.seek(offset + byte)
+        fh.write(bytes([b[0] ^ 0x10]))
