@@ -57,6 +57,7 @@ _LOADING_MODEL = "loading model"
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``embed`` sub-command to ``subparsers`` (from ``add_subparsers``)."""
     from napari_gpfm.tiles.grid import PRESETS
+    from napari_gpfm.tiles.tissue import METHODS as TISSUE_METHODS
 
     p = subparsers.add_parser(
         "embed",
@@ -81,6 +82,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=None, help="overlap in px at target mpp")
     p.add_argument("--min-tissue", type=float, default=None,
                    help="minimum tissue fraction of a patch (default 0.5; 0 keeps all)")
+    p.add_argument("--tissue-method", choices=TISSUE_METHODS, default="auto",
+                   help="auto: Otsu on bimodal histograms, else saturation >= 0.07 (slides, "
+                        "crops, TMAs); otsu: the earlier detector (reuse older stores); fixed: "
+                        "saturation > min_saturation; none: the whole image is tissue")
+    p.add_argument("--no-tissue-mask", action="store_const", dest="tissue_method", const="none",
+                   help="same as --tissue-method none: embed every patch (crops, ROIs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=None,
                    help="patch-reading processes (default min(2, CPUs); 0 = main process)")
@@ -175,7 +182,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if getattr(card, "is_gpfm", True) is False:
         print(f"{tag}note: model '{card.name}' is not GPFM", file=sys.stderr)
 
-    settings = dict(model=card.name, spec=spec, tissue_params=TissueParams(), out_dir=args.out,
+    settings = dict(model=card.name, spec=spec, tissue_params=TissueParams(method=args.tissue_method), out_dir=args.out,
                     device=device, allow_random=args.allow_random_weights,
                     batch_size=args.batch_size, num_workers=args.num_workers,
                     overwrite=args.overwrite, weights=weights, index=False)  # fmt: skip

@@ -281,3 +281,25 @@ def test_the_docks_still_get_an_index_and_the_cli_none(tmp_path, sample_path):
         slide.close()
     assert loaded.loaded and loaded.index is not None
     assert loaded.index.n == made.store.n_patches
+
+
+def test_no_tissue_mask_embeds_every_patch_of_a_blank_crop(tmp_path, monkeypatch):
+    """A crop tissue detection calls empty: --no-tissue-mask embeds every patch; the default
+    refuses it with advice naming the option."""
+    import numpy as np
+    import tifffile
+
+    from napari_gpfm.cli import main
+    from napari_gpfm.embeddings import open_store
+
+    crop = tmp_path / "crop.tif"
+    img = np.full((512, 512, 3), 250, np.uint8)
+    tifffile.imwrite(crop, img, tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    args = ["embed", str(crop), "--out", str(tmp_path / "out"), "--model", TINY,
+            "--allow-random-weights", "--num-workers", "0"]
+    assert main(args) == 1
+    assert main([*args, "--no-tissue-mask"]) == 0
+    (store,) = (tmp_path / "out").glob("*/features_*/crop.h5")
+    s = open_store(store)
+    assert s.n_patches == (512 // s.patch_size_level0) ** 2
