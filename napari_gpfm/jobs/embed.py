@@ -4,9 +4,9 @@
 value is an :class:`EmbedOutcome` (the store, its features read and its similarity index
 built, so the caller's thread has nothing heavy left). Stages, in order: "looking for a
 finished store" (no model is built for that: the weights' digest is cached by path, size and
-mtime), "loading model", "detecting tissue", "embedding" (patches; the cancel points),
-"indexing" (only with ``EmbedRequest.index``). Closing the generator cancels the run and
-leaves a resumable store.
+mtime, in this process and on disk for the next one, see :func:`weights_digest`), "loading
+model", "detecting tissue", "embedding" (patches; the cancel points), "indexing" (only with
+``EmbedRequest.index``). Closing the generator cancels the run and leaves a resumable store.
 
 The ``napari-gpfm embed`` command (:mod:`napari_gpfm.jobs._cli`) drives the same generator with
 ``index=False``: re-running it over an embedded cohort finds every store without building the
@@ -15,6 +15,11 @@ model.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ from .progress import Progress
 __all__ = [
     "EmbedOutcome",
     "EmbedRequest",
+    "digest_cache_path",
     "embed_or_load",
     "find_store_for",
     "require_weights",
@@ -37,7 +43,18 @@ JOB = "embed"
 #: Encoders built in this process, by (model, device, allow_random, explicit weights file): a
 #: second run reuses one.
 _ENCODERS: dict[tuple[str, str, bool, str | None], Any] = {}
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+#: Weights digests computed or read in this process, by :func:`_file_key`.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+#: The persistent digest cache: ``$NAPARI_GPFM_CACHE_DIR/weights-digests.json``, by default
+#: ``~/.cache/napari-gpfm/weights-digests.json``.
+CACHE_DIR_ENV = "NAPARI_GPFM_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/napari-gpfm"
+DIGEST_CACHE_FILE = "weights-digests.json"
+_CACHE_VERSION = 1
+_CACHE_MAX_ENTRIES = 128
+_CACHE_MAX_BYTES = 1 << 20  # a valid cache of 128 entries is ~40 KB: larger is not ours
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -80,8 +97,16 @@ def weights_digest(card: Any, allow_random: bool = False, seed: int = 0,
 
     An explicit ``weights`` file: its sha256 (``None`` when it is not a file; loading would
     refuse it). Else the card's recorded sha256 when known, else the found file's,
-    ``random-init-seed-<seed>`` for random weights, ``None`` when no weights exist. Files are
-    hashed once per process and file version (path, size, mtime).
+    ``random-init-seed-<seed>`` for random weights, ``None`` when no weights exist.
+
+    A file is hashed once per file version: digests are kept in this process and in
+    :func:`digest_cache_path` (a small JSON file shared by every process) by the file's
+    resolved path, size, mtime and ctime (``st_ctime_ns``: it changes whenever the file's
+    content or metadata is written, so a file rewritten with its old size and mtime put back is
+    hashed again). A new ``napari-gpfm embed`` process re-running over a finished cohort thus
+    reads no weights at all. The cache only maps a file version to its digest: an entry that is
+    malformed, or whose file has changed since, is never used, and an unreadable cache file is
+    ignored (and replaced on the next write).
     """
     if weights is not None:
         path = Path(weights).expanduser()
@@ -94,14 +119,109 @@ def weights_digest(card: Any, allow_random: bool = False, seed: int = 0,
     return _file_digest(Path(status.path))
 
 
+def digest_cache_path() -> Path:
+    """``$NAPARI_GPFM_CACHE_DIR/weights-digests.json``, by default
+    ``~/.cache/napari-gpfm/weights-digests.json`` (may not exist)."""
+    base = os.environ.get(CACHE_DIR_ENV, "").strip() or DEFAULT_CACHE_DIR
+    return Path(base).expanduser() / DIGEST_CACHE_FILE
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    """(resolved path, size, mtime_ns, ctime_ns): one version of one file."""
+    resolved = path.resolve()
+    st = resolved.stat()
+    return str(resolved), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns)
+
+
 def _file_digest(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
+    key = _file_key(path)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = _read_cache().get(key)
+    if digest is None:
         from ..encoders import sha256_file
 
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
+        digest = sha256_file(key[0])
+        if _file_key(path) != key:  # written to while hashed: that digest describes no version
+            return digest
+        _write_cache(key, digest)
+    _DIGESTS[key] = digest
+    return digest
+
+
+def _valid_entry(path: Any, entry: Any) -> tuple[tuple[str, int, int, int], str] | None:
+    """``(key, digest)`` of one cache entry, or ``None`` when anything in it is malformed."""
+    if not isinstance(path, str) or not os.path.isabs(path) or not isinstance(entry, dict):
+        return None
+    fields = [entry.get(k) for k in ("size", "mtime_ns", "ctime_ns")]
+    if not all(type(v) is int and v >= 0 for v in fields):  # bool is not int here
+        return None
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+        return None
+    return (path, *fields), digest  # type: ignore[return-value]
+
+
+def _read_cache() -> dict[tuple[str, int, int, int], str]:
+    """The valid entries of the persistent cache (empty when it is missing or unreadable)."""
+    try:
+        with open(digest_cache_path(), "rb") as handle:
+            raw = handle.read(_CACHE_MAX_BYTES + 1)
+        if len(raw) > _CACHE_MAX_BYTES:
+            return {}
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+        return {}
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        return {}
+    out = {}
+    for path, entry in entries.items():
+        valid = _valid_entry(path, entry)
+        if valid is not None:
+            out[valid[0]] = valid[1]
+    return out
+
+
+def _write_cache(key: tuple[str, int, int, int], digest: str) -> None:
+    """Add ``key -> digest`` to the persistent cache, atomically (a temporary file renamed over
+    it). Entries of files that are gone or have changed are dropped, one entry per path, at most
+    ``_CACHE_MAX_ENTRIES`` (the oldest go first). The cache is only a shortcut: failing to write
+    it (read-only home, full disk) is not an error."""
+    merged = {}
+    for (path, *version), value in _read_cache().items():  # fresh: keep other processes' entries
+        if path == key[0]:
+            continue
+        try:
+            current = _file_key(Path(path))
+        except OSError:
+            continue
+        if current == (path, *version):
+            merged[path] = value, version
+    merged[key[0]] = digest, list(key[1:])
+    items = list(merged.items())[-_CACHE_MAX_ENTRIES:]
+    entries = {path: {"size": v[0], "mtime_ns": v[1], "ctime_ns": v[2], "sha256": d}
+               for path, (d, v) in items}  # fmt: skip
+    text = json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1)
+    target = digest_cache_path()
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def require_weights(card: Any, weights: str | Path | None = None,
