@@ -17,7 +17,7 @@ from .errors import NapariGpfmError, error_line
 
 # Each module exposes register(subparsers); the sub-command's func(args) returns the exit code.
 COMMAND_MODULES = [
-    "napari_gpfm._qt._cli",
+    "napari_gpfm.viewer_cli",
     "napari_gpfm.encoders._cli",
     "napari_gpfm.jobs._cli",
     "napari_gpfm.distill._cli",

@@ -25,6 +25,12 @@ from napari_gpfm._resources import sample_slide_path
 SAMPLE_MPP = 0.499
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Weights digests and other caches go to a temporary folder, never the user's."""
+    monkeypatch.setenv("NAPARI_GPFM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture(scope="session")
 def sample_svs() -> Path:
     return sample_slide_path()

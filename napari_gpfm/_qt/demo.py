@@ -249,11 +249,3 @@ def run_demo(args: argparse.Namespace) -> int:
           f"timings (cumulative): {steps}; total {time.perf_counter() - t0:.1f} s")  # fmt: skip
     viewer.close()
     return 1 if flow.error else 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registry model name (default: default_model_name())")
-    p.add_argument("--k", type=int, default=4, help="number of k-means clusters (default 4)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="testing only: use a randomly initialised model when weights are missing")
-    p.add_argument("--docs-images", type=Path, help=argparse.SUPPRESS)  # docs/images refresh

@@ -41,12 +41,19 @@ def current_versions() -> dict[str, str]:
 
     import napari_gpfm
 
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"napari_gpfm": napari_gpfm.__version__, "numpy": numpy.__version__}
-    for mod in ("torch", "timm"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover - optional in read-only installs
-            out[mod] = "absent"
+    try:
+        import torch  # its own version string keeps the build suffix (e.g. +cu130)
+
+        out["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover - optional in read-only installs
+        out["torch"] = "absent"
+    try:  # the installed distribution's version, without importing timm (seconds)
+        out["timm"] = version("timm")
+    except PackageNotFoundError:  # pragma: no cover
+        out["timm"] = "absent"
     return out
 
 
