@@ -23,7 +23,13 @@ from napari_gpfm.encoders.device import autocast, resolve_device
 from napari_gpfm.errors import OutputWriteError
 from napari_gpfm.slide.errors import MissingMppError
 from napari_gpfm.slide.identity import slide_fingerprint
-from napari_gpfm.tiles.grid import PRESETS, GridSpec, level0_size, make_grid
+from napari_gpfm.tiles.grid import (
+    DEFAULT_MAX_PATCHES,
+    PRESETS,
+    GridSpec,
+    level0_size,
+    make_grid,
+)
 from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_workers, iter_batches
 from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
 
@@ -169,6 +175,7 @@ def embed_slide(
     mpp: float | None = None,
     opener: Callable[..., Any] | None = None,
     torch_threads: int | None = None,
+    max_patches: int | None = DEFAULT_MAX_PATCHES,
 ) -> Generator[EmbedProgress, None, Path]:
     """Embed a slide into ``<out_dir>/<tiling>/features_<model>/<slide>.h5``, yielding progress.
 
@@ -221,6 +228,7 @@ def embed_slide(
                 slide, encoder, spec, Path(out_dir), t_start,
                 tissue_params=tissue_params, batch_size=batch_size, num_workers=num_workers,
                 device=device, overwrite=overwrite, opener=opener, torch_threads=torch_threads,
+                max_patches=max_patches,
             )
         )
     finally:
@@ -242,6 +250,7 @@ def _embed_open_slide(
     overwrite: bool,
     opener: Callable[..., Any] | None,
     torch_threads: int | None,
+    max_patches: int | None = DEFAULT_MAX_PATCHES,
 ) -> Generator[EmbedProgress, None, Path]:
     """Body of :func:`embed_slide` once the slide is open."""
     spec = spec or default_spec(encoder)
@@ -260,7 +269,8 @@ def _embed_open_slide(
     tissue = detect_tissue(slide, tissue_params)
     if tissue.is_empty:
         raise NoTissueError(no_tissue_message(slide.path, tissue_params))
-    grid = make_grid(slide, spec, tissue, encoder_input=_encoder_input_size(encoder))
+    grid = make_grid(slide, spec, tissue, encoder_input=_encoder_input_size(encoder),
+                     max_patches=max_patches)
     if len(grid) == 0:
         raise NoTissueError(
             no_tissue_message(

@@ -86,6 +86,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="auto: Otsu on bimodal histograms, else saturation >= 0.07 (slides, "
                         "crops, TMAs); otsu: the earlier detector (reuse older stores); fixed: "
                         "saturation > min_saturation; none: the whole image is tissue")
+    p.add_argument("--max-patches", type=int, default=2_000_000,
+                   help="refuse a slide whose grid exceeds N patches, e.g. from an absurd pixel "
+                        "size (default 2,000,000; 0: no limit)")
     p.add_argument("--no-tissue-mask", action="store_const", dest="tissue_method", const="none",
                    help="same as --tissue-method none: embed every patch (crops, ROIs)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -182,7 +185,9 @@ def run_embed(args: argparse.Namespace) -> int:
     if getattr(card, "is_gpfm", True) is False:
         print(f"{tag}note: model '{card.name}' is not GPFM", file=sys.stderr)
 
-    settings = dict(model=card.name, spec=spec, tissue_params=TissueParams(method=args.tissue_method), out_dir=args.out,
+    settings = dict(model=card.name, spec=spec, out_dir=args.out,
+                    tissue_params=TissueParams(method=args.tissue_method),
+                    max_patches=args.max_patches or None,
                     device=device, allow_random=args.allow_random_weights,
                     batch_size=args.batch_size, num_workers=args.num_workers,
                     overwrite=args.overwrite, weights=weights, index=False)  # fmt: skip

@@ -79,6 +79,7 @@ class EmbedRequest:
     overwrite: bool = False
     weights: str | None = None
     index: bool = True
+    max_patches: int | None = 2_000_000  # refuse larger grids (tiles.grid.DEFAULT_MAX_PATCHES)
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,7 @@ def _embed(req: EmbedRequest, encoder: Any, card: Any, dev: str) -> Generator[Pr
         tissue_params=req.tissue_params,
         batch_size=req.batch_size or batch_size_for(card, dev),
         num_workers=req.num_workers, device=dev, overwrite=req.overwrite,
+        max_patches=req.max_patches,
     )  # fmt: skip
     try:
         while True:

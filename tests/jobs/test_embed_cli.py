@@ -303,3 +303,17 @@ def test_no_tissue_mask_embeds_every_patch_of_a_blank_crop(tmp_path, monkeypatch
     (store,) = (tmp_path / "out").glob("*/features_*/crop.h5")
     s = open_store(store)
     assert s.n_patches == (512 // s.patch_size_level0) ** 2
+
+
+def test_max_patches_refuses_an_oversized_grid_and_names_the_flag(tmp_path, sample_svs, capsys):
+    """A grid larger than --max-patches is refused before any model work; the next slide runs."""
+    from napari_gpfm.cli import main
+
+    out = tmp_path / "out"
+    args = ["embed", str(sample_svs), "--out", str(out), "--model", TINY,
+            "--allow-random-weights", "--num-workers", "0"]
+    assert main([*args, "--max-patches", "5"]) == 1
+    assert "--max-patches" in capsys.readouterr().err
+    assert not list(out.glob("*/features_*/*.h5"))
+    assert main([*args, "--max-patches", "0"]) == 0
+    assert len(list(out.glob("*/features_*/*.h5"))) == 1
