@@ -153,9 +153,11 @@ def run_flow(flow: DemoFlow, timeout_s: float = DEMO_TIMEOUT_S) -> None:
         time.sleep(0.01)
     if not flow.done:
         flow._fail(f"the demo did not finish within {timeout_s:.0f} s")
-    for _ in range(5):  # let the last layers and the plot draw
+    for _ in range(20):  # let the last layers and the plot draw
         QApplication.processEvents()
-        time.sleep(0.02)
+        time.sleep(0.05)
+    flow.viewer.screenshot(canvas_only=False)  # one draw puts the overlays (colour bar, scale bar)
+    QApplication.processEvents()
 
 
 def write_doc_images(viewer, dock, out_dir: Path) -> list[Path]:
