@@ -201,6 +201,21 @@ class JobPanel(QWidget):
         self.finished.emit(self.outcome)
 
 
+def tap(job: Generator, emit: Callable[[Any], None]) -> Generator:
+    """``job``'s records, each also passed to ``emit`` (from the worker thread: a queued Qt
+    signal reaches the main thread), and its return value; closing this closes ``job``."""
+    try:
+        while True:
+            try:
+                record = next(job)
+            except StopIteration as stop:
+                return stop.value
+            emit(record)
+            yield record
+    finally:
+        job.close()
+
+
 class JobFailed(Exception):
     """Carries a job's exception through the worker (see :func:`_drive`)."""
 
@@ -227,7 +242,6 @@ def _drive(gen: Generator) -> Generator:
 
 def scrolling_layout(dock: QWidget) -> QVBoxLayout:
     """The layout to fill for a dock whose content scrolls (a small screen never clips it)."""
-    from qtpy.QtWidgets import QFrame, QScrollArea
 
     inner = QWidget()
     layout = QVBoxLayout(inner)

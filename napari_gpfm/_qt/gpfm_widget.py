@@ -49,11 +49,10 @@ from ..layers import convert
 from ..layers.gallery import exemplar_tiles, hit_tiles
 from ..layers.session import HEATMAP_LABELS, session_for
 from ._jobs import JobPanel, fit_width, settle_width, wrap_in_scroll
+from ._tiling import apply_preset, build_tiling_controls, mark_custom, spec_of
 from .gallery import ColourBarLegend, TileGallery, centre_on_patch
 
-CUSTOM = "custom"
 TISSUE_CHOICES = (("Auto", "auto"), ("Whole image", "none"), ("Otsu (older stores)", "otsu"))
-DEVICES = ("auto", "cpu", "cuda")
 COLORMAPS = ("viridis", "inferno", "magma", "plasma", "turbo", "gray")
 MISSING_MPP = (
     "{name}: the slide does not record its pixel size (µm/px), so patches cannot be cut at an "
@@ -153,7 +152,6 @@ class GPFMWidget(QWidget):
 
     # ================================================================== construction
     def _build(self, allow_random: bool) -> None:
-        from ..tiles import PRESETS
 
         self.layer_combo = QComboBox()
         self.model_combo = QComboBox()
@@ -161,25 +159,8 @@ class GPFMWidget(QWidget):
             "Models of the registry (models/*.yaml and your models folder). Non-GPFM models "
             "are flagged '(not GPFM)'."
         )
-        self.random_check = QCheckBox("Random weights (testing)")
-        self.random_check.setToolTip("Allow a randomly initialised model when its weights are "
-                                     "missing: for testing the workflow only.")
+        build_tiling_controls(self)
         self.random_check.setChecked(allow_random)
-        self.preset_combo = QComboBox()
-        self.preset_combo.addItems([*PRESETS, CUSTOM])
-        self.mpp_spin = QDoubleSpinBox()
-        self.mpp_spin.setRange(0.05, 20.0)
-        self.mpp_spin.setDecimals(3)
-        self.mpp_spin.setSingleStep(0.05)
-        self.mpp_spin.setSuffix(" µm/px")
-        self.size_spin = QSpinBox()
-        self.size_spin.setRange(16, 4096)
-        self.size_spin.setSuffix(" px")
-        self.overlap_spin = QSpinBox()
-        self.overlap_spin.setRange(0, 4095)
-        self.overlap_spin.setSuffix(" px")
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICES)
         self.out_edit = QLineEdit(str(self.session.out_dir))
         self.out_edit.setToolTip("Feature files go to <folder>/<tiling>/features_<model>/"
                                  "<slide>.h5. "
@@ -388,22 +369,10 @@ class GPFMWidget(QWidget):
         self.model_combo.setCurrentIndex(i)
 
     def set_preset(self, name: str) -> None:
-        from ..tiles import PRESETS
-
-        if name not in PRESETS:
-            return
-        spec = PRESETS[name]
-        for spin, v in ((self.mpp_spin, spec.target_mpp), (self.size_spin, spec.patch_size),
-                        (self.overlap_spin, spec.overlap)):  # fmt: skip
-            spin.blockSignals(True)
-            spin.setValue(v)
-            spin.blockSignals(False)
+        apply_preset(self, name)
 
     def _spec_edited(self) -> None:
-        if self.preset_combo.currentText() != CUSTOM:
-            self.preset_combo.blockSignals(True)
-            self.preset_combo.setCurrentText(CUSTOM)
-            self.preset_combo.blockSignals(False)
+        mark_custom(self)
         self._recipe_changed()
 
     def _recipe_changed(self, *_) -> None:
@@ -421,13 +390,7 @@ class GPFMWidget(QWidget):
 
     def spec(self):
         """The GridSpec of the current inputs (a preset, or the custom values)."""
-        from ..tiles import PRESETS, GridSpec
-
-        name = self.preset_combo.currentText()
-        if name in PRESETS:
-            return PRESETS[name]
-        return GridSpec(target_mpp=self.mpp_spin.value(), patch_size=self.size_spin.value(),
-                        overlap=self.overlap_spin.value())  # fmt: skip
+        return spec_of(self)
 
     def out_dir(self) -> Path:
         return self.session.out_dir

@@ -54,7 +54,7 @@ from ..embeddings import StoreError
 from ..encoders.errors import EncoderError
 from ..layers.annotation_layers import annotations_from_layer, is_annotation_layer
 from ..layers.session import session_for
-from ._jobs import JobPanel, scrolling_layout, settle_width
+from ._jobs import JobPanel, scrolling_layout, settle_width, tap
 from .annotate_widget import (
     WARNING_STYLE,
     fill_table,
@@ -76,20 +76,6 @@ class _Relay(QObject):
 
     record = Signal(object)
 
-
-def _relayed(job: Any, emit: Any) -> Any:
-    """``job``'s records, each also passed to ``emit`` (from the worker thread), and its return
-    value; closing this closes ``job``."""
-    try:
-        while True:
-            try:
-                record = next(job)
-            except StopIteration as stop:
-                return stop.value
-            emit(record)
-            yield record
-    finally:
-        job.close()
 
 SOURCE = "pathotune"  # the session's classifier / prediction key
 LABEL = "PathoTune"  # result layers: "<slide> · PathoTune classes"
@@ -425,7 +411,7 @@ class PathoTuneWidget(QWidget):
         self.loading_steps = []
         relay = _Relay()  # records reach the dock from the first one on (no race with start)
         relay.record.connect(self._on_progress)
-        job = _relayed(warmed(pathotune_job(job, self._stop), "pathotune"), relay.record.emit)
+        job = tap(warmed(pathotune_job(job, self._stop), "pathotune"), relay.record.emit)
         worker = self.jobs.run(job, slide=uid, on_result=lambda r: self._on_done(uid, r),
                                message=f"{what} {s.name}…")  # fmt: skip
         self._running.update(worker=worker, stop=self._stop, relay=relay)

@@ -16,7 +16,7 @@ annotation layers and the current classifier.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,7 @@ from qtpy.QtCore import QObject, QSize, Qt, Signal
 from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -38,7 +36,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -47,13 +44,12 @@ from qtpy.QtWidgets import (
 
 from ..layers import project as proj
 from ..layers.session import session_for
-from ._jobs import JobPanel, scrolling_layout, settle_width
+from ._tiling import DEVICES, apply_preset, build_tiling_controls, mark_custom, spec_of
+from ._jobs import JobPanel, scrolling_layout, settle_width, tap
 from .reader_choice import ReaderChoicePanel, prefer_folders
 
 __all__ = ["ProjectWidget"]
 
-CUSTOM = "custom"
-DEVICES = ("auto", "cpu", "cuda")
 #: The table: thumbnail, name and µm/px; the models the slide is embedded with (✓: in use);
 #: annotations and their classes; the classifier outputs. While "Embed all" ("Apply
 #: classifier to all") runs, each row's Embedded (Predicted) cell is its progress bar; a slide
@@ -92,20 +88,6 @@ class _Relay(QObject):
     """Carries a job's records from its worker thread to the dock (queued signal)."""
 
     record = Signal(object)
-
-
-def _tap(job: Generator, emit: Callable[[Any], None]) -> Generator:
-    """``job``'s records, each also passed to ``emit``; closing this closes ``job``."""
-    try:
-        while True:
-            try:
-                record = next(job)
-            except StopIteration as stop:
-                return stop.value
-            emit(record)
-            yield record
-    finally:
-        job.close()
 
 
 class _Row:
@@ -147,7 +129,6 @@ class ProjectWidget(QWidget):
 
     # ================================================================== UI
     def _build(self) -> None:
-        from ..tiles import PRESETS
 
         self.reader_panel = ReaderChoicePanel(self.viewer)
         self.folder_edit = QLineEdit(str(self.session.out_dir))
@@ -203,24 +184,7 @@ class ProjectWidget(QWidget):
         self.model_combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.model_combo.setMinimumContentsLength(12)
-        self.random_check = QCheckBox("Random weights (testing)")
-        self.random_check.setToolTip("Allow a randomly initialised model when its weights are "
-                                     "missing: for testing the workflow only.")  # fmt: skip
-        self.preset_combo = QComboBox()
-        self.preset_combo.addItems([*PRESETS, CUSTOM])
-        self.mpp_spin = QDoubleSpinBox()
-        self.mpp_spin.setRange(0.05, 20.0)
-        self.mpp_spin.setDecimals(3)
-        self.mpp_spin.setSingleStep(0.05)
-        self.mpp_spin.setSuffix(" µm/px")
-        self.size_spin = QSpinBox()
-        self.size_spin.setRange(16, 4096)
-        self.size_spin.setSuffix(" px")
-        self.overlap_spin = QSpinBox()
-        self.overlap_spin.setRange(0, 4095)
-        self.overlap_spin.setSuffix(" px")
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICES)
+        build_tiling_controls(self)
         self._settings_inner = QWidget()
         form = QFormLayout(self._settings_inner)
         form.setContentsMargins(0, 0, 0, 0)
@@ -349,33 +313,15 @@ class ProjectWidget(QWidget):
         self.model_combo.blockSignals(False)
 
     def set_preset(self, name: str) -> None:
-        from ..tiles import PRESETS
-
-        if name not in PRESETS:
-            return
-        spec = PRESETS[name]
-        for spin, v in ((self.mpp_spin, spec.target_mpp), (self.size_spin, spec.patch_size),
-                        (self.overlap_spin, spec.overlap)):  # fmt: skip
-            spin.blockSignals(True)
-            spin.setValue(v)
-            spin.blockSignals(False)
+        apply_preset(self, name)
         self._settings_title()
 
     def _spec_edited(self, *_: Any) -> None:
-        if self.preset_combo.currentText() != CUSTOM:
-            self.preset_combo.blockSignals(True)
-            self.preset_combo.setCurrentText(CUSTOM)
-            self.preset_combo.blockSignals(False)
+        mark_custom(self)
         self._settings_title()
 
     def spec(self) -> Any:
-        from ..tiles import PRESETS, GridSpec
-
-        name = self.preset_combo.currentText()
-        if name in PRESETS:
-            return PRESETS[name]
-        return GridSpec(target_mpp=self.mpp_spin.value(), patch_size=self.size_spin.value(),
-                        overlap=self.overlap_spin.value())  # fmt: skip
+        return spec_of(self)
 
     def settings(self) -> dict:
         """The embedding settings as plain data (saved with the project)."""
@@ -495,7 +441,7 @@ class ProjectWidget(QWidget):
         self._scan_relay = relay
         self.scan_jobs.setVisible(True)
         return self.scan_jobs.run(
-            _tap(proj.scan_job(items, self.session.out_dir), relay.record.emit),
+            tap(proj.scan_job(items, self.session.out_dir), relay.record.emit),
             message=f"Reading {len(items)} slide(s)…")  # fmt: skip
 
     def _on_scanned(self, p: Any) -> None:
@@ -773,7 +719,7 @@ class ProjectWidget(QWidget):
         relay = _Relay()
         relay.record.connect(self._on_record)
         self._relay = relay
-        return self.jobs.run(_tap(job, relay.record.emit), on_result=self._on_result,
+        return self.jobs.run(tap(job, relay.record.emit), on_result=self._on_result,
                              message=message)  # fmt: skip
 
     def embed_all(self) -> Any:

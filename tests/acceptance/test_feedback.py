@@ -10,26 +10,21 @@ import numpy as np
 import pytest
 import tifffile
 from mouse import draw_rectangle
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog, QInputDialog
-from user import add_dock, click, compute, gpfm_dock, new_window, open_slide, tick
+from user import (
+    add_class,
+    add_dock,
+    choose_class,
+    click,
+    compute,
+    gpfm_dock,
+    new_window,
+    open_slide,
+    tick,
+)
 
 
 # ------------------------------------------------------------------------------ helpers
-def add_class(qtbot, annotate, name: str) -> None:
-    annotate.class_name_edit.clear()
-    qtbot.keyClicks(annotate.class_name_edit, name)
-    click(qtbot, annotate.add_button)
-
-
-def choose_class(qtbot, annotate, name: str) -> None:
-    items = annotate.class_list.findItems(name, Qt.MatchFlag.MatchExactly)
-    rect = annotate.class_list.visualItemRect(items[0])
-    qtbot.mouseClick(annotate.class_list.viewport(), Qt.MouseButton.LeftButton,
-                     pos=rect.center())  # fmt: skip
-    assert annotate.session.palette.active == name
-
-
 def box_around(state, indices) -> tuple[np.ndarray, np.ndarray]:
     """World corners (y, x) just inside the box around these patches."""
     boxes = state.boxes(indices).reshape(-1, 2)

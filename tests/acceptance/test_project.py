@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 from gpfm_helpers import TINY
 from mouse import draw_rectangle
-from test_annotate_classify import add_class, choose_class, region, two_regions
-from user import add_dock, click, gpfm_dock, new_window, open_slide, snap, tick
+from user import (
+    add_class,
+    add_dock,
+    choose_class,
+    click,
+    gpfm_dock,
+    new_window,
+    open_slide,
+    region,
+    snap,
+    tick,
+    two_regions,
+)
 
 from napari_gpfm._qt import project_widget
 from napari_gpfm._qt.project_widget import ANNOTATED, EMBEDDED, PREDICTED, SLIDE

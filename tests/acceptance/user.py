@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from gpfm_helpers import TINY
+from qtpy.QtCore import Qt
 
 PLUGIN = "napari-gpfm"
 
@@ -57,8 +58,6 @@ def tick(qtbot, box) -> None:
 def gpfm_dock(viewer, qtbot, patch_size: int = 112):
     """The GPFM dock set up as a user would for the tiny model: random weights ticked, the
     model picked, custom 112 px patches at 0.5 µm/px."""
-    from qtpy.QtCore import Qt
-
     dock = add_dock(viewer, "GPFM")
     if not dock.random_check.isChecked():
         tick(qtbot, dock.random_check)
@@ -105,3 +104,52 @@ def snap(viewer, name: str) -> None:
             QApplication.processEvents()
         Path(folder).mkdir(parents=True, exist_ok=True)
         viewer.screenshot(str(Path(folder) / f"{name}.png"), canvas_only=False)
+
+
+# ------------------------------------------------------------------ classes and regions
+def add_class(qtbot, annotate, name: str) -> None:
+    """Type a class name and click Add."""
+    annotate.class_name_edit.clear()
+    qtbot.keyClicks(annotate.class_name_edit, name)
+    click(qtbot, annotate.add_button)
+
+
+def choose_class(qtbot, annotate, name: str) -> None:
+    """Click the class in the list."""
+    items = annotate.class_list.findItems(name, Qt.MatchFlag.MatchExactly)
+    assert items, f"no class {name!r} in the list"
+    rect = annotate.class_list.visualItemRect(items[0])
+    qtbot.mouseClick(annotate.class_list.viewport(), Qt.MouseButton.LeftButton,
+                     pos=rect.center())  # fmt: skip
+    assert annotate.session.palette.active == name
+
+
+def region(state, indices) -> tuple[np.ndarray, np.ndarray]:
+    """World corners (y, x) of the box around these patches, a little inside their edges."""
+    boxes = state.boxes(indices).reshape(-1, 2)
+    lo, hi = boxes.min(0), boxes.max(0)
+    pad = 0.1 * (hi - lo).min()
+    return lo + pad, hi - pad
+
+
+def class_maps(viewer, uid) -> list:
+    return [la for la in viewer.layers
+            if la.metadata.get("napari_gpfm", {}).get("kind") == "class-map"
+            and la.metadata["napari_gpfm"].get("slide_uid") == uid]  # fmt: skip
+
+
+def two_regions(state):
+    """Two groups of 4 neighbouring patches far apart (top and bottom of the tissue)."""
+    order = np.lexsort((state.coords[:, 0], state.coords[:, 1]))
+    P = state.patch_size_level0
+    where = {tuple(c): i for i, c in enumerate(state.coords.tolist())}
+
+    def block(start):
+        for i in start:
+            x, y = state.coords[i]
+            quad = [where.get((x + dx, y + dy)) for dx, dy in ((P, 0), (0, P), (P, P))]
+            if None not in quad:
+                return [int(i), *quad]
+        raise AssertionError("no 2x2 block of patches")
+
+    return block(order), block(order[::-1])
