@@ -15,13 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ..slide.open import READER_SUFFIXES as SLIDE_SUFFIXES
 from .config import Config
 
 TILE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
-)
 UNLABELLED = -1
 
 

@@ -20,11 +20,16 @@ from .slide import Slide
 MPP_GIVEN = "given with --mpp or open_slide(mpp=...)"
 
 # Extensions that are whole-slide images whatever their content (errors are ours to report).
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".ome.tif", ".ome.tiff")
-# Generic TIFFs: ours only when tiled or pyramidal (plain images are left to napari).
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".qptiff")
+# Generic TIFFs (OME-TIFF included): ours only when tiled or pyramidal (plain images are left
+# to napari).
 TIFF_SUFFIXES = (".tif", ".tiff")
 OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 DICOM_SUFFIXES = (".dcm",)
+#: Every file suffix (``Path.suffix``, lower case) napari-gpfm opens as a slide: the one list.
+#: napari.yaml's reader ``filename_patterns`` are these as ``*<suffix>`` (a test compares them);
+#: a folder, or a file without a known suffix, is a slide only when it holds DICOM.
+READER_SUFFIXES = SLIDE_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + DICOM_SUFFIXES
 #: Files of a folder probed for the DICOM magic when none is named ``*.dcm``.
 DICOM_PROBE_FILES = 64
 
