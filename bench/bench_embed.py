@@ -7,7 +7,7 @@ Measures, in one run:
    patches/s (the same encoder, ``preprocess`` + ``embed`` on the same patches pre-loaded in
    memory, same batch size and threads). Goal: steady-state ratio ≥ 0.9.
 2. **Peak memory** (main process + loader workers, PSS) while embedding a whole large synthetic
-   pyramid (``napari_gpfm.slide.synthetic.make_large_pyramid``, 100,000² px, tens of thousands
+   pyramid (``tests/synthetic_slides.make_large_pyramid``, 100,000² px, tens of thousands
    of tissue patches) with a tiny model, sampled along the run: it must stay flat as patches
    accumulate (goal: peak < 3 GB). ``--large-batches N`` stops after N batches instead.
 3. **GPU** (only when CUDA is available): the same comparison with autocast.
@@ -35,6 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # synthetic_slides
 
 from napari_gpfm.embeddings import embed_slide  # noqa: E402
 from napari_gpfm.embeddings.run import cpu_threads_for  # noqa: E402
@@ -42,7 +43,6 @@ from napari_gpfm.encoders.device import autocast, precision_name  # noqa: E402
 from napari_gpfm.slide import open_slide  # noqa: E402
 from napari_gpfm.tiles import PRESETS, TissueParams, detect_tissue, make_grid  # noqa: E402
 
-SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
 
 CARD = """\
 name: {name}
@@ -213,11 +213,8 @@ def throughput_section(args, slide_path: Path, device: str, batch_size: int, wor
 
 
 def rss_section(args, models_dir: Path, rows: list[tuple[str, str]]) -> None:
-    try:
-        from napari_gpfm.slide.synthetic import make_large_pyramid
-    except ImportError:
-        rows.append(("peak RSS", "skipped: napari_gpfm.slide.synthetic.make_large_pyramid absent"))
-        return
+    from synthetic_slides import make_large_pyramid
+
     encoder = make_encoder(models_dir, "bench-tiny", "vit_small_patch14_dinov2", 56, "cpu",
                            extra=", embed_dim: 48, depth: 2, num_heads: 2")
     side = args.large_side
@@ -291,17 +288,13 @@ def main() -> int:
             rss_section(args, models_dir, rows)
         cpu_slide = args.slide
         if cpu_slide is None:
-            cpu_slide = SAMPLE
-            try:
-                from napari_gpfm.slide.synthetic import make_large_pyramid
+            from synthetic_slides import make_large_pyramid
 
-                cpu_slide = make_large_pyramid(models_dir / "cpu.tif", args.cpu_side, args.cpu_side)
-            except ImportError:
-                pass
+            cpu_slide = make_large_pyramid(models_dir / "cpu.tif", args.cpu_side, args.cpu_side)
         throughput_section(args, cpu_slide, "cpu", args.batch_size, workers, models_dir, rows)
         if torch.cuda.is_available():
             gpu_workers = max(workers, min(8, (os.cpu_count() or 2) - 1))
-            from napari_gpfm.slide.synthetic import make_large_pyramid
+            from synthetic_slides import make_large_pyramid
 
             gpu_slide = make_large_pyramid(models_dir / "gpu.tif", args.gpu_side, args.gpu_side)
             throughput_section(args, gpu_slide, "cuda", args.gpu_batch_size, gpu_workers,

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic_slides
 
 PATCH = 224  # px at 0.5 µm/px
 N_TILES = 50
@@ -138,7 +139,7 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_gpfm._resources import sample_slide_path
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gallery_"))
     viewer = napari.Viewer(show=True)

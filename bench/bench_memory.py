@@ -1,7 +1,7 @@
 """Peak memory of the thumbnail and tissue detection on a pyramid whose smallest level is large.
 
 A 2-level 100,000 x 100,000 px pyramid (100k + 50k, tiled JPEG, written in about a second by
-``napari_gpfm.slide.synthetic.make_large_pyramid`` from the bundled sample's tissue) is opened in
+``tests/synthetic_slides.make_large_pyramid`` from the bundled sample's tissue) is opened in
 a fresh subprocess, which builds the thumbnail (``Slide.thumbnail_with_downsample(2048)``) and the
 tissue mask (``detect_tissue``); the parent samples the child's RSS with psutil every 20 ms and
 the child reports its own peak (``VmHWM``; ``ru_maxrss`` would count the parent's at the fork).
@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # synthetic_slides
 
 LIMIT_BYTES = 2**30  # the issue's bound: 1 GB
 
@@ -93,7 +94,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="write the pyramid here, keep it")
     args = ap.parse_args()
 
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / f"pyramid_{args.side}_{args.levels}.tif"

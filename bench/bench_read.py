@@ -11,6 +11,7 @@ the real sample) and reports time and memory. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ import psutil
 
 from napari_gpfm._resources import sample_slide_path
 from napari_gpfm.slide import open_slide, shared_tile_cache
-from napari_gpfm.slide.synthetic import make_large_pyramid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic_slides import make_large_pyramid  # noqa: E402 - tests/ is not a package
 
 PATCH = 224
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic_slides
 
 VITS_CARD = """\
 name: bench-vits14
@@ -162,7 +163,7 @@ def open_big_slide(viewer, tmp: Path, n: int, dim: int):
     """A synthetic slide layer "big" (a tiled copy of the sample, as large as the grid) with a
     synthetic store of ``n`` patches attached; returns its state in the window's session."""
     from napari_gpfm.layers.session import session_for
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     store, side = synthetic_store(n, dim)
     path = make_large_pyramid(tmp / "big.tif", side * 224, side * 224, mpp=MPP)

@@ -99,7 +99,7 @@ def dicom_dir(tmp_path_factory, sample_svs) -> Path:
 
 @pytest.fixture(scope="session")
 def large_pyramid(tmp_path_factory) -> Path:
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     return make_large_pyramid(tmp_path_factory.mktemp("large") / "large.tif", 100_000, 100_000)
 

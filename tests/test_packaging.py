@@ -59,6 +59,15 @@ def test_wheel_ships_manifest_models_and_sample(wheel):
     assert "napari-gpfm = napari_gpfm.cli:main" in entry_points
 
 
+def test_wheel_ships_no_test_or_benchmark_helpers(wheel):
+    """The synthetic-pyramid writer serves only tests and bench/: it lives in tests/."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    assert [n for n in names if Path(n).stem in ("synthetic", "synthetic_slides")] == []
+    assert [n for n in names if n.split("/")[0] in ("tests", "bench")] == []
+    assert (ROOT / "tests" / "synthetic_slides.py").is_file()
+
+
 def test_npe2_validate_passes_on_the_installed_wheel(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

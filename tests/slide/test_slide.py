@@ -91,7 +91,7 @@ def test_missing_mpp_is_never_invented(nompp_tif):
 
 
 def test_large_single_level_slide_gets_virtual_levels(tmp_path):
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     path = make_large_pyramid(tmp_path / "flat.tif", 9000, 5000, min_side=10**9)  # no reduced levels
     slide = open_slide(path)

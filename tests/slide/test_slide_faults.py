@@ -124,7 +124,7 @@ def test_slide_info_override_goes_through_the_validator(sample_svs):
 @pytest.fixture(scope="module")
 def two_level_pyramid(tmp_path_factory) -> Path:
     """16,384² + 8,192²... no: 20,000² + 10,000² (the smallest stored level is large)."""
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     return make_large_pyramid(tmp_path_factory.mktemp("two") / "two.tif", 20_000, 20_000,
                               min_side=10_000)  # fmt: skip
@@ -196,7 +196,7 @@ def test_a_large_level_is_reduced_chunk_by_chunk(two_level_pyramid, monkeypatch)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_thumbnail_and_tissue_of_a_40k_two_level_pyramid_stay_under_1_gb(tmp_path):
     """The issue's 40k² case (40k + 20k levels peaked at 3.2 GB), measured in a subprocess."""
-    from napari_gpfm.slide.synthetic import make_large_pyramid
+    from synthetic_slides import make_large_pyramid
 
     path = make_large_pyramid(tmp_path / "forty.tif", 40_000, 40_000, min_side=20_000)
     child = textwrap.dedent(
