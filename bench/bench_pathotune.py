@@ -71,7 +71,7 @@ def load_tiles(size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def probe_row(encoder, imgs, y, classes, folds) -> dict:
     import torch
 
-    from napari_gpfm.analyses.pathotune import balanced_accuracy
+    from napari_gpfm.pathotune import balanced_accuracy
     from napari_gpfm.analyses.probe import fit_probe
 
     t = time.perf_counter()
@@ -93,7 +93,7 @@ def probe_row(encoder, imgs, y, classes, folds) -> dict:
 
 
 def prompt_row(encoder, imgs, y, classes, folds, config, args) -> dict:
-    from napari_gpfm.analyses import pathotune as pt
+    from napari_gpfm import pathotune as pt
 
     cfg = pt.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          val_fraction=args.val_fraction, patience=args.patience,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.model_selection import StratifiedKFold
 
-    from napari_gpfm.analyses import pathotune as pt
+    from napari_gpfm import pathotune as pt
     from napari_gpfm.encoders import load_encoder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,9 +20,9 @@ COMMAND_MODULES = [
     "napari_gpfm.viewer_cli",
     "napari_gpfm.encoders._cli",
     "napari_gpfm.jobs._cli",
+    "napari_gpfm.jobs._classify_cli",
     "napari_gpfm.distill._cli",
-    "napari_gpfm.analyses._cli",
-    "napari_gpfm.analyses.pathotune_cli",
+    "napari_gpfm.pathotune._cli",
 ]
 
 #: Exit code of a command refused for bad input (argparse uses the same for bad arguments).

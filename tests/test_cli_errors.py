@@ -128,8 +128,8 @@ def test_a_missing_file_from_the_os_is_mapped_too(tmp_path, capsys):
 
 def _examples():
     """One error of each package, built as the package builds it, with its extra builtin base."""
-    from napari_gpfm.analyses.pathotune.io import BackboneMismatchError, ClassifierFileError
-    from napari_gpfm.analyses.pathotune.predict import GeometryMismatchError
+    from napari_gpfm.pathotune.io import BackboneMismatchError, ClassifierFileError
+    from napari_gpfm.pathotune.predict import GeometryMismatchError
     from napari_gpfm.analyses.probe import ProbeFileError
     from napari_gpfm.analyses.probe import RecipeMismatchError as ProbeRecipeMismatchError
     from napari_gpfm.analyses.similarity import ModelMismatchError

@@ -115,7 +115,7 @@ class PathoTuneWidget(QWidget):
 
     # ================================================================== UI
     def _build(self) -> None:
-        from ..analyses.pathotune.text import DEFAULT_TEMPLATE, TextTemplate
+        from ..pathotune.text import DEFAULT_TEMPLATE, TextTemplate
         from ..encoders import default_model_name, list_cards
 
         self.slide_combo, self.shapes_combo = QComboBox(), QComboBox()
@@ -327,13 +327,13 @@ class PathoTuneWidget(QWidget):
         return next((la for la in self.layers if int(la.unique_id) == uid), None)
 
     def prompt_config(self) -> Any:
-        from ..analyses.pathotune import PromptConfig
+        from ..pathotune import PromptConfig
 
         return PromptConfig(tvp=self.tvp_check.isChecked(), n_tvp=self.n_spin.value(),
                             ttp=self.ttp_check.isChecked(), ivp=self.ivp_check.isChecked())
 
     def template(self) -> Any:
-        from ..analyses.pathotune import TextTemplate
+        from ..pathotune import TextTemplate
 
         return TextTemplate(self.template_edit.text(), self.stain_edit.text(),
                             self.tissue_edit.text(), self.task_edit.text())
@@ -352,7 +352,7 @@ class PathoTuneWidget(QWidget):
 
     def _job(self, classifier: Any = None) -> Any:
         """The job's inputs (raises the package's errors with a message for the user)."""
-        from ..analyses.pathotune import TrainConfig
+        from ..pathotune import TrainConfig
         from ..jobs.pathotune import PathoTuneJob
 
         s = self.slide_state()
@@ -504,7 +504,7 @@ class PathoTuneWidget(QWidget):
 
     # ================================================================== files
     def save(self, path: str | Path) -> Path | None:
-        from ..analyses.pathotune import save_classifier
+        from ..pathotune import save_classifier
 
         if self.classifier is None:
             self.jobs.say("Nothing to save: train a classifier first.", error=True)
@@ -519,7 +519,7 @@ class PathoTuneWidget(QWidget):
         return out
 
     def load(self, path: str | Path) -> Any:
-        from ..analyses.pathotune import load_classifier
+        from ..pathotune import load_classifier
 
         try:
             clf = load_classifier(path)

@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--assume-model", default=None, metavar="NAME",
                    help="the model that made a feature file of another tool that records none "
                         "(no 'encoder' attribute); such files are refused without it")
-    from .pathotune_cli import add_prompt_arguments
+    from napari_gpfm.pathotune._cli import add_prompt_arguments
 
     add_prompt_arguments(t.add_argument_group("PathoTune (with --method pathotune)"))
     t.set_defaults(func=run_train)
@@ -167,8 +167,8 @@ def run_train(args: argparse.Namespace) -> int:
     from napari_gpfm.annotations import read_geojson
     from napari_gpfm.annotations.classes import ClassPalette
 
-    from .classify import train_classifier
-    from .pathotune_cli import device_option
+    from napari_gpfm.analyses.classify import train_classifier
+    from napari_gpfm.pathotune._cli import device_option
 
     require_file(args.annotations, "annotations file")  # both inputs, before any work
     require_file(args.slide, "slide")
@@ -217,9 +217,9 @@ def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: 
     from napari_gpfm.annotations import labels_from_annotations
     from napari_gpfm.encoders import load_encoder
 
-    from .pathotune import save_classifier
-    from .pathotune_cli import _print_progress, _prompt_config, _template, _train_config
-    from .pathotune_cli import device_option, train_patch_labels
+    from napari_gpfm.pathotune import save_classifier
+    from napari_gpfm.pathotune._cli import device_option, print_progress, train_patch_labels
+    from napari_gpfm.pathotune._cli import training_options
 
     device = device_option(args.device)  # "auto" → CUDA when available, else CPU
     patch_labels = labels_from_annotations(anns, store.coords, store.patch_size_level0, names,
@@ -228,7 +228,7 @@ def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: 
     if keep.sum() < 2 or len(set(patch_labels.labels[keep].tolist())) < 2:
         _err(f"{args.annotations}: PathoTune needs labelled patches of at least two classes")
         return 1
-    from .classify import feature_model
+    from napari_gpfm.analyses.classify import feature_model
 
     with _warning_lines():
         model = feature_model(store, getattr(args, "assume_model", None),
@@ -238,8 +238,7 @@ def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: 
     result = train_patch_labels(
         encoder, args.slide, store.coords[keep], store.patch_size_level0,
         [names[i] for i in patch_labels.labels[keep]], names,
-        prompt_config=_prompt_config(args), template=_template(args),
-        train_config=_train_config(args), mpp=args.mpp, on_progress=_print_progress,
+        **training_options(args), mpp=args.mpp, on_progress=print_progress,
     )
     out = save_classifier(result.classifier, args.out)
     val = "-" if result.val_bal_acc is None else f"{result.val_bal_acc:.3f}"
@@ -256,7 +255,7 @@ def classify_store(slide_path: str, probe: Any, args: argparse.Namespace, cache:
     from napari_gpfm.slide import open_slide
     from napari_gpfm.tiles import GridSpec, TissueParams
 
-    from .classify import check_recipe
+    from napari_gpfm.analyses.classify import check_recipe
 
     recipe = probe.recipe or {}
     model = recipe.get("model")
@@ -300,8 +299,8 @@ def run_classify(args: argparse.Namespace) -> int:
     other model, a full disk...; the next slide is still tried, and a slide's outputs are
     written all or nothing); a missing input file or an unreadable classifier raises a
     :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
-    from .classify import predict_store, write_outputs
-    from .probe import load_probe
+    from napari_gpfm.analyses.classify import predict_store, write_outputs
+    from napari_gpfm.analyses.probe import load_probe
 
     probe = load_probe(require_file(args.classifier, "classifier file"))
     for slide_path in args.slides:  # before any slide is embedded

@@ -3,7 +3,7 @@
 The body the 'PathoTune' dock runs in a worker, headless: :func:`pathotune_job` takes a
 :class:`PathoTuneJob` (plain data gathered by the caller), yields only :class:`Progress`
 records and returns a :class:`JobResult`. The records of
-:mod:`napari_gpfm.analyses.pathotune` (``TrainProgress``, ``PredictProgress``) travel unchanged
+:mod:`napari_gpfm.pathotune` (``TrainProgress``, ``PredictProgress``) travel unchanged
 in ``Progress.data`` so a dock can still show epochs and validation scores.
 
 Stages, in order (``job="pathotune"``):
@@ -102,7 +102,7 @@ class PathoTuneJob:
             the embeddings and the linear probe can be compared on the same split); ``None``:
             the backbone card's tiling over detected tissue.
         prompt_config, template, train_config: ``PromptConfig``, ``TextTemplate``,
-            ``TrainConfig`` of :mod:`napari_gpfm.analyses.pathotune`.
+            ``TrainConfig`` of :mod:`napari_gpfm.pathotune`.
         text_encoder: sentence encoder for the text prompts (``None``: MiniLM).
         classifier: a trained ``PathoTuneClassifier``: skip training, predict only.
         colours: (C, 3) RGB 0-255 of ``class_names`` (the palette's); ``None``: the
@@ -347,7 +347,7 @@ def _text_encoder(job: PathoTuneJob, names: list[str], done: int
     loading stage, rather than silently inside training."""
     if not _needs_text_encoder(job):
         return job.text_encoder
-    from ..analyses.pathotune.text import encode_sentences, get_text_encoder
+    from ..pathotune.text import encode_sentences, get_text_encoder
 
     def load() -> Any:
         enc = get_text_encoder()
@@ -464,7 +464,7 @@ def pathotune_job(
     docstring for the records). ``stop`` (or closing the generator) cancels within one step or
     batch. Raises :class:`NotEnoughClassesError` when fewer than two classes have labelled
     patches (before anything is read or trained)."""
-    from ..analyses import pathotune as pt
+    from .. import pathotune as pt
     from ..annotations.labels import labels_from_annotations
 
     clf = job.classifier
@@ -507,7 +507,7 @@ def pathotune_job(
         clf = train.classifier
         probe_acc, probe_pred = _probe_on_same_split(job, labels, train, store, coords, size0)
     elif store is not None:
-        from ..analyses.pathotune.predict import check_geometry
+        from ..pathotune.predict import check_geometry
 
         check_geometry(clf, store)  # a loaded classifier: refuse patches of another size
     yield Progress(JOB, PREDICTING, 0, int(coords.shape[0]), status="started", unit="patches",
@@ -530,8 +530,8 @@ def pathotune_job(
 
 def split_summary(labels: Any, train_config: Any) -> SplitSummary:
     """Labelled patches per class and the train/validation split training will make (the same
-    function and seed as :mod:`napari_gpfm.analyses.pathotune.train`)."""
-    from ..analyses.pathotune.train import stratified_split
+    function and seed as :mod:`napari_gpfm.pathotune.train`)."""
+    from ..pathotune.train import stratified_split
 
     names = list(labels.class_names)
     y = np.asarray(labels.labels)

@@ -7,7 +7,7 @@ over tiles or a slide grid (:mod:`.predict`); classifier files bound to their ba
 (:mod:`.io`). Headless use::
 
     from napari_gpfm.encoders import load_encoder
-    from napari_gpfm.analyses import pathotune as pt
+    from napari_gpfm import pathotune as pt
 
     enc = load_encoder("gpfm")
     result = pt.run(pt.train_from_arrays(enc, tiles, labels, ["tumour", "stroma"]))

@@ -5,16 +5,16 @@ Training data, either
     and ``label``; or
   * ``--slide S --patch-labels P.csv``: per-patch labels on a slide grid, CSV columns ``x``,
     ``y`` (level-0 top-left) and ``label``, with the patch side from ``--store`` (a feature file
-    of that slide) or ``--patch-size-level0``. (GeoJSON annotations become such labels with
-    :func:`napari_gpfm.annotations.labels_from_annotations`; the analyses package may not import
-    annotations, so that conversion belongs to the caller, e.g. ``train-classifier``.)
+    of that slide) or ``--patch-size-level0``. (QuPath GeoJSON annotations: use
+    ``napari-gpfm train-classifier --method pathotune``.)
 
 Prediction: ``--slide S --store F.h5`` predicts every patch of the store's grid and writes a
 per-patch table (``x, y, class, p_<class>...``; ``.csv`` or ``.parquet``); ``--tiles-csv``
 predicts tiles (their ``file`` column is kept, ``label`` is ignored).
 
-Library entry points for other commands: :func:`train_tiles_csv`, :func:`train_patch_labels`
-(both return the :class:`~napari_gpfm.analyses.pathotune.train.TrainResult`).
+Shared with ``train-classifier --method pathotune`` (:mod:`napari_gpfm.jobs._classify_cli`):
+:func:`add_prompt_arguments`, :func:`training_options`, :func:`print_progress` and
+:func:`device_option`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 
 from napari_gpfm.errors import InputFileError, UsageError, require_file
 
-__all__ = ["device_option", "read_tiles_csv", "register", "train_patch_labels",
-           "train_tiles_csv"]
+__all__ = ["add_prompt_arguments", "device_option", "print_progress", "read_tiles_csv",
+           "register", "train_patch_labels", "train_tiles_csv", "training_options"]
 
 
 def device_option(value: str | None) -> str:
@@ -45,7 +45,8 @@ def device_option(value: str | None) -> str:
         raise UsageError(f"--device {value}: {exc}") from exc
 
 
-def _print_progress(record: Any) -> None:
+def print_progress(record: Any) -> None:
+    """One stderr line per epoch (and per status change) of a training run."""
     if record.status == "epoch":
         val = "-" if record.val_bal_acc is None else f"{record.val_bal_acc:.3f}"
         print(f"epoch {record.epoch}/{record.epochs}  loss {record.loss:.4f}  "
@@ -93,14 +94,14 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _prompt_config(args: argparse.Namespace):
-    from .pathotune import PromptConfig
+    from . import PromptConfig
 
     return PromptConfig(tvp=not args.no_tvp, n_tvp=args.n_tvp, ttp=not args.no_ttp,
                         ivp=not args.no_ivp, n_ivp=args.n_ivp, head=args.head)
 
 
 def _template(args: argparse.Namespace):
-    from .pathotune import TextTemplate
+    from . import TextTemplate
 
     kw = {k: getattr(args, k) for k in ("template", "stain", "tissue", "task")
           if getattr(args, k) is not None}
@@ -108,11 +109,18 @@ def _template(args: argparse.Namespace):
 
 
 def _train_config(args: argparse.Namespace):
-    from .pathotune import TrainConfig
+    from . import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
                        device=args.device)
+
+
+def training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``prompt_config``, ``template`` and ``train_config`` from the options
+    :func:`add_prompt_arguments` added (keyword arguments of the training functions)."""
+    return dict(prompt_config=_prompt_config(args), template=_template(args),
+                train_config=_train_config(args))
 
 
 def _classes(labels: list[str], given: str | None) -> list[str]:
@@ -132,7 +140,7 @@ def train_tiles_csv(encoder: Any, csv_path: str | Path, class_names: list[str] |
                     prompt_config: Any = None, template: Any = None, train_config: Any = None,
                     on_progress: Any = None) -> Any:
     """Train on a folder of labelled tiles (see module docstring); returns the TrainResult."""
-    from .pathotune import run, train_from_arrays
+    from . import run, train_from_arrays
 
     images, labels, _ = read_tiles_csv(csv_path, int(encoder.card.input.size))
     classes = class_names or _classes(labels, None)
@@ -145,7 +153,7 @@ def train_patch_labels(encoder: Any, slide: str | Path, coords: np.ndarray,
                        prompt_config: Any = None, template: Any = None, train_config: Any = None,
                        mpp: float | None = None, on_progress: Any = None) -> Any:
     """Train on per-patch labels of a slide grid; returns the TrainResult (None if cancelled)."""
-    from .pathotune import run, train_from_slide
+    from . import run, train_from_slide
 
     return run(train_from_slide(encoder, slide, coords, patch_size_level0, labels, class_names,
                                 prompt_config, template, train_config, mpp=mpp), on_progress)
@@ -164,7 +172,7 @@ def _read_patch_labels(path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .pathotune import save_classifier
+    from . import save_classifier
 
     # inputs first (named when missing or malformed), then the backbone (slow)
     device_option(args.device)
@@ -184,8 +192,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("pathotune train: the patch side is unknown; give --store or "
                              "--patch-size-level0")
     enc = _encoder(args)
-    common = dict(prompt_config=_prompt_config(args), template=_template(args),
-                  train_config=_train_config(args), on_progress=_print_progress)
+    common = dict(training_options(args), on_progress=print_progress)
     if args.tiles_csv:
         result = train_tiles_csv(enc, args.tiles_csv, _classes([], args.classes) or None,
                                  **common)
@@ -206,7 +213,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from napari_gpfm.analyses.export import write_table
 
-    from .pathotune import load_classifier, predict_arrays, predict_store, run
+    from . import load_classifier, predict_arrays, predict_store, run
 
     # inputs first (named when missing), then the classifier and its backbone (slow)
     require_file(args.classifier, "classifier file")

@@ -81,8 +81,8 @@ class PredictResult:
     def rasters(self, mpp: float | None = None) -> dict[str, Any]:
         """Rasters aligned with the slide: ``"classes"`` (class ``i`` painted ``i + 1``),
         ``"p:<class>"`` per class and ``"entropy"`` (normalised 0..1), like the linear probe's."""
-        from ..heatmap import heatmap_raster, labels_raster, patch_grid
-        from ..probe import entropy
+        from napari_gpfm.analyses.heatmap import heatmap_raster, labels_raster, patch_grid
+        from napari_gpfm.analyses.probe import entropy
 
         grid = patch_grid(self.coords, self.patch_size_level0, mpp)
         out = {"classes": labels_raster(self.labels, grid)}

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from napari_gpfm.encoders.device import autocast, autocast_dtype, resolve_device
 
-from ..probe import balanced_accuracy
+from napari_gpfm.analyses.probe import balanced_accuracy
 from .model import PathoTuneClassifier, PromptConfig, build_classifier
 from .text import TextEncoder, TextTemplate
 

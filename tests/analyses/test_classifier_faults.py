@@ -329,7 +329,7 @@ def test_foreign_features_without_a_model_need_assume_model(tmp_path, probe192):
 
 
 def _cli(argv):
-    from napari_gpfm.analyses._cli import register
+    from napari_gpfm.jobs._classify_cli import register
 
     parser = argparse.ArgumentParser(prog="napari-gpfm")
     register(parser.add_subparsers(dest="command", required=True))

@@ -164,7 +164,7 @@ def test_live_steps_yield_prediction_then_report(store):
 
 
 def _cli(argv):
-    from napari_gpfm.analyses._cli import register
+    from napari_gpfm.jobs._classify_cli import register
 
     parser = argparse.ArgumentParser(prog="napari-gpfm")
     register(parser.add_subparsers(dest="command", required=True))
@@ -217,7 +217,7 @@ def test_cli_train_classifier_and_classify(store, sample_svs, tmp_path, capsys):
 
 def test_cli_train_classifier_with_pathotune(store, sample_svs, tmp_path, capsys):
     """`train-classifier --method pathotune`: same annotations, prompt-tuned backbone file."""
-    from napari_gpfm.analyses.pathotune import read_header
+    from napari_gpfm.pathotune import read_header
 
     geo = tmp_path / "qupath.geojson"
     write_geojson(geo, split_annotations(store))

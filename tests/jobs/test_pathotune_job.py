@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from jobs_helpers import SAMPLE, annotation, assert_progress, drive, tiny_card
-from napari_gpfm.analyses import pathotune as pt
+from napari_gpfm import pathotune as pt
 from napari_gpfm.jobs import JobResult, NotEnoughClassesError, PathoTuneJob, pathotune_job
 from napari_gpfm.jobs.pathotune import STAGES
 

@@ -61,7 +61,8 @@ def _annotations(store, path):
 
 def _run(argv):
     """Parse and run like ``napari-gpfm`` (its error rule: one ``error:`` line, exit 2)."""
-    from napari_gpfm.analyses import _cli, pathotune_cli
+    from napari_gpfm.jobs import _classify_cli as _cli
+    from napari_gpfm.pathotune import _cli as pathotune_cli
     from napari_gpfm.cli import run
 
     parser = argparse.ArgumentParser(prog="napari-gpfm")
@@ -82,7 +83,7 @@ def _train_argv(store, sample_svs, tmp_path):
 def test_train_classifier_pathotune_without_device_runs(store, sample_svs, tmp_path, capsys):
     import torch
 
-    from napari_gpfm.analyses.pathotune import read_header
+    from napari_gpfm.pathotune import read_header
 
     code = _run(_train_argv(store, sample_svs, tmp_path))  # no --device: "auto"
     captured = capsys.readouterr()

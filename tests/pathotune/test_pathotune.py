@@ -17,8 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-from napari_gpfm.analyses import pathotune as pt
-from napari_gpfm.analyses.pathotune.train import augment_batch
+from napari_gpfm import pathotune as pt
+from napari_gpfm.pathotune.train import augment_batch
 
 # shared/ sits beside the repository (see ../shared/data/SOURCES.md)
 TILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tiles" / "crc-he"
@@ -293,7 +293,7 @@ def test_stratified_split_and_augmentation():
 def test_cli_train_and_predict_tiles(models_dir, tmp_path):
     import argparse
 
-    from napari_gpfm.analyses import pathotune_cli
+    from napari_gpfm.pathotune import _cli as pathotune_cli
 
     with open(TILES / "labels.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["label"] in ("ADI", "LYM")]
