@@ -125,12 +125,12 @@ def check_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """The ``gpfm`` converter turns the file's keys into exactly the model's keys and shapes."""
     from safetensors import safe_open
 
-    from napari_gpfm.encoders.checkpoint import convert_checkpoint
+    from napari_gpfm.encoders.checkpoint import convert_checkpoint, detect_layout
 
     with safe_open(str(path), framework="np") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    converted, layout = convert_checkpoint(found)
-    assert layout == "gpfm", layout
+    assert detect_layout(found) == "gpfm", detect_layout(found)
+    converted = convert_checkpoint(found, "gpfm", path=path)
     assert converted == shapes, set(converted) ^ set(shapes)
 
 

@@ -22,7 +22,9 @@ import yaml
 
 from .errors import ModelCardError
 
-LAYOUTS = ("gpfm", "timm", "uni", "phikon", "conch")
+#: Checkpoint layouts, one converter each (``checkpoint.CONVERTERS``; kept here so that reading
+#: a card never imports torch).
+LAYOUTS = ("gpfm", "timm", "phikon", "conch")
 INTERPOLATIONS = ("bicubic", "bilinear")
 POOL_TYPES = ("attentional",)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")

@@ -3,19 +3,22 @@
 Reading never runs code from a file: ``.safetensors`` go through safetensors, anything else
 through ``torch.load(..., weights_only=True)``; a pickle that asks for other objects is refused.
 
-Converters follow timm's ``checkpoint_filter_fn`` pattern: unwrap containers, detect the origin
-from sentinel keys, and call one small function per layout that returns a new state dict with
-timm key names. The result is then loaded strictly, and any missing, unexpected or mis-shaped
-key is reported with the file and the model named. A file holding NaN or infinite values (a
+Converters follow timm's ``checkpoint_filter_fn`` pattern: unwrap containers and call one small
+function per layout that returns a new state dict with timm key names. The model card's
+``checkpoint_layout`` chooses the converter; the origin detected from sentinel keys only checks
+that the file is of that layout (`LayoutMismatchError` names the file, the card's layout and
+the detected one). The result is then loaded strictly, and any missing, unexpected or
+mis-shaped key is reported with the file and the model named. A file holding NaN or infinite values (a
 diverged training run, a damaged download) is refused before loading, naming the first such
 tensor.
 
-Layouts (see ``docs/ARCHITECTURE.md`` and the GPFM reference notes):
+Layouts (a card's ``checkpoint_layout``; see ``docs/ARCHITECTURE.md``):
 
 - ``gpfm``: GPFM's release file ``{'teacher': sd}``: ``backbone.`` prefix, FSDP-chunked blocks
-  ``backbone.blocks.<chunk>.<i>.…``, DINO/iBOT heads and ``mask_token`` to drop.
-- ``timm``: flat timm keys, possibly wrapped in ``state_dict`` or ``model`` (GPFM on the Hugging
-  Face Hub, UNI, trained students).
+  ``backbone.blocks.<chunk>.<i>.…``, DINO/iBOT heads and ``mask_token`` to drop; GPFM's flat
+  timm-key copy (Hugging Face) is accepted too.
+- ``timm``: flat timm keys, possibly wrapped in ``state_dict`` or ``model`` (UNI's release,
+  trained students).
 - ``phikon``: Hugging Face ``ViTModel`` keys (``embeddings.*``, ``encoder.layer.<i>.…`` with
   separate query/key/value), fused into timm's ``qkv``.
 - ``conch``: CONCH's CoCa checkpoint; the vision tower ``visual.trunk.*`` (timm keys) and its
@@ -36,7 +39,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import CheckpointError, StateDictMismatchError, UnsafeCheckpointError
+from .errors import (
+    CheckpointError,
+    LayoutMismatchError,
+    StateDictMismatchError,
+    UnsafeCheckpointError,
+)
 
 StateDict = dict[str, Any]
 _HASH_CHUNK = 1 << 20
@@ -122,11 +130,13 @@ _CONCH_KEEP = ("visual.trunk.", "visual.attn_pool_contrast.", "visual.ln_contras
                "visual.proj_contrast")
 
 
-def convert_gpfm_release(sd: StateDict) -> StateDict:
-    """GPFM release teacher: keep ``backbone.*`` (dropping DINO/iBOT heads), strip the prefix,
-    drop ``mask_token`` and renumber FSDP-chunked blocks."""
-    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    return convert_timm(backbone)
+def convert_gpfm(sd: StateDict) -> StateDict:
+    """GPFM weights. The release teacher: keep ``backbone.*`` (dropping DINO/iBOT heads), strip
+    the prefix, drop ``mask_token`` and renumber FSDP-chunked blocks. GPFM's flat timm-key copy
+    (no ``backbone.`` key) goes through `convert_timm` as it is."""
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return convert_timm(sd)
 
 
 def convert_timm(sd: StateDict) -> StateDict:
@@ -168,11 +178,28 @@ def convert_conch(sd: StateDict) -> StateDict:
     return {k[len("visual."):]: v for k, v in sd.items() if k.startswith(_CONCH_KEEP)}
 
 
+#: A card's ``checkpoint_layout`` -> the converter for its files (``card.LAYOUTS`` lists the
+#: same names; tests/encoders check both lists and write a checkpoint for each layout).
 CONVERTERS: dict[str, Callable[[StateDict], StateDict]] = {
-    "gpfm": convert_gpfm_release,
+    "gpfm": convert_gpfm,
     "timm": convert_timm,
     "phikon": convert_hf_vit,
     "conch": convert_conch,
+}
+#: What `detect_layout` may say about a file of each layout: GPFM's weights come as its release
+#: (``gpfm``) or as flat timm keys; every other layout is recognised only as itself.
+ACCEPTED_FORMS: dict[str, tuple[str, ...]] = {
+    "gpfm": ("gpfm", "timm"),
+    "timm": ("timm",),
+    "phikon": ("phikon",),
+    "conch": ("conch",),
+}
+#: How each detected layout shows in a file, for mismatch messages.
+FORM_EVIDENCE = {
+    "gpfm": "keys under 'backbone.' (GPFM's release)",
+    "conch": "keys under 'visual.trunk.' (a CONCH/CoCa checkpoint)",
+    "phikon": f"Hugging Face ViTModel keys ('{_HF_SENTINEL}', as Phikon's)",
+    "timm": "flat timm keys",
 }
 
 
@@ -201,11 +228,25 @@ def detect_layout(sd: Mapping[str, Any]) -> str:
     return "timm"
 
 
-def convert_checkpoint(ckpt: Mapping[str, Any]) -> tuple[StateDict, str]:
-    """Unwrap, detect and convert a loaded checkpoint; returns (timm state dict, layout)."""
+def convert_checkpoint(
+    ckpt: Mapping[str, Any], layout: str, *, path: str | Path, model_name: str | None = None
+) -> StateDict:
+    """Unwrap a loaded checkpoint and convert it with the converter of ``layout`` (a card's
+    ``checkpoint_layout``) into timm keys.
+
+    The layout detected from the keys must be one ``layout`` accepts (`ACCEPTED_FORMS`);
+    otherwise `LayoutMismatchError` names ``path``, the expected and the detected layout.
+    A layout without a converter raises ``ValueError``.
+    """
+    if layout not in CONVERTERS:
+        raise ValueError(
+            f"no converter for checkpoint layout {layout!r}; known: {', '.join(CONVERTERS)}"
+        )
     sd = unwrap_checkpoint(ckpt)
-    layout = detect_layout(sd)
-    return CONVERTERS[layout](sd), layout
+    detected = detect_layout(sd)
+    if detected not in ACCEPTED_FORMS[layout]:
+        raise LayoutMismatchError(path, layout, detected, FORM_EVIDENCE[detected], model_name)
+    return CONVERTERS[layout](sd)
 
 
 def _unchunk_blocks(sd: StateDict) -> StateDict:
@@ -272,17 +313,16 @@ def load_state_dict_strict(
 
 
 def load_weights(model: nn.Module, path: str | Path, *, model_name: str,
-                 expected_layout: str | None = None) -> str:
-    """Read, convert, check (finite values) and strictly load a checkpoint into ``model``;
-    returns the detected layout."""
+                 expected_layout: str) -> None:
+    """Read, convert with the converter of ``expected_layout`` (the card's
+    ``checkpoint_layout``; the file must be of that layout), check (finite values) and strictly
+    load a checkpoint into ``model``."""
     ckpt = load_checkpoint(path)
     try:
-        sd, layout = convert_checkpoint(ckpt)
+        sd = convert_checkpoint(ckpt, expected_layout, path=path, model_name=model_name)
     except ValueError as exc:
         raise CheckpointError(
             path, f"cannot convert the weights for '{model_name}': {exc}"
         ) from exc
     check_finite(sd, path)
-    shown = f"{layout} (card: {expected_layout})" if expected_layout else layout
-    load_state_dict_strict(model, sd, path=path, model_name=model_name, layout=shown)
-    return layout
+    load_state_dict_strict(model, sd, path=path, model_name=model_name, layout=expected_layout)

@@ -53,6 +53,21 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint would run code or build arbitrary objects when loaded; refused."""
 
 
+class LayoutMismatchError(CheckpointError):
+    """The checkpoint is not of the layout the model card names (``checkpoint_layout``)."""
+
+    def __init__(self, path: str | Path, expected: str, detected: str, evidence: str,
+                 model_name: str | None = None):
+        self.expected, self.detected = expected, detected
+        card = f"the card of model '{model_name}'" if model_name else "the model card"
+        super().__init__(
+            path,
+            f"{card} says checkpoint_layout: {expected}, but this file holds a '{detected}' "
+            f"checkpoint ({evidence}). Use the weights file made for this model, or a card "
+            f"with checkpoint_layout: {detected}.",
+        )
+
+
 class StateDictMismatchError(CheckpointError):
     """After conversion the checkpoint's keys or shapes do not match the model (strict load)."""
 
@@ -68,7 +83,8 @@ class StateDictMismatchError(CheckpointError):
         self.model_name = model_name
         self.missing, self.unexpected, self.wrong_shapes = missing, unexpected, wrong_shapes
         parts = [
-            f"the weights do not fit model '{model_name}' (checkpoint layout detected: {layout})."
+            f"the weights do not fit model '{model_name}' (converted as checkpoint layout "
+            f"'{layout}')."
         ]
         for title, keys in (
             ("missing keys (in the model, not in the file)", missing),

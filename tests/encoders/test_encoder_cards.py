@@ -22,7 +22,7 @@ def test_bundled_cards_describe_gpfm_and_its_experts():
     assert gpfm.license == "CC-BY-NC-ND-4.0"
     experts = {name: get_card(name) for name in ("uni", "phikon", "conch")}
     assert {n: (c.embed_dim, c.is_gpfm, c.checkpoint_layout) for n, c in experts.items()} == {
-        "uni": (1024, False, "uni"), "phikon": (768, False, "phikon"),
+        "uni": (1024, False, "timm"), "phikon": (768, False, "phikon"),
         "conch": (512, False, "conch")}
     assert experts["uni"].gated and experts["conch"].gated and not experts["phikon"].gated
 

@@ -81,8 +81,7 @@ def test_unreadable_file_names_the_file(tmp_path: Path, content: bytes):
 @pytest.mark.parametrize("global_inner_index", [True, False])
 def test_gpfm_release_converts_to_flat_timm(tiny_model, global_inner_index: bool):
     flat = tiny_model.state_dict()
-    converted, layout = convert_checkpoint(gpfm_release(flat, 2, global_inner_index))
-    assert layout == "gpfm"
+    converted = convert_checkpoint(gpfm_release(flat, 2, global_inner_index), "gpfm", path="g")
     assert list(converted) == list(flat)  # heads and mask_token dropped, blocks in order
     assert all(torch.equal(converted[k], flat[k]) for k in flat)
 
@@ -91,11 +90,11 @@ def test_gpfm_release_converts_to_flat_timm(tiny_model, global_inner_index: bool
 def test_flat_layouts_unwrap(tiny_model, wrapper: str | None):
     flat = {**tiny_model.state_dict(), "mask_token": torch.zeros(1, 48)}
     ckpt = flat if wrapper is None else {wrapper: flat, "epoch": 3}
-    converted, layout = convert_checkpoint(ckpt)
-    assert layout == "timm" and "mask_token" not in converted
+    converted = convert_checkpoint(ckpt, "timm", path="flat")
+    assert "mask_token" not in converted
     assert set(converted) == set(tiny_model.state_dict())
     ddp = {f"module.{k}": v for k, v in tiny_model.state_dict().items()}
-    assert set(convert_checkpoint(ddp)[0]) == set(tiny_model.state_dict())
+    assert set(convert_checkpoint(ddp, "timm", path="ddp")) == set(tiny_model.state_dict())
 
 
 def test_key_mismatch_lists_missing_and_unexpected_keys(tiny_card, tiny_model, tmp_path: Path):

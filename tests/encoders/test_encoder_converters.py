@@ -6,46 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import card_dict, randomized, write_card
+from conftest import randomized
+from layout_files import BASE_KW, CONCH_HEAD_KEYS, PIXELS, coca_checkpoint, expert_card, legacy_hf_vit
 
 from napari_gpfm.encoders import CheckpointError, build_model, get_card, load_encoder
 from napari_gpfm.encoders.checkpoint import convert_checkpoint
-
-BASE_KW = {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
-PIXELS = torch.randint(0, 256, (2, 32, 32, 3), generator=torch.Generator().manual_seed(3),
-                       dtype=torch.uint8)
-
-
-def expert_card(models_dir: Path, name: str, layout: str, arch: dict, embed_dim: int = 32,
-                **extra) -> None:
-    data = card_dict(name, is_gpfm=False, architecture=arch, checkpoint_layout=layout,
-                     embed_dim=embed_dim, **extra)
-    data["input"] = {**data["input"], "size": 32}
-    write_card(models_dir, data)
-
-
-def legacy_hf_vit(timm_sd: dict) -> dict:
-    """A timm ViT state dict under the names of a Hugging Face ViTModel saved by transformers 4
-    (as in owkin/phikon's pytorch_model.bin), with the pooler that Phikon does not use."""
-    out = {"embeddings.cls_token": timm_sd["cls_token"],
-           "embeddings.position_embeddings": timm_sd["pos_embed"],
-           "embeddings.patch_embeddings.projection.weight": timm_sd["patch_embed.proj.weight"],
-           "embeddings.patch_embeddings.projection.bias": timm_sd["patch_embed.proj.bias"],
-           "layernorm.weight": timm_sd["norm.weight"], "layernorm.bias": timm_sd["norm.bias"],
-           "pooler.dense.weight": torch.zeros(32, 32), "pooler.dense.bias": torch.zeros(32)}
-    names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
-             "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
-             "mlp.fc2": "output.dense"}
-    for i in range(2):
-        for param in ("weight", "bias"):
-            for timm_name, hf_name in names.items():
-                tensor = timm_sd[f"blocks.{i}.{timm_name}.{param}"]
-                out[f"encoder.layer.{i}.{hf_name}.{param}"] = tensor
-            q, k, v = timm_sd[f"blocks.{i}.attn.qkv.{param}"].chunk(3, dim=0)
-            for part, tensor in (("query", q), ("key", k), ("value", v)):
-                out[f"encoder.layer.{i}.attention.attention.{part}.{param}"] = tensor
-    return out
-
 
 @pytest.fixture
 def phikon_like(isolated_env: Path):
@@ -58,8 +23,7 @@ def phikon_like(isolated_env: Path):
 def test_phikon_legacy_keys_convert_exactly(phikon_like, tmp_path: Path):
     card, reference = phikon_like
     hf = legacy_hf_vit(reference.state_dict())
-    converted, layout = convert_checkpoint({f"vit.{k}": v for k, v in hf.items()})
-    assert layout == "phikon"
+    converted = convert_checkpoint({f"vit.{k}": v for k, v in hf.items()}, "phikon", path="hf")
     assert set(converted) == set(reference.state_dict())
     assert all(torch.equal(converted[k], v) for k, v in reference.state_dict().items())
     path = tmp_path / "pytorch_model.bin"
@@ -99,7 +63,7 @@ def test_phikon_matches_transformers_vitmodel(phikon_like, tmp_path: Path):
 
 def test_uni_flat_timm_checkpoint(isolated_env: Path, tmp_path: Path):
     kwargs = {**BASE_KW, "init_values": 1e-5, "dynamic_img_size": True}
-    expert_card(isolated_env, "tiny-uni", "uni",
+    expert_card(isolated_env, "tiny-uni", "timm",
                 {"timm_name": "vit_large_patch16_224", "kwargs": kwargs})
     card = get_card("tiny-uni")
     reference = randomized(build_model(card), seed=6)
@@ -109,32 +73,6 @@ def test_uni_flat_timm_checkpoint(isolated_env: Path, tmp_path: Path):
     encoder = load_encoder("tiny-uni", weights=path)
     expected = reference.forward_features(encoder.preprocess(PIXELS))[:, 0]
     torch.testing.assert_close(encoder.embed(PIXELS), expected, rtol=0, atol=0)
-
-
-# CONCH's head parameter names (CoCa VisualModel with an nn.MultiheadAttention pooler whose
-# key/value width differs from its query width, hence separate q/k/v projection weights).
-CONCH_HEAD_KEYS = {
-    "visual.attn_pool_contrast.query", "visual.attn_pool_contrast.attn.q_proj_weight",
-    "visual.attn_pool_contrast.attn.k_proj_weight", "visual.attn_pool_contrast.attn.v_proj_weight",
-    "visual.attn_pool_contrast.attn.in_proj_bias", "visual.attn_pool_contrast.attn.out_proj.weight",
-    "visual.attn_pool_contrast.attn.out_proj.bias", "visual.attn_pool_contrast.ln_q.weight",
-    "visual.attn_pool_contrast.ln_q.bias", "visual.attn_pool_contrast.ln_k.weight",
-    "visual.attn_pool_contrast.ln_k.bias", "visual.ln_contrast.weight", "visual.ln_contrast.bias",
-    "visual.proj_contrast",
-}
-
-
-def coca_checkpoint(vision_sd: dict) -> dict:
-    """A CONCH-style CoCa checkpoint: the vision tower under ``visual.``, plus the captioning
-    pooler, text tower, decoder and temperature that the encoder must drop."""
-    ckpt = {f"visual.{k}": v for k, v in vision_sd.items()}
-    ckpt.update({"visual.attn_pool_caption.query": torch.zeros(4, 16),
-                 "visual.ln_caption.weight": torch.ones(16),
-                 "text.token_embedding.weight": torch.zeros(10, 16),
-                 "text.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(48, 16),
-                 "text_decoder.ln_final.weight": torch.ones(16),
-                 "logit_scale": torch.tensor(4.6)})
-    return ckpt
 
 
 def test_conch_vision_tower_pooled_embedding(isolated_env: Path, tmp_path: Path):
