@@ -5,11 +5,18 @@ of its seed (see :mod:`napari_gpfm.distill.data`) and resumed runs see the same 
 Two global crops (random-resized, bicubic) and ``local_number`` smaller local crops; each gets a
 horizontal flip, colour jitter (random order), grayscale and Gaussian blur with their own
 probabilities; the second global crop may also be solarized.
+
+Optional stain augmentation (``crops.hed``, off unless ``p > 0``): HED jitter in colour
+deconvolution space (Ruifrok & Johnston stain vectors, as ``skimage.color.rgb2hed``), each
+stain's optical density scaled by ``U(1 - alpha, 1 + alpha)`` and shifted by
+``U(-beta, beta)`` (Tellez et al. 2018), applied to a crop before the colour jitter. A config
+without the ``crops.hed`` section draws exactly the random numbers it drew before.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +31,55 @@ SOLARIZE_THRESHOLD = 128
 CROP_ASPECT = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 UINT8_MAX = 255.0
+#: Optical density floor of ``skimage.color.separate_stains`` (log(1e-6)).
+OD_FLOOR = 1e-6
+LOG_ADJUST = math.log(OD_FLOOR)
+HED_OFF = {"p": 0.0, "alpha": 0.0, "beta": 0.0}
+
+
+def _stain_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    """(hed_from_rgb, rgb_from_hed) as float32 tensors (scikit-image's H&E-DAB vectors)."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    return (torch.as_tensor(hed_from_rgb, dtype=torch.float32),
+            torch.as_tensor(rgb_from_hed, dtype=torch.float32))
+
+
+def rgb_to_hed(image: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """uint8 (3, H, W) RGB -> float (3, H, W) H, E, DAB densities (``skimage.color.rgb2hed``;
+    ``clip=False`` keeps its negative densities, so that :func:`hed_to_rgb` inverts it)."""
+    hed_from_rgb, _ = _stain_matrices()
+    rgb = (image.float() / UINT8_MAX).clamp_min(OD_FLOOR)
+    od = torch.log(rgb) / LOG_ADJUST
+    stains = torch.einsum("chw,cd->dhw", od, hed_from_rgb)
+    return stains.clamp_min(0) if clip else stains
+
+
+def hed_to_rgb(stains: torch.Tensor) -> torch.Tensor:
+    """float (3, H, W) H, E, DAB -> uint8 (3, H, W) RGB (``skimage.color.hed2rgb``, rounded)."""
+    _, rgb_from_hed = _stain_matrices()
+    log_rgb = torch.einsum("dhw,dc->chw", stains * LOG_ADJUST, rgb_from_hed)
+    rgb = torch.exp(log_rgb).clamp(0, 1)
+    return (rgb * UINT8_MAX).round().to(torch.uint8)
+
+
+def hed_jitter(image: torch.Tensor, scale: Sequence[float], shift: Sequence[float]) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, H, W) with each stain density ``s * scale + shift``
+    (scale 1 and shift 0 give the image back)."""
+    stains = rgb_to_hed(image, clip=False)
+    a = torch.as_tensor(scale, dtype=torch.float32).view(3, 1, 1)
+    b = torch.as_tensor(shift, dtype=torch.float32).view(3, 1, 1)
+    return hed_to_rgb(stains * a + b)
+
+
+def random_hed_jitter(
+    image: torch.Tensor, g: torch.Generator, alpha: float, beta: float
+) -> torch.Tensor:
+    """:func:`hed_jitter` with scale ``U(1 - alpha, 1 + alpha)`` and shift ``U(-beta, beta)``
+    per stain, drawn from ``g``."""
+    scale = [_uniform(g, 1 - alpha, 1 + alpha) for _ in range(3)]
+    shift = [_uniform(g, -beta, beta) for _ in range(3)]
+    return hed_jitter(image, scale, shift)
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
@@ -83,6 +139,7 @@ class MultiCropAugmentation:
         self.grayscale_p = float(crops["grayscale_p"])
         self.blur_sigma = tuple(crops["blur_sigma"])
         self.mean, self.std = list(crops["mean"]), list(crops["std"])
+        self.hed = {**HED_OFF, **dict(crops.get("hed") or {})}
 
     def __call__(self, image: torch.Tensor, g: torch.Generator) -> dict[str, list[torch.Tensor]]:
         return {
@@ -98,6 +155,8 @@ class MultiCropAugmentation:
         )
         if _coin(g, FLIP_P):
             x = TF.horizontal_flip(x)
+        if _coin(g, self.hed["p"]):
+            x = random_hed_jitter(x, g, self.hed["alpha"], self.hed["beta"])
         if _coin(g, self.jitter["p"]):
             x = self._color_jitter(x, g)
         if _coin(g, self.grayscale_p):

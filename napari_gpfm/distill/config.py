@@ -44,7 +44,18 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 CONFIG_FILENAME = "config.yaml"
 #: Keys of one ``experts.models.<name>`` entry.
 EXPERT_KEYS = ("encoder", "timm", "weights", "cls_weight", "patch_weight", "allow_random",
-               "optional")
+               "optional", "cls_target", "input_size")
+CENTERINGS = ("centering", "sinkhorn_knopp")
+EXPERT_CLS_LOSSES = ("cosine", "kl")
+CLIP_SCOPES = ("per_module", "global")
+CLS_TARGETS = ("embedding", "cls_token")
+#: timm kwargs a config may not set in ``student.kwargs`` and the key that sets them instead.
+STUDENT_KWARGS_ELSEWHERE = {
+    "img_size": "crops.global_size",
+    "num_classes": "nothing (the student has no classes)",
+    "init_values": "student.layerscale_init",
+    "drop_path_rate": "student.drop_path_rate",
+}
 STUDENT_EXAMPLES = "vit_small_patch14_dinov2, vit_base_patch14_dinov2, vit_large_patch14_dinov2"
 
 
@@ -344,12 +355,19 @@ def _head(prefix: str) -> dict[str, Spec]:
 SCHEMA: dict[str, Spec] = {
     "student.arch": TEXT,  # and a timm ViT with a CLS token: checked by building it on "meta"
     "student.kwargs": MAPPING,
+    "student.layerscale_init": Nullable(Num(0.0)),
     "student.drop_path_rate": Num(0.0, 1.0, hi_open=True),
+    "student.drop_path_uniform": BOOL,
+    "student.init": Nullable(Spec(_nonempty_str, "a registry model name or a weights file")),
+    "student.init_strict": BOOL,
+    "student.trainable_blocks": Nullable(Int(1)),
+    "student.grad_checkpointing": BOOL,
     "teacher.momentum_start": MOMENTUM,
     "teacher.momentum_end": MOMENTUM,
     "teacher.temp": POSITIVE,
     "teacher.warmup_temp": POSITIVE,
     "teacher.warmup_temp_steps": Int(0),
+    "teacher.centering": Choice(*CENTERINGS),
     "dino.weight": WEIGHT,
     **_head("dino"),
     "ibot.weight": WEIGHT,
@@ -362,6 +380,8 @@ SCHEMA: dict[str, Spec] = {
     "experts.patch_cos_weight": WEIGHT,
     "experts.patch_smooth_l1_weight": WEIGHT,
     "experts.smooth_l1_beta": POSITIVE,
+    "experts.cls_loss": Choice(*EXPERT_CLS_LOSSES),
+    "experts.freeze_head_last_layer": BOOL,
     "experts.models": MAPPING,  # each entry: see _check_experts
     "supervised.weight": WEIGHT,
     "supervised.label_smoothing": Num(0.0, 1.0, hi_open=True),
@@ -381,12 +401,18 @@ SCHEMA: dict[str, Spec] = {
     "crops.blur_p.local": PROB,
     "crops.blur_sigma": Pair(0.0, 100.0, lo_open=True),
     "crops.solarize_p": PROB,
+    "crops.hed.p": PROB,
+    "crops.hed.alpha": Num(0.0, 1.0),
+    "crops.hed.beta": Num(0.0, 1.0),
     "crops.mean": Numbers(3, 0.0, hi=1.0),
     "crops.std": Numbers(3, 0.0, lo_open=True),
     "data.tiles": PATHS,
     "data.slides": PATHS,
     "data.slide_mpp": Nullable(POSITIVE),
     "data.target_mpp": POSITIVE,
+    "data.multi_mpp": Spec(lambda v: isinstance(v, list) and all(POSITIVE.check(x) for x in v),
+                           "a list of mpp > 0 (may be empty)"),
+    "data.random_position": BOOL,
     "data.patch_size": Int(8),
     "data.min_tissue": PROB,
     "data.num_workers": Int(0),
@@ -400,6 +426,7 @@ SCHEMA: dict[str, Spec] = {
     "optim.layerwise_decay": Num(0.0, 1.0, lo_open=True),
     "optim.patch_embed_lr_mult": Num(0.0),
     "optim.clip_grad": Num(0.0),
+    "optim.clip_grad_scope": Choice(*CLIP_SCOPES),
     "schedules.warmup_steps": Int(0),
     "schedules.freeze_last_layer_steps": Nullable(Int(0)),
     "train.steps": Int(1),
@@ -431,6 +458,8 @@ EXPERT_SCHEMA: dict[str, Spec] = {
     "patch_weight": WEIGHT,
     "allow_random": BOOL,
     "optional": BOOL,
+    "cls_target": Choice(*CLS_TARGETS),
+    "input_size": Nullable(Int(1)),
 }
 
 
@@ -569,23 +598,94 @@ def _meta_model(arch_key: str, arch: str, kwargs_key: str, kwargs: Mapping[str, 
 
 def student_patch_size(cfg: Config) -> int:
     """The student's patch size (its architecture built on the ``meta`` device)."""
-    s, crops = cfg["student"], cfg["crops"]
-    if "img_size" in s["kwargs"] or "num_classes" in s["kwargs"]:
-        bad = "img_size" if "img_size" in s["kwargs"] else "num_classes"
-        raise bad_value(f"student.kwargs.{bad}", s["kwargs"][bad],
-                        "no such key (img_size is crops.global_size; the student has no classes)")
+    s = cfg["student"]
+    for bad, where in STUDENT_KWARGS_ELSEWHERE.items():
+        if bad in s["kwargs"]:
+            raise bad_value(f"student.kwargs.{bad}", s["kwargs"][bad],
+                            f"no such key here: it is set by {where}")
     build = {"pretrained": False, "dynamic_img_size": True, "drop_path_rate":
-             s["drop_path_rate"], **s["kwargs"], "img_size": crops["global_size"],
-             "num_classes": 0}
+             s["drop_path_rate"], **student_timm_kwargs(cfg)}
     model = _meta_model("student.arch", s["arch"], "student.kwargs", s["kwargs"], build)
     if getattr(model, "cls_token", None) is None or getattr(model, "patch_embed", None) is None:
         raise bad_value("student.arch", s["arch"],
                         f"a timm ViT with a CLS token, e.g. {STUDENT_EXAMPLES}",
                         "it has no CLS token")
+    depth, blocks = len(model.blocks), s["trainable_blocks"]
+    if blocks is not None and blocks > depth:
+        raise bad_value("student.trainable_blocks", blocks,
+                        f"null or an integer in [1, {depth}] ({s['arch']} has {depth} blocks)")
     return int(model.patch_embed.patch_size[0])
 
 
+def student_timm_kwargs(cfg: Config) -> dict[str, Any]:
+    """timm kwargs of the student besides the arch: ``student.kwargs``, LayerScale
+    (``student.layerscale_init``; null leaves the architecture's default), the global crop size
+    and no classifier. These rebuild it for inference too."""
+    s = cfg["student"]
+    extra = {} if s["layerscale_init"] is None else {"init_values": float(s["layerscale_init"])}
+    return {**s["kwargs"], **extra, "img_size": cfg["crops"]["global_size"], "num_classes": 0}
+
+
+def init_kind(value: str) -> str:
+    """``"card"`` when ``student.init`` names a registry model, ``"file"`` for an existing file;
+    else :class:`ConfigError` naming the key, the value and the models known."""
+    from napari_gpfm.encoders import list_cards
+
+    known = sorted(card.name for card in list_cards())
+    if value in known:
+        return "card"
+    path = Path(value).expanduser()
+    if path.is_file():
+        return "file"
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    why = (f"{path} is a folder, not a weights file" if path.is_dir()
+           else f"neither a registry model nor an existing file{hint}")
+    raise bad_value("student.init", value, "null, a weights file or a registry model: "
+                    + ", ".join(known), why)
+
+
+def init_overrides(value: str | None) -> dict[str, Any]:
+    """Dotted overrides that start the student from ``value``: for a registry model also its
+    architecture (``student.arch``, ``student.kwargs``, ``student.layerscale_init``), so
+    ``--init gpfm`` needs nothing else; for a file only ``student.init`` (the config's
+    architecture must fit it)."""
+    if value is None:
+        return {"student.init": None}
+    if init_kind(value) != "card":
+        return {"student.init": str(Path(value).expanduser())}
+    from napari_gpfm.encoders import get_card
+
+    arch = get_card(value).architecture
+    kwargs = {k: v for k, v in arch.kwargs.items()
+              if k not in ("img_size", "num_classes", "dynamic_img_size")}
+    layerscale = kwargs.pop("init_values", None)
+    return {"student.init": value, "student.arch": arch.timm_name, "student.kwargs": kwargs,
+            "student.layerscale_init": layerscale}
+
+
+def _check_init(cfg: Config) -> None:
+    """``student.init``: a registry model of the student's architecture, or a file."""
+    value = cfg["student"]["init"]
+    if value is None or init_kind(value) != "card":
+        return
+    from napari_gpfm.encoders import get_card
+
+    arch = get_card(value).architecture
+    want = init_overrides(value)
+    if arch.timm_name != cfg["student"]["arch"]:
+        raise bad_value("student.arch", cfg["student"]["arch"],
+                        f"{arch.timm_name}, the architecture of student.init model '{value}' "
+                        f"(with student.kwargs={want['student.kwargs']}; the command line's "
+                        "--init sets both)", "does not match student.init")
+    if arch.norm_eps is not None:
+        raise bad_value("student.init", value, "a registry model built with timm's LayerNorm "
+                        "epsilon (e.g. gpfm, uni, conch, a trained student)",
+                        f"its card sets norm_eps={arch.norm_eps}, which a student cannot keep")
+
+
 def _check_student(cfg: Config) -> None:
+    _check_init(cfg)
     patch = student_patch_size(cfg)
     crops = cfg["crops"]
     for key in ("global_size", "local_size"):

@@ -15,10 +15,15 @@ weights), unless its entry says ``optional: true`` (the run goes on without it a
 ``allow_random: true`` (a seeded random network, for smoke tests). An expert whose
 ``cls_weight`` and ``patch_weight`` are both 0 is switched off, and the run says so too.
 
-Experts receive the global crops exactly as the student does (ImageNet-normalised), resized
-bicubically when their fixed input size differs from the crop size. Their token width
-(``embed_dim``) sizes the student's projection head, which is applied to CLS and patch tokens,
-so experts with a patch weight must produce patch tokens of the same width.
+Experts receive the global crops exactly as the student does (ImageNet-normalised), as GPFM
+feeds UNI, Phikon and CONCH its 224 px crops: at the crop size when the model accepts any size
+(``dynamic_img_size``), else resized bicubically to its fixed input size; ``input_size: N``
+resizes to N px instead. The CLS target (``cls_target``) is by default the model's embedding
+(``forward_head``): the CLS token after the final norm for UNI and Phikon, and for CONCH the
+512-d L2-normalised attention-pooled token (GPFM's ``CONCH.forward``), so its head is 512 wide;
+``cls_target: cls_token`` takes the trunk's CLS token instead. The target's width (``cls_dim``)
+sizes the student's projection head, which is applied to CLS and patch tokens, so an expert with
+a patch weight must give patch tokens of the same width (``embed_dim``).
 """
 
 from __future__ import annotations
@@ -35,13 +40,20 @@ from torch import nn
 from .config import Config
 
 
+def accepts_any_size(model: nn.Module) -> bool:
+    """True for a timm ViT (or a pooled one) built with ``dynamic_img_size``."""
+    return bool(getattr(getattr(model, "trunk", model), "dynamic_img_size", False))
+
+
 class FrozenExpert(nn.Module):
     """A frozen encoder in eval mode: ``tokens(images) -> (cls (B, D), patch (B, N, D))``."""
 
-    def __init__(self, model: nn.Module, embed_dim: int, input_size: int | None) -> None:
+    def __init__(self, model: nn.Module, embed_dim: int, input_size: int | None,
+                 cls_dim: int | None = None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.embed_dim = embed_dim
+        self.cls_dim = embed_dim if cls_dim is None else cls_dim
         self.input_size = input_size
 
     def train(self, mode: bool = True) -> FrozenExpert:
@@ -66,35 +78,54 @@ class FrozenExpert(nn.Module):
 class TimmExpert(FrozenExpert):
     """A timm ViT built from a name and kwargs, randomly initialised."""
 
-    def __init__(self, name: str, kwargs: dict[str, Any]) -> None:
+    def __init__(self, name: str, kwargs: dict[str, Any], cls_target: str = "embedding",
+                 input_size: int | None = None) -> None:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        dynamic = getattr(model, "dynamic_img_size", False)
-        super().__init__(model, model.embed_dim, None if dynamic else model.patch_embed.img_size[0])
+        if input_size is None and not accepts_any_size(model):
+            input_size = model.patch_embed.img_size[0]
+        super().__init__(model, model.embed_dim, input_size, model.num_features)
+        self.cls_target = cls_target
 
     def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.forward_features(images)
-        return out[:, 0], out[:, self.model.num_prefix_tokens :]
+        patch = out[:, self.model.num_prefix_tokens :]
+        if self.cls_target == "embedding":
+            return self.model.forward_head(out, pre_logits=True), patch
+        return out[:, 0], patch
 
 
 class RegistryExpert(FrozenExpert):
     """A model from the napari-gpfm encoder registry (weights from its card).
 
-    Its targets are the trunk tokens of ``Encoder.tokens`` (width ``token_dim``).
+    CLS target: the model's embedding (``cls_target="embedding"``, width ``Encoder.embed_dim``)
+    or the trunk's CLS token (``"cls_token"``); patch targets: the trunk's patch tokens (width
+    ``Encoder.token_dim``). ``input_size``: None for the crops' own size when the model accepts
+    any size (else the card's input size), or a size in pixels.
     """
 
     def __init__(
-        self, name: str, weights: str | None, device: torch.device, allow_random: bool, seed: int
+        self, name: str, weights: str | None, device: torch.device, allow_random: bool, seed: int,
+        cls_target: str = "embedding", input_size: int | None = None,
     ) -> None:
         from napari_gpfm.encoders import load_encoder
 
         encoder = load_encoder(
             name, weights=weights, device=str(device), allow_random=allow_random, seed=seed
         )
-        super().__init__(encoder.model, int(encoder.token_dim), int(encoder.input_size))
+        if input_size is None and not accepts_any_size(encoder.model):
+            input_size = int(encoder.input_size)
+        cls_dim = int(encoder.embed_dim if cls_target == "embedding" else encoder.token_dim)
+        super().__init__(encoder.model, int(encoder.token_dim), input_size, cls_dim)
         self.encoder = encoder
+        self.cls_target = cls_target
 
     def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder.tokens(images)
+        model = self.encoder.model
+        feats = model.forward_features(images.to(self.encoder.device))
+        patch = feats[:, model.num_prefix_tokens:]
+        if self.cls_target == "embedding":
+            return model.forward_head(feats, pre_logits=True), patch
+        return feats[:, 0], patch
 
 
 @dataclass(frozen=True)
@@ -170,11 +201,14 @@ def build_experts(
     for name, spec in specs.items():
         w = _loss_weights(spec)
         if "timm" in spec:
-            expert: FrozenExpert = TimmExpert(spec["timm"]["name"], spec["timm"].get("kwargs", {}))
+            expert: FrozenExpert = TimmExpert(
+                spec["timm"]["name"], spec["timm"].get("kwargs", {}),
+                spec.get("cls_target", "embedding"), spec.get("input_size"))
         else:
             expert = RegistryExpert(
                 spec["encoder"], spec.get("weights"), device,
                 bool(spec.get("allow_random", False)), int(cfg["train"]["seed"]),
+                spec.get("cls_target", "embedding"), spec.get("input_size"),
             )
         experts[name], weights[name] = expert.to(device), w
     return experts, weights

@@ -35,7 +35,10 @@ class BlockMaskGenerator:
     def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
         """Mask one block of at most ``budget`` new patches; return how many were added."""
         for _ in range(BLOCK_ATTEMPTS):
-            area = rng.uniform(self.min_block_patches, max(budget, self.min_block_patches))
+            # DINOv2 draws uniform(min_block, budget) even when the budget is smaller (then a
+            # block of <= 4 patches still fits; on 4x4 grids this keeps its ~49 % share)
+            lo, hi = sorted((self.min_block_patches, budget))
+            area = rng.uniform(lo, hi)
             aspect = math.exp(rng.uniform(*self.log_aspect))
             h = round(math.sqrt(area * aspect))
             w = round(math.sqrt(area / aspect))

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .backbone import MaskedViT, build_backbone
+from .backbone import MaskedViT, build_backbone, freeze_all_but_last
+from .collapse import image_dependent_information
 from .config import Config, ConfigError
 from .experts import ExpertWeights, FrozenExpert
 from .heads import DINOHead, ExpertHead
@@ -30,6 +31,18 @@ from .masking import N_GLOBAL_CROPS
 
 Batch = dict[str, torch.Tensor]
 LAST_LAYER_PREFIXES = ("dino_head.last_layer", "ibot_head.last_layer")
+EXPERT_HEADS = "expert_heads."
+#: Diagnostics in a step's terms that are not losses (not in the total).
+DIAGNOSTICS = ("teacher_info",)
+
+
+def is_last_layer(name: str, cfg: Config) -> bool:
+    """Prototype last layers, and the expert heads' last layers when
+    ``experts.freeze_head_last_layer`` (GPFM: every parameter named ``last_layer``)."""
+    if name.startswith(LAST_LAYER_PREFIXES):
+        return True
+    return (cfg["experts"]["freeze_head_last_layer"] and name.startswith(EXPERT_HEADS)
+            and ".last_layer." in name)
 
 
 def _prototype_head(cfg: Config, section: str, embed_dim: int) -> DINOHead:
@@ -112,7 +125,9 @@ class DistillMetaArch(nn.Module):
         experts: dict[str, FrozenExpert],
         expert_weights: dict[str, ExpertWeights],
         n_classes: int = 0,
+        load_init: bool = True,
     ) -> None:
+        """``load_init``: read ``student.init`` (False when a checkpoint will be restored)."""
         super().__init__()
         self.w = {k: float(cfg[k]["weight"]) for k in ("dino", "ibot", "koleo", "supervised")}
         self.expert_weights = dict(expert_weights)
@@ -121,6 +136,14 @@ class DistillMetaArch(nn.Module):
 
         student_backbone = build_backbone(cfg, cfg["student"]["drop_path_rate"])
         student_backbone.mask_token.requires_grad_(use_ibot)
+        self.init_report = None
+        if load_init:
+            from .student_init import init_student
+
+            self.init_report = init_student(student_backbone.vit, cfg)
+        self.frozen_params = freeze_all_but_last(
+            student_backbone, cfg["student"]["trainable_blocks"])
+        student_backbone.grad_checkpointing = bool(cfg["student"]["grad_checkpointing"])
         dim = student_backbone.embed_dim
         self.patch_size = student_backbone.patch_size
         student = StudentNetwork(
@@ -139,8 +162,15 @@ class DistillMetaArch(nn.Module):
         teacher.load_state_dict(student.state_dict())
 
         head_dim = cfg["experts"]["head_dim"]
+        for name, x in experts.items():
+            if expert_weights[name].patch > 0 and x.cls_dim != x.embed_dim:
+                raise ConfigError(
+                    f"experts.models.{name}: its CLS target (the model's embedding) is "
+                    f"{x.cls_dim}-d but its patch tokens are {x.embed_dim}-d, and one head "
+                    "serves both: set patch_weight: 0 (GPFM distils only CONCH's pooled "
+                    "embedding) or cls_target: cls_token", key=f"experts.models.{name}")
         student["expert_heads"] = nn.ModuleDict(
-            {name: ExpertHead(dim, x.embed_dim, head_dim) for name, x in experts.items()}
+            {name: ExpertHead(dim, x.cls_dim, head_dim) for name, x in experts.items()}
         )
         if self.w["supervised"] > 0:
             if n_classes < 2:
@@ -152,12 +182,13 @@ class DistillMetaArch(nn.Module):
         e = cfg["experts"]
         self.losses = nn.ModuleDict({
             "dino": DINOClsLoss(cfg["dino"]["n_prototypes"], cfg["dino"]["student_temp"],
-                                cfg["dino"]["center_momentum"]),
+                                cfg["dino"]["center_momentum"], cfg["teacher"]["centering"]),
             "ibot": IBOTPatchLoss(
                 cfg["ibot" if separate_ibot else "dino"]["n_prototypes"],
-                cfg["ibot"]["student_temp"], cfg["ibot"]["center_momentum"]),
+                cfg["ibot"]["student_temp"], cfg["ibot"]["center_momentum"],
+                cfg["teacher"]["centering"]),
             "koleo": KoLeoLoss(),
-            "expert_cls": ExpertClsLoss(),
+            "expert_cls": ExpertClsLoss(e["cls_loss"]),
             "expert_patch": ExpertPatchLoss(
                 e["patch_cos_weight"], e["patch_smooth_l1_weight"], e["smooth_l1_beta"]),
             "supervised": SupervisedLoss(cfg["supervised"]["label_smoothing"]),
@@ -179,6 +210,8 @@ class DistillMetaArch(nn.Module):
             if key in logits:
                 targets[key] = self.losses[key].teacher_probs(logits[key], teacher_temp)
                 self.losses[key].update_center(logits[key])
+        if "dino" in targets:
+            targets["teacher_info"] = image_dependent_information(targets["dino"])
         for name, expert in self.experts.items():
             targets[f"expert_cls/{name}"], targets[f"expert_patch/{name}"] = expert.tokens(
                 batch["global_crops"]
@@ -221,7 +254,10 @@ class DistillMetaArch(nn.Module):
             loss = self.losses["supervised"](out["supervised"], batch["labels"])
             terms["supervised"] = (self.w["supervised"], loss)
         total = torch.stack([w * t for w, t in terms.values()]).sum()
-        return total, {k: t for k, (_, t) in terms.items()}
+        out_terms = {k: t for k, (_, t) in terms.items()}
+        if "teacher_info" in targets:
+            out_terms["teacher_info"] = targets["teacher_info"]
+        return total, out_terms
 
     def forward_backward(
         self,
@@ -238,6 +274,14 @@ class DistillMetaArch(nn.Module):
         scaled = total / loss_divisor
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return {"total": total.detach(), **{k: v.detach() for k, v in loss_dict.items()}}
+
+    def clip_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters clipped together under ``optim.clip_grad_scope: per_module``: each module
+        of the student (backbone, DINO head, iBOT head, supervised head) on its own, expert
+        heads not at all (DINOv2 clips ``student.values()``; GPFM keeps its distillation heads
+        outside ``student``)."""
+        return {key: [p for p in module.parameters() if p.requires_grad]
+                for key, module in self.student.items() if key != "expert_heads"}
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -2,7 +2,8 @@
 
 Every student parameter gets an ``lr_multiplier`` (layer-wise decay ``d^(L+1-layer)``, times the
 patch-embed multiplier), a ``wd_multiplier`` (0 for biases, norms and other 1-D parameters such as
-LayerScale gains) and an ``is_last_layer`` flag (prototype layers, frozen at the start).
+LayerScale gains) and an ``is_last_layer`` flag (prototype layers and, as in GPFM, the expert
+heads' last layers, frozen at the start).
 Parameters sharing all three form one group; :func:`apply_schedules` sets lr and wd per step.
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .meta_arch import LAST_LAYER_PREFIXES
+from .meta_arch import is_last_layer
 
 BACKBONE_PREFIX = "backbone."
 EMBEDDING_NAMES = (
@@ -45,7 +46,7 @@ def param_groups(student: nn.Module, cfg: Config, n_blocks: int) -> list[dict]:
         if name.startswith(BACKBONE_PREFIX + "vit.patch_embed"):
             lr_mult *= optim["patch_embed_lr_mult"]
         no_decay = param.ndim <= 1 or name.endswith(".bias") or "norm" in name
-        is_last = name.startswith(LAST_LAYER_PREFIXES)
+        is_last = is_last_layer(name, cfg)
         grouped[(lr_mult, 0.0 if no_decay else 1.0, is_last)].append(param)
     return [
         {"params": params, "lr_multiplier": lr, "wd_multiplier": wd, "is_last_layer": last}

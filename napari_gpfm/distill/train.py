@@ -34,6 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .collapse import CollapseGuard
 from .checkpoint import (
     find_checkpoint,
     is_complete,
@@ -52,7 +53,7 @@ from .distributed import (
 )
 from .experts import build_experts, resolve_experts
 from .export import export_student
-from .meta_arch import DistillMetaArch
+from .meta_arch import DIAGNOSTICS, DistillMetaArch
 from .optim import apply_schedules, build_optimizer
 from .runlog import RunLogger
 from .schedules import Schedules, build_schedules
@@ -78,9 +79,13 @@ class StepRecord:
     schedule: dict[str, float]
     images_per_s: float
     elapsed_s: float
+    #: Numbers that are not losses: ``teacher_info`` (nats; the collapse guard's measure).
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    #: The collapse guard's warning, on the step it was raised.
+    warning: str | None = None
 
     def as_row(self) -> dict[str, Any]:
-        return {"step": self.step, **self.schedule, **self.losses,
+        return {"step": self.step, **self.schedule, **self.losses, **self.diagnostics,
                 "images_per_s": self.images_per_s, "elapsed_s": self.elapsed_s}
 
 
@@ -147,6 +152,7 @@ class TrainingRun:
         self.cfg = cfg
         self.env = env_from_environment()
         self.notes: list[str] = []
+        self.last_diagnostics: dict[str, float] = {}
         train = cfg["train"]
         self.out_dir = Path(cfg["output"]["dir"]).expanduser()
         expert_specs, expert_notes = resolve_experts(cfg)  # missing weights: refused here
@@ -158,7 +164,13 @@ class TrainingRun:
         torch.manual_seed(derive_seed(train["seed"], INIT_STREAM))
         self.source: ImageSource = build_source(cfg)
         experts, expert_weights = build_experts(cfg, self.device, expert_specs)
-        self.meta = DistillMetaArch(cfg, experts, expert_weights, len(self.source.classes))
+        self.meta = DistillMetaArch(cfg, experts, expert_weights, len(self.source.classes),
+                                    load_init=resume_from is None)
+        if self.meta.init_report is not None:
+            self.note(self.meta.init_report.message())
+        elif cfg["student"]["init"] is not None:
+            self.note(f"student.init ({cfg['student']['init']}) not read: resuming from "
+                      f"{resume_from}, which holds the weights")
         self.meta.to(self.device).train()
         self.layout = DataLayout(
             train["batch_size"], train["accumulation_steps"], self.env.world_size, self.env.rank
@@ -166,6 +178,10 @@ class TrainingRun:
         freeze = cfg["schedules"]["freeze_last_layer_steps"]
         if freeze is None:
             freeze = math.ceil(len(self.source) / self.layout.global_batch)
+        if freeze >= train["steps"] and cfg["dino"]["weight"] + cfg["ibot"]["weight"] > 0:
+            self.note(f"schedules.freeze_last_layer_steps ({freeze}) >= train.steps "
+                      f"({train['steps']}): the prototype layers stay frozen for the whole run; "
+                      "set a smaller value for a short run")
         self.schedules: Schedules = build_schedules(
             cfg, scaled_lr(cfg, self.layout.global_batch), freeze
         )
@@ -257,13 +273,12 @@ class TrainingRun:
         keys = list(sums)
         means = all_reduce_mean(torch.stack([sums[k] for k in keys])).tolist()
         losses = dict(zip(keys, means))
+        self.last_diagnostics = {k: losses.pop(k) for k in DIAGNOSTICS if k in losses}
         if not math.isfinite(losses["total"]):
             raise NonFiniteLossError(f"non-finite loss at step {step}: {losses}")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if cfg["optim"]["clip_grad"] > 0:
-            params = self.meta.student.parameters()
-            torch.nn.utils.clip_grad_norm_(params, cfg["optim"]["clip_grad"])
+        self.clip_gradients()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -271,6 +286,20 @@ class TrainingRun:
             self.optimizer.step()
         self.meta.update_teacher(sched["momentum"])
         return losses
+
+    def clip_gradients(self) -> None:
+        """``optim.clip_grad`` per module (DINOv2/GPFM: backbone and each prototype head on its
+        own, expert heads unclipped) or over every student parameter (``global``)."""
+        limit = self.cfg["optim"]["clip_grad"]
+        if limit <= 0:
+            return
+        if self.cfg["optim"]["clip_grad_scope"] == "global":
+            params = [p for p in self.meta.student.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, limit)
+            return
+        for params in self.meta.clip_groups().values():
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, limit)
 
     def should_stop(self, requested: bool) -> bool:
         """True on every process when any process was asked to stop."""
@@ -292,6 +321,10 @@ class TrainingRun:
             "hardware": hardware_description(self.device, self.env.world_size),
             "precision": self.cfg["train"]["precision"] if self.autocast else "fp32",
             "final_losses": {k: round(v, 6) for k, v in last_losses.items()},
+            **({"init": self.meta.init_report.provenance()}
+               if self.meta.init_report is not None else {}),
+            **({"trainable_blocks": self.cfg["student"]["trainable_blocks"]}
+               if self.cfg["student"]["trainable_blocks"] is not None else {}),
             "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
             **({"notes": list(self.notes)} if self.notes else {}),
         }
@@ -316,21 +349,30 @@ def iter_distillation(
     bar = tqdm(total=total, initial=run.start_step, disable=not (main and cfg["train"]["progress"]))
     batches = iter(build_loader(cfg, run.source, run.meta.patch_size, run.layout, run.start_step))
     t0, step, losses = time.perf_counter(), run.start_step, {}
+    guard = CollapseGuard()
     with _sigint_sets(stop_event):
         try:
             while step < total:
                 tic = time.perf_counter()
                 losses = run.train_step(step, batches)
                 now = time.perf_counter()
+                diagnostics = dict(run.last_diagnostics)
+                warning = guard.update(step, diagnostics.get("teacher_info"))
                 record = StepRecord(
                     step, total, losses, run.schedules.at(step),
                     run.layout.global_batch / (now - tic), run.wall_before + now - t0,
+                    diagnostics, warning,
                 )
                 step += 1
                 if logger is not None:
                     logger.log(record.as_row())
+                if warning is not None:
+                    run.note(warning)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses['total']:.4f}")
+                postfix = {"loss": f"{losses['total']:.4f}"}
+                if "teacher_info" in diagnostics:
+                    postfix["info"] = f"{diagnostics['teacher_info']:.3f}"
+                bar.set_postfix(postfix)
                 yield record
                 stopping = run.should_stop(stop_event.is_set())
                 if stopping or step % cfg["train"]["checkpoint_every"] == 0 or step == total:

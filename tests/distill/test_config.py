@@ -34,7 +34,7 @@ def test_cli_overrides_file_overrides_defaults(tmp_path):
     experiment.write_text("train: {steps: 50, batch_size: 8}\nstudent: {kwargs: {depth: 2}}\n")
     cfg = load_config(experiment, ["train.steps=7", TILES, "crops.global_scale=[0.4, 1.0]"])
     assert cfg["train"]["steps"] == 7 and cfg["train"]["batch_size"] == 8
-    assert cfg["student"]["kwargs"] == {"init_values": 1e-5, "depth": 2}  # open section
+    assert cfg["student"]["kwargs"] == {"depth": 2}  # open section (LayerScale: layerscale_init)
     assert cfg["crops"]["global_scale"] == [0.4, 1.0]
     assert cfg["dino"]["n_prototypes"] == load_defaults()["dino"]["n_prototypes"]
 

@@ -8,6 +8,10 @@ as used by DINOv2 (Oquab et al. 2023, §4 "Image-level objective"):
 
 where P pairs every student crop with every teacher (global) crop except the identical view, and
 the centre follows c ← m·c + (1 - m)·mean_batch g_t(x), averaged over all processes.
+
+The sum over pairs is divided as DINOv2 does, by |P_global| + max(|P_local|, 1): the mean over
+pairs when there are local crops, and with none (``crops.local_number: 0``) the two global pairs
+divided by 3, not 2.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ class DINOClsLoss(CenteredTeacherLoss):
             for j, t in enumerate(teachers)
             if i != j
         ]
+        n_global_pairs = len(pairs)
         if student_local is not None and len(student_local):
             n_local = len(student_local) // len(teachers[0])
             pairs += [(s, t) for s in student_local.chunk(n_local) for t in teachers]
         losses = [cross_entropy_soft(t, s.float(), self.student_temp).mean() for s, t in pairs]
-        return torch.stack(losses).mean()
+        # DINOv2 divides by n_global_pairs + max(n_local_pairs, 1): the mean over pairs with
+        # local crops, 2/3 of it without (its n_local_crops_loss_terms is at least 1)
+        return torch.stack(losses).sum() / (n_global_pairs + max(len(pairs) - n_global_pairs, 1))

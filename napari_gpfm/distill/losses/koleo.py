@@ -3,9 +3,10 @@
 Sablayrolles, Douze, Schmid, Jégou, "Spreading vectors for similarity search" (ICLR 2019,
 arXiv 2018), eq. (5), used by DINOv2 (Oquab et al. 2023, §4): for L2-normalised features x_i,
 
-    L_KoLeo = -1/n Σ_i log(ρ_{n,i} + ε),   ρ_{n,i} = min_{j ≠ i} ||x_i - x_j||
+    L_KoLeo = -1/n Σ_i log(ρ_{n,i} + ε),   ρ_{n,i} = min_{j ≠ i} ||x_i - x_j + ε||
 
-which pushes the nearest neighbours in a batch apart (uniform spreading of features).
+which pushes the nearest neighbours in a batch apart (uniform spreading of features). The ε
+inside the norm is DINOv2's (``nn.PairwiseDistance(2, eps=1e-8)`` adds it to the difference).
 """
 
 from __future__ import annotations
@@ -26,5 +27,5 @@ class KoLeoLoss(nn.Module):
             similarity = x @ x.T
             similarity.fill_diagonal_(-float("inf"))
             nearest = similarity.argmax(dim=1)
-        distance = torch.linalg.vector_norm(x - x[nearest], dim=-1)
+        distance = torch.linalg.vector_norm(x - x[nearest] + EPS, dim=-1)
         return -torch.log(distance + EPS).mean()
