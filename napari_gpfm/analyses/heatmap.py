@@ -87,13 +87,6 @@ class PatchGrid:
     def n_patches(self) -> int:
         return int(self.rows.shape[0])
 
-    def cell_edges_world(self) -> tuple[np.ndarray, np.ndarray]:
-        """World coordinates of cell edges along y and x (length rows+1, cols+1)."""
-        m = self._m
-        ey = (self.y0 + np.arange(self.shape[0] + 1) * self.cell - 0.5) * m
-        ex = (self.x0 + np.arange(self.shape[1] + 1) * self.cell - 0.5) * m
-        return ey, ex
-
     # --- click -> patch ---------------------------------------------------------------------
     def world_to_level0(self, world_yx: Sequence[float] | np.ndarray) -> np.ndarray:
         """Continuous level-0 (y, x) of world points, in the pixel-centre convention.
@@ -162,10 +155,6 @@ class PatchGrid:
             for dc in range(self.k):
                 out[self._covered_flat(dr, dc)[sel]] = True
         return out.reshape(self.shape)
-
-    def cell_area(self) -> float:
-        """Area of one cell in world units squared (µm² with mpp, else level-0 px²)."""
-        return float((self.cell * self._m) ** 2)
 
 
 @dataclass(frozen=True, eq=False)

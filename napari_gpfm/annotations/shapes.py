@@ -95,10 +95,6 @@ class LayerFrame:
         a, b = self._affine()
         return (u - b) / a if (np.any(a != 1) or np.any(b != 0)) else u
 
-    def level0_to_world(self, xy: np.ndarray) -> np.ndarray:
-        """(n, 2) level-0 (x, y) → world (y, x): ``(v − 0.5)·mpp``."""
-        return (np.asarray(xy, dtype=np.float64)[:, ::-1] - 0.5) * self._m
-
 
 @dataclass
 class ShapesData:

@@ -8,11 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..mpp import MPP_RANGE, check_file_mpp, mpp_problem
-
-# Physical pixel sizes outside this range (µm/px) are treated as not recorded (with a warning:
-# see napari_gpfm.slide.mpp, the one validator).
-PLAUSIBLE_MPP = MPP_RANGE
+from ..mpp import check_file_mpp
 
 
 @dataclass(frozen=True)
@@ -88,12 +84,6 @@ def pyramid_downsample(base: tuple[int, int], size: tuple[int, int]) -> float:
     value for the pixels to match OpenSlide's."""
     (bw, bh), (w, h) = base, size
     return ((float(bh) / float(h)) + (float(bw) / float(w))) / 2.0
-
-
-def plausible_mpp(value: object) -> float | None:
-    """A recorded µm/px value as float, or None when absent, unparsable or implausible
-    (silent: backends use :meth:`SlideBackend.set_file_mpp`, which says why)."""
-    return None if mpp_problem(value) is not None else float(value)  # type: ignore[arg-type]
 
 
 def to_rgb(array: np.ndarray) -> np.ndarray:
