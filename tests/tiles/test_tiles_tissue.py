@@ -48,8 +48,10 @@ def test_square_of_tissue_detected_and_hole_kept():
     img[100:300, 100:300] = (180, 60, 140)  # stained square
     img[170:230, 170:230] = 240  # a hole in it
     slide = FakeSlide(img, mpp=1.0)
+    # mask_mpp=None: a full-resolution mask, so that mask pixels are level-0 pixels here
     tm = detect_tissue(slide, TissueParams(thumbnail_max_side=400, close_radius=0, open_radius=0,
-                                           min_area_um2=None, max_hole_area_um2=100.0))
+                                           min_area_um2=None, max_hole_area_um2=100.0,
+                                           mask_mpp=None))
     assert tm.mask[150, 150] and not tm.mask[200, 200] and not tm.mask[50, 50]
     (poly,) = tm.polygons
     assert len(poly.holes) == 1
@@ -58,7 +60,8 @@ def test_square_of_tissue_detected_and_hole_kept():
     assert poly.exterior[:, 0].max() == pytest.approx(300, abs=1)
     # the same hole is filled when holes of that size are allowed to be filled
     filled = detect_tissue(slide, TissueParams(thumbnail_max_side=400, close_radius=0,
-                                               open_radius=0, max_hole_area_um2=None))
+                                               open_radius=0, max_hole_area_um2=None,
+                                               mask_mpp=None))
     assert filled.mask[200, 200] and filled.polygons[0].holes == []
 
 
@@ -66,7 +69,8 @@ def test_small_specks_dropped_by_min_area():
     img = np.full((400, 400, 3), 240, np.uint8)
     img[10:14, 10:14] = (180, 60, 140)  # 16 µm² speck at 1 µm/px
     img[200:300, 200:300] = (180, 60, 140)
-    tm = detect_tissue(FakeSlide(img, 1.0), TissueParams(thumbnail_max_side=400, min_area_um2=500))
+    tm = detect_tissue(FakeSlide(img, 1.0), TissueParams(thumbnail_max_side=400, min_area_um2=500,
+                                                         mask_mpp=None))
     assert not tm.mask[12, 12] and tm.mask[250, 250]
 
 

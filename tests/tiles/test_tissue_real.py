@@ -28,7 +28,7 @@ from tiles_helpers import (
 
 from napari_gpfm.slide import open_slide
 from napari_gpfm.tiles import GridSpec, NoTissueError, TissueParams, detect_tissue, make_grid
-from napari_gpfm.tiles.tissue import no_tissue_message, saturation
+from napari_gpfm.tiles.tissue import DEFAULT_MASK_MPP, no_tissue_message, saturation
 
 #: "Within a few points" of the hand-made tissue fraction.
 POINTS = 0.04
@@ -227,9 +227,14 @@ def test_params_json_stable_for_old_recipes():
 
     assert TissueParams.from_dict(OLD_DEFAULT).to_dict() == OLD_DEFAULT
     assert TissueParams(method="otsu").to_dict() == OLD_DEFAULT
+    assert TissueParams.from_dict(OLD_DEFAULT).mask_mpp is None  # masks made as before
     new = TissueParams().to_dict()
-    assert {k for k in new if new[k] != OLD_DEFAULT[k]} == {"method"}
-    assert new["method"] == "auto"
+    assert {k for k in new if new[k] != OLD_DEFAULT.get(k)} == {"method", "mask_mpp"}
+    assert new["method"] == "auto" and new["mask_mpp"] == DEFAULT_MASK_MPP
+    # an "auto" parameter set recorded before mask_mpp existed keeps its JSON and masks
+    old_auto = dict(OLD_DEFAULT, method="auto")
+    assert TissueParams.from_dict(old_auto).to_dict() == old_auto
+    assert TissueParams.from_dict(new) == TissueParams()
 
     def recipe(tissue: dict) -> EmbeddingRecipe:
         return EmbeddingRecipe(model="gpfm", weights_sha256=None, mpp=0.499, mpp_source="file",
