@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="experiment YAML (overrides of configs/default.yaml) or a bundled experiment name",
     )
     parser.add_argument(
+        "--init", default=None, metavar="MODEL_OR_FILE",
+        help="start the student (and its teacher) from a registry model (e.g. gpfm: also sets "
+             "student.arch/kwargs/layerscale_init) or a weights file (GPFM release, timm or "
+             "Hugging Face layout); same as student.init=...",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key.sub=value",
         help="config overrides applied last, values parsed as YAML (e.g. train.steps=100)",
     )
@@ -30,13 +36,28 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def config_overrides(overrides: list[str], init: str | None) -> list[str]:
+    """``--init``'s ``key=value`` pairs (:func:`~napari_gpfm.distill.config.init_overrides`),
+    then the command line's own overrides (which win)."""
+    if init is None:
+        return list(overrides)
+    import json
+
+    from .config import init_overrides
+
+    pairs = [f"{k}={json.dumps(v)}" for k, v in init_overrides(init).items()]
+    return pairs + list(overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     """Merge the config, train, and print where the student went; returns the exit code.
 
     Bad input (a config value, a missing expert's weights, an unreadable checkpoint, an
     ``OSError``) is one ``error:`` line and exit code 2, also under ``python -m`` / ``torchrun``;
-    what the run decides on its own (e.g. resuming by scanning when ``LATEST`` is damaged) is
-    printed as ``note: ...`` on stderr when it happens.
+    what the run decides on its own (e.g. resuming by scanning when ``LATEST`` is damaged), what
+    ``--init`` loaded (tensors, missing and unexpected keys) and the collapse guard's warning are
+    printed as ``note: ...`` on stderr when they happen; the progress bar shows the loss and the
+    teacher's image-dependent information (``info``, nats).
     """
     from .config import load_config
     from .distributed import shutdown
@@ -48,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     handler.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, config_overrides(args.overrides, args.init))
         result = run_distillation(cfg)
     except (NapariGpfmError, OSError, NonFiniteLossError) as exc:
         print(error_line(exc), file=sys.stderr)

@@ -153,14 +153,17 @@ def _file_state(path: Path) -> tuple[dict[str, torch.Tensor], str, str, str]:
     from napari_gpfm.encoders.checkpoint import (
         check_finite,
         convert_checkpoint,
+        detect_layout,
         load_checkpoint,
         sha256_file,
+        unwrap_checkpoint,
     )
     from napari_gpfm.encoders.errors import CheckpointError
 
     ckpt = load_checkpoint(path)
+    layout = detect_layout(unwrap_checkpoint(ckpt))  # a file has no card: its keys say which
     try:
-        sd, layout = convert_checkpoint(ckpt)
+        sd = convert_checkpoint(ckpt, layout, path=path, model_name="the student")
     except ValueError as exc:
         raise CheckpointError(path, f"cannot convert the weights for the student: {exc}") from exc
     check_finite(sd, path)
