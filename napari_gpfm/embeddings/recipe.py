@@ -2,8 +2,12 @@
 
 Two feature files are interchangeable iff their :meth:`EmbeddingRecipe.key` matches: the key
 covers every field that changes the features or the patch set (model, weights, mpp, tile
-geometry, tissue parameters) and deliberately *not* the software versions or where the mpp came
-from, so upgrading torch does not invalidate a cohort.
+geometry, tissue parameters, precision) and deliberately *not* the software versions, the device
+or where the mpp came from, so upgrading torch does not invalidate a cohort.
+
+``precision`` ("fp32", "fp16", "bf16") joined the key in 0.3. A recipe without one (a store
+made before) hashes as it always did, so such a store keeps its key; its precision is unknown
+unless it records the device it ran on (:func:`legacy_precision`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EmbeddingRecipe", "KEY_FIELDS", "current_versions", "format_diff", "recipe_diff"]
+__all__ = [
+    "EmbeddingRecipe",
+    "KEY_FIELDS",
+    "current_versions",
+    "format_diff",
+    "legacy_precision",
+    "recipe_diff",
+]
 
 #: Fields hashed by :meth:`EmbeddingRecipe.key`.
 KEY_FIELDS: tuple[str, ...] = (
@@ -29,7 +40,11 @@ KEY_FIELDS: tuple[str, ...] = (
     "overlap",
     "min_tissue",
     "tissue_params",
+    "precision",
 )
+
+#: Key fields left out of the hash when ``None`` (recipes written before they existed).
+_OPTIONAL_KEY_FIELDS = frozenset({"precision"})
 
 #: Float fields are rounded to this many decimals before hashing (robust to float noise).
 _FLOAT_DECIMALS = 6
@@ -73,6 +88,10 @@ class EmbeddingRecipe:
         min_tissue: minimum tissue fraction of kept patches.
         tissue_params: :class:`~napari_gpfm.tiles.TissueParams` as a dict.
         versions: software versions (not part of the key).
+        precision: "fp32", "fp16" or "bf16" (resolved, never "auto"); ``None`` for stores made
+            before precision was recorded.
+        device: where the features were computed ("cpu", "cuda (NVIDIA H200)"); not part of
+            the key.
     """
 
     model: str
@@ -87,10 +106,14 @@ class EmbeddingRecipe:
     min_tissue: float
     tissue_params: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)
+    precision: str | None = None
+    device: str | None = None
 
     def key_fields(self) -> dict[str, Any]:
-        """The hashed fields, normalised (floats rounded, dicts key-sorted)."""
-        return {name: _normalise(getattr(self, name)) for name in KEY_FIELDS}
+        """The hashed fields, normalised (floats rounded, dicts key-sorted); an optional field
+        that is ``None`` is left out, so recipes written before it existed keep their key."""
+        return {name: _normalise(getattr(self, name)) for name in KEY_FIELDS
+                if not (name in _OPTIONAL_KEY_FIELDS and getattr(self, name) is None)}
 
     def key(self) -> str:
         """Stable 16-hex-digit hash of :meth:`key_fields`."""
@@ -118,10 +141,28 @@ class EmbeddingRecipe:
         kw.setdefault("mpp_source", None)
         return cls(**kw)
 
+    def with_legacy_precision(self) -> EmbeddingRecipe:
+        """This recipe with ``precision`` filled in by :func:`legacy_precision` when it has
+        none and its device says what it was (unchanged otherwise)."""
+        if self.precision is not None:
+            return self
+        inferred = legacy_precision(self.device)
+        return self if inferred is None else dataclasses.replace(self, precision=inferred)
+
     @classmethod
     def from_json(cls, text: str) -> EmbeddingRecipe:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
+
+
+def legacy_precision(device: str | None) -> str | None:
+    """What a store that records no precision was computed in, from the device it records:
+    fp32 on the CPU, bf16 on CUDA (the only rule before 0.3: bf16 autocast, no opt-out);
+    ``None`` when the device is not recorded either (unknown: never guessed)."""
+    if not device:
+        return None
+    kind = str(device).split(":")[0].split(" ")[0].strip().lower()
+    return {"cpu": "fp32", "cuda": "bf16"}.get(kind)
 
 
 def recipe_diff(

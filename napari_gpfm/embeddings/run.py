@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from napari_gpfm.encoders.device import autocast, resolve_device
-from napari_gpfm.errors import OutputWriteError
+from napari_gpfm.encoders.device import device_label, resolve_device, resolve_precision
+from napari_gpfm.errors import OutputWriteError, UsageError
 from napari_gpfm.slide.errors import MissingMppError
 from napari_gpfm.slide.identity import slide_fingerprint
 from napari_gpfm.tiles.grid import (
@@ -31,17 +30,29 @@ from napari_gpfm.tiles.grid import (
     make_grid,
 )
 from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_workers, iter_batches
+
+from .pipeline import BatchForward, auto_batch_size
 from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
 
 from .recipe import EmbeddingRecipe, current_versions
 from .store import (
+    PrecisionMismatchError,
     SlideMismatchError,
     StoreWriter,
     find_store,
     recipe_store_path,
 )
 
-__all__ = ["EmbedProgress", "default_spec", "embed", "embed_slide", "make_recipe", "resolve_device"]
+__all__ = [
+    "EmbedProgress",
+    "cpu_threads_for",
+    "default_spec",
+    "embed",
+    "embed_slide",
+    "make_recipe",
+    "resolve_batch_size",
+    "resolve_device",
+]
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -77,14 +88,18 @@ class EmbedProgress:
         return self.done / self.total if self.total else 1.0
 
 
-def cpu_threads_for(num_workers: int) -> int:
-    """Torch intra-op threads on CPU: every available core.
+def cpu_threads_for(num_workers: int, cpus: int | None = None) -> int:
+    """Torch intra-op threads on CPU while ``num_workers`` loader processes decode.
 
-    Loader workers sleep most of the time (decoding a patch costs a few percent of a ViT
-    forward), so reserving whole cores for them would cost more than the small overlap.
-    Workers themselves run single-threaded.
+    Every available core, less one per worker up to a quarter of the cores: a worker is
+    single-threaded and sleeps most of the time (decoding a patch costs a few percent of a ViT
+    forward), so on a small machine reserving a whole core for it costs the model more than the
+    overlap does (2 cores, 2 workers: 2 threads, as measured); on a large one, workers that
+    share cores with a full set of OpenMP threads stall both (16 cores, 8 workers: 12 threads).
+    ``num_workers=0``: the main process decodes between forwards, so the model takes all.
     """
-    return available_cpus()
+    n = available_cpus() if cpus is None else max(1, int(cpus))
+    return max(1, n - min(max(0, int(num_workers)), n // 4))
 
 
 @contextlib.contextmanager
@@ -125,9 +140,17 @@ def default_spec(encoder: Any | None = None) -> GridSpec:
 
 
 def make_recipe(
-    encoder: Any, slide: Any, spec: GridSpec, tissue_params: TissueParams
+    encoder: Any, slide: Any, spec: GridSpec, tissue_params: TissueParams,
+    precision: str | None = "auto", device: str | torch.device | None = None,
 ) -> EmbeddingRecipe:
-    """The recipe embedding ``slide`` with ``encoder`` under ``spec`` would have."""
+    """The recipe embedding ``slide`` with ``encoder`` under ``spec`` would have.
+
+    ``precision`` ("auto", "fp32", "fp16", "bf16") is resolved on ``device`` (``None``: the
+    encoder's model's device when it has one, else ``"auto"``) and recorded resolved; the device
+    is recorded too (not part of the key)."""
+    if device is None:
+        device = _model_device(encoder) or "auto"
+    dev = resolve_device(device)
     mpp = slide.mpp
     if mpp is None:
         raise MissingMppError(slide.path, "embedding at an exact physical patch size")
@@ -145,6 +168,8 @@ def make_recipe(
         min_tissue=float(spec.min_tissue),
         tissue_params=tissue_params.to_dict(),
         versions=current_versions(),
+        precision=resolve_precision(precision, dev),
+        device=device_label(dev),
     )
 
 
@@ -168,7 +193,7 @@ def embed_slide(
     out_dir: str | Path = ".",
     *,
     tissue_params: TissueParams | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | str = DEFAULT_BATCH_SIZE,
     num_workers: int | None = None,
     device: str | torch.device = "auto",
     overwrite: bool = False,
@@ -176,6 +201,9 @@ def embed_slide(
     opener: Callable[..., Any] | None = None,
     torch_threads: int | None = None,
     max_patches: int | None = DEFAULT_MAX_PATCHES,
+    precision: str | None = "auto",
+    compile: bool = False,
+    pipeline_depth: int | None = None,
 ) -> Generator[EmbedProgress, None, Path]:
     """Embed a slide into ``<out_dir>/<tiling>/features_<model>/<slide>.h5``, yielding progress.
 
@@ -191,9 +219,19 @@ def embed_slide(
         spec: tiling; ``None`` uses :func:`default_spec`.
         out_dir: output root.
         tissue_params: tissue detection parameters (defaults: :class:`TissueParams`).
-        batch_size: patches per forward pass and per store chunk.
-        num_workers: patch-reading processes (``None``: ``min(2, CPUs)``; 0: main process).
+        batch_size: patches per forward pass and per store chunk, or ``"auto"``
+            (:func:`resolve_batch_size`: from free GPU memory on CUDA).
+        num_workers: patch-reading processes (``None``: :func:`default_num_workers` for the
+            device; 0: main process).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        precision: ``"auto"`` (fp16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"fp16"`` or
+            ``"bf16"``; the resolved value is part of the recipe. A finished or partial store
+            of another precision is refused (:class:`PrecisionMismatchError`, naming the file
+            and both precisions) unless ``overwrite``.
+        compile: run the network through ``torch.compile`` (off, with a
+            :class:`~napari_gpfm.embeddings.pipeline.CompileUnavailableWarning`, where Triton
+            is missing on CUDA).
+        pipeline_depth: batches in flight on the device (``None``: 1 on CUDA, 0 elsewhere).
         overwrite: re-embed even if a finished store exists (a different recipe or another
             slide file of the same name too); the old file is replaced only when the new one is
             complete. A partial file of another slide file is then started afresh.
@@ -207,7 +245,9 @@ def embed_slide(
     Raises:
         MissingMppError: the slide has no mpp and none was given.
         NoTissueError: no tissue, or no patch reaches ``spec.min_tissue`` (no store written).
-        RecipeMismatchError: a finished store with another recipe exists (use ``overwrite``).
+        RecipeMismatchError: a finished store with another recipe exists (use ``overwrite``);
+            :class:`PrecisionMismatchError` when only its precision differs (or a partial
+            store's: resuming it in another precision is refused too).
         SlideMismatchError: the finished (or partial) store at the path was computed from
             another slide file with the same name, or from this path before the file was
             replaced (use another ``out_dir``, or ``overwrite``).
@@ -228,7 +268,8 @@ def embed_slide(
                 slide, encoder, spec, Path(out_dir), t_start,
                 tissue_params=tissue_params, batch_size=batch_size, num_workers=num_workers,
                 device=device, overwrite=overwrite, opener=opener, torch_threads=torch_threads,
-                max_patches=max_patches,
+                max_patches=max_patches, precision=precision, compile=compile,
+                pipeline_depth=pipeline_depth,
             )
         )
     finally:
@@ -244,18 +285,22 @@ def _embed_open_slide(
     t_start: float,
     *,
     tissue_params: TissueParams | None,
-    batch_size: int,
+    batch_size: int | str,
     num_workers: int | None,
     device: str | torch.device,
     overwrite: bool,
     opener: Callable[..., Any] | None,
     torch_threads: int | None,
     max_patches: int | None = DEFAULT_MAX_PATCHES,
+    precision: str | None = "auto",
+    compile: bool = False,
+    pipeline_depth: int | None = None,
 ) -> Generator[EmbedProgress, None, Path]:
     """Body of :func:`embed_slide` once the slide is open."""
     spec = spec or default_spec(encoder)
     tissue_params = tissue_params or TissueParams()
-    recipe = make_recipe(encoder, slide, spec, tissue_params)
+    dev = resolve_device(device)
+    recipe = make_recipe(encoder, slide, spec, tissue_params, precision=precision, device=dev)
     final = recipe_store_path(out_dir, recipe, slide.name)
     fingerprint = slide_fingerprint(slide)
 
@@ -281,7 +326,6 @@ def _embed_open_slide(
             )
         )
 
-    dev = resolve_device(device)
     model = getattr(encoder, "model", None)
     if isinstance(model, torch.nn.Module):
         if _model_device(encoder) not in (None, dev):
@@ -295,13 +339,13 @@ def _embed_open_slide(
     try:
         writer = StoreWriter.resume(final, recipe=recipe, coords=grid.coords,
                                     embed_dim=embed_dim, slide_fingerprint=fingerprint)
-    except SlideMismatchError:
+    except (SlideMismatchError, PrecisionMismatchError):
         if not overwrite:
             raise
         writer = None
     if writer is not None and overwrite and writer.n_nonfinite:
         # NaN/inf rows would only be refused again at the end: overwrite starts afresh (e.g. on
-        # another device or precision, which the recipe does not record)
+        # another device)
         writer.close()
         writer = None
     if writer is None:
@@ -318,7 +362,8 @@ def _embed_open_slide(
         )
     total = len(grid)
     start = writer.n_done
-    workers = default_num_workers() if num_workers is None else int(num_workers)
+    workers = default_num_workers(dev) if num_workers is None else int(num_workers)
+    batch = resolve_batch_size(batch_size, encoder, dev, recipe.precision or "fp32")
     user_mpp = slide.mpp if getattr(slide, "mpp_source", None) == "user" else None
     dataset = PatchDataset(
         slide.path,
@@ -336,7 +381,7 @@ def _embed_open_slide(
     # file (and its lock, which an orphaned worker would keep after the parent is killed).
     writer.close()
     batches = iter_batches(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda"
+        dataset, batch_size=batch, num_workers=workers, pin_memory=dev.type == "cuda"
     )
     try:
         writer.reopen()
@@ -346,21 +391,25 @@ def _embed_open_slide(
 
     t_run = time.perf_counter()
     done = start
+    forward = None
     try:
+        forward = BatchForward(encoder, dev, recipe.precision or "fp32", depth=pipeline_depth,
+                               compiled=compile)  # fmt: skip
         yield EmbedProgress(slide.name, done, total, 0.0, None, t_run - t_start, "started", final)
         with _torch_threads(threads):
             for patches, _ in batches:
-                feats = _forward(encoder, patches, dev)
+                feats = forward.submit(patches)
+                if feats is None:  # the pipeline is filling: nothing to write yet
+                    continue
                 done = writer.write(feats)
-                elapsed = time.perf_counter() - t_run
-                rate = (done - start) / elapsed if elapsed > 0 else 0.0
-                eta = (total - done) / rate if rate > 0 else None
-                yield EmbedProgress(
-                    slide.name, done, total, rate, eta, time.perf_counter() - t_start,
-                    "running", final,
-                )
+                yield _running(slide.name, done, start, total, t_run, t_start, final)
+            for feats in forward.drain():
+                done = writer.write(feats)
+                yield _running(slide.name, done, start, total, t_run, t_start, final)
             path = writer.finish()
     except BaseException:
+        if forward is not None:
+            forward.discard()
         batches.close()
         with contextlib.suppress(OutputWriteError):  # the first error is the one to report
             writer.close()
@@ -374,16 +423,29 @@ def _embed_open_slide(
     return path
 
 
-def _forward(encoder: Any, patches: torch.Tensor, device: torch.device) -> np.ndarray:
-    """uint8 (B, H, W, 3) → float32 (B, D) numpy, no grad, autocast on CUDA."""
-    with torch.inference_mode():
-        x = patches.to(device, non_blocking=True)
-        x = encoder.preprocess(x)
-        if isinstance(x, torch.Tensor) and x.device != device:
-            x = x.to(device)
-        with autocast(device):
-            f = encoder.embed(x)
-        return f.float().cpu().numpy()
+def _running(name: str, done: int, start: int, total: int, t_run: float, t_start: float,
+             final: Path) -> EmbedProgress:  # fmt: skip
+    now = time.perf_counter()
+    elapsed = now - t_run
+    rate = (done - start) / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else None
+    return EmbedProgress(name, done, total, rate, eta, now - t_start, "running", final)
+
+
+def resolve_batch_size(batch_size: int | str | None, encoder: Any, device: torch.device,
+                       precision: str) -> int:  # fmt: skip
+    """An explicit batch size (≥ 1), or for ``"auto"``/``None``
+    :func:`~napari_gpfm.embeddings.pipeline.auto_batch_size` (free GPU memory on CUDA; small
+    batches on the CPU, for a prompt Cancel)."""
+    if batch_size in (None, "auto"):
+        return auto_batch_size(encoder, device, precision)
+    try:
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise UsageError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+    return n
 
 
 def embed(

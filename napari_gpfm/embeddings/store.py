@@ -90,6 +90,7 @@ __all__ = [
     "InferredPatchSizeWarning",
     "NonFiniteFeaturesError",
     "OutputWriteError",
+    "PrecisionMismatchError",
     "RecipeMismatchError",
     "SlideMismatchError",
     "StoreError",
@@ -184,6 +185,36 @@ class RecipeMismatchError(StoreError, ValueError):
                 "Re-embed with --overwrite, or point to another output folder."
             )
         super().__init__(path, problem)
+
+
+class PrecisionMismatchError(RecipeMismatchError):
+    """A store (finished or partial) was computed in another precision than the run asks for,
+    or records none (made before precision was recorded, on a device it does not record): its
+    rows must not be mixed with, or stand for, features of the precision asked.
+
+    Attributes:
+        found: the store's precision (``None``: unknown).
+        expected: the precision asked for.
+    """
+
+    def __init__(self, path: str | Path, found: str | None, expected: str,
+                 partial: bool = False) -> None:  # fmt: skip
+        self.found, self.expected = found, expected
+        what = "resume" if partial else "use"
+        if found is None:
+            problem = (
+                f"records no precision (made before napari-gpfm recorded it, on a device it "
+                f"does not record either: fp32 on a CPU, bf16 on CUDA), so it cannot be "
+                f"trusted to hold {expected} features; refusing to {what} it. It can still be "
+                f"opened for viewing; re-embed with --overwrite to make a {expected} store"
+            )
+        else:
+            problem = (
+                f"was computed in {found} but this run asks for {expected}; refusing to "
+                f"{what} it (the rows of two precisions must not mix). Rerun with "
+                f"--precision {found} to {what} it, or --overwrite to re-embed in {expected}"
+            )
+        super().__init__(path, {"precision": (found, expected)}, problem)
 
 
 class SlideMismatchError(StoreError):
@@ -334,7 +365,7 @@ _META_ATTRS = (
     *TRIDENT_ATTRS, "gpfm_model", "gpfm_weights_sha256", "gpfm_mpp", "gpfm_mpp_source",
     "gpfm_target_mpp", "gpfm_input_size", "gpfm_recipe", "gpfm_recipe_key", "gpfm_tissue_params",
     "gpfm_version", "gpfm_n_total", "gpfm_slide_fingerprint", "gpfm_slide_path",
-    "gpfm_checksum", "gpfm_coords_checksum",
+    "gpfm_checksum", "gpfm_coords_checksum", "gpfm_precision", "gpfm_device",
 )  # fmt: skip
 
 _WEIGHTS = np.zeros(0, np.uint64)
@@ -829,6 +860,10 @@ class StoreWriter:
                 "gpfm_n_nonfinite": 0,
                 "gpfm_complete": False,
             }
+            if recipe.precision is not None:
+                ours["gpfm_precision"] = recipe.precision
+            if recipe.device is not None:
+                ours["gpfm_device"] = recipe.device
             if slide_fingerprint is not None:
                 ours["gpfm_slide_fingerprint"] = slide_fingerprint.to_json()
                 ours["gpfm_slide_path"] = slide_fingerprint.path
@@ -867,6 +902,9 @@ class StoreWriter:
             SlideMismatchError: ``slide_fingerprint`` is given and the partial file was started
                 from another slide file (whatever its recipe): its rows must not be mixed with
                 this slide's, and it is not silently thrown away either.
+            PrecisionMismatchError: the partial file has this recipe but another precision, or
+                records none (and no device to tell it from): never resumed, never silently
+                thrown away.
         """
         part = partial_path(final_path)
         if not part.exists():
@@ -876,8 +914,9 @@ class StoreWriter:
             with h5py.File(part, "r") as ro:
                 if slide_fingerprint is not None:
                     check_slide(part, ro.attrs, slide_fingerprint)
+                _check_precision(part, ro.attrs, recipe, partial=True)
                 state = _resumable(ro, recipe, coords, int(embed_dim))
-        except SlideMismatchError:
+        except (SlideMismatchError, PrecisionMismatchError):
             raise
         except BlockingIOError as e:
             raise _locked(part) from e
@@ -1045,6 +1084,30 @@ class StoreWriter:
                 self.close()
             return
         self.close()
+
+
+def _stored_recipe(attrs: Any) -> EmbeddingRecipe | None:
+    try:
+        return EmbeddingRecipe.from_json(_decoded(attrs["gpfm_recipe"]))
+    except Exception:  # noqa: BLE001 - absent or unreadable: not ours to judge here
+        return None
+
+
+def _check_precision(path: Path, attrs: Any, recipe: EmbeddingRecipe,
+                     partial: bool = False) -> None:  # fmt: skip
+    """Raise :class:`PrecisionMismatchError` when the store's recipe is ``recipe`` in all but
+    precision (a legacy store's precision inferred from its device, see
+    :func:`~napari_gpfm.embeddings.recipe.legacy_precision`); stores of another recipe are
+    left to the caller's own rules."""
+    if recipe.precision is None:
+        return
+    stored = _stored_recipe(attrs)
+    if stored is None:
+        return
+    stored = stored.with_legacy_precision()
+    diff = stored.diff(recipe)
+    if set(diff) == {"precision"}:
+        raise PrecisionMismatchError(path, stored.precision, recipe.precision, partial=partial)
 
 
 def _resumable(ro: h5py.File, recipe: EmbeddingRecipe, coords: np.ndarray,
@@ -1224,6 +1287,15 @@ class FeatureStore:
         return None if v is None else int(v)
 
     @property
+    def precision(self) -> str | None:
+        """"fp32", "fp16" or "bf16" the features were computed in; for a store made before
+        precision was recorded, inferred from its recorded device when it has one
+        (:func:`~napari_gpfm.embeddings.recipe.legacy_precision`); else ``None`` (unknown)."""
+        if self.recipe is None:
+            return None
+        return self.recipe.with_legacy_precision().precision
+
+    @property
     def mpp(self) -> float | None:
         """Level-0 µm/px used (ours), else derived from ``level0_magnification`` if present."""
         if "gpfm_mpp" in self.attrs:
@@ -1240,7 +1312,7 @@ class FeatureStore:
         return (
             f"{self.path.name}: {n} patches, model {self.recipe.model}, "
             f"{self.recipe.patch_size} px at {self.recipe.target_mpp} µm/px, "
-            f"key {self.recipe.key()}"
+            f"{self.precision or 'precision unknown'}, key {self.recipe.key()}"
         )
 
 
@@ -1650,7 +1722,8 @@ def find_store(out_dir: str | Path, slide: Any, recipe: EmbeddingRecipe) -> Feat
 
     Never returns a wrong store: raises :class:`SlideMismatchError` when the store there was
     computed from another file of the same name, :class:`RecipeMismatchError` when it has another
-    recipe (same tiling, other model weights or tissue settings), and :class:`StoreError` when the
+    recipe (same tiling, other model weights or tissue settings; :class:`PrecisionMismatchError`
+    when only the precision differs, or the store records none and no device), and :class:`StoreError` when the
     file there is unreadable or was not written by napari-gpfm (recipe unknown).
     """
     path = recipe_store_path(out_dir, recipe, slide.name)
@@ -1664,6 +1737,10 @@ def find_store(out_dir: str | Path, slide: Any, recipe: EmbeddingRecipe) -> Feat
             "use --overwrite (overwrite=True) to replace it or choose another output folder",
         )
     assert store.recipe is not None
-    if store.recipe.key() != recipe.key():
-        raise RecipeMismatchError(path, store.recipe.diff(recipe))
+    found = store.recipe.with_legacy_precision()
+    if found.key() != recipe.key():
+        diff = found.diff(recipe)
+        if set(diff) == {"precision"}:
+            raise PrecisionMismatchError(path, found.precision, recipe.precision or "fp32")
+        raise RecipeMismatchError(path, diff)
     return store

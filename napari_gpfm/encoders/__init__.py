@@ -31,7 +31,15 @@ from .registry import (
 
 if TYPE_CHECKING:
     from .checkpoint import convert_checkpoint, load_checkpoint, sha256_file
-    from .device import autocast, precision_name, resolve_device
+    from .device import (
+        PRECISION_CHOICES,
+        PRECISIONS,
+        PrecisionError,
+        autocast,
+        precision_name,
+        resolve_device,
+        resolve_precision,
+    )
     from .download import download_weights
     from .encoder import Encoder, build_model, load_encoder
 
@@ -43,9 +51,13 @@ _LAZY = {
     "load_checkpoint": "checkpoint",
     "sha256_file": "checkpoint",
     "download_weights": "download",
+    "PRECISIONS": "device",
+    "PRECISION_CHOICES": "device",
+    "PrecisionError": "device",
     "autocast": "device",
     "precision_name": "device",
     "resolve_device": "device",
+    "resolve_precision": "device",
 }
 
 
@@ -56,11 +68,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "PRECISIONS",
+    "PRECISION_CHOICES",
     "CheckpointError",
     "Encoder",
     "EncoderError",
     "ModelCard",
     "ModelCardError",
+    "PrecisionError",
     "StateDictMismatchError",
     "UnknownModelError",
     "UnsafeCheckpointError",
@@ -79,6 +94,7 @@ __all__ = [
     "load_encoder",
     "precision_name",
     "resolve_device",
+    "resolve_precision",
     "sha256_file",
     "user_models_dir",
 ]

@@ -25,6 +25,36 @@ from .registry import get_card
 RANDOM_INIT_PREFIX = "random-init-seed-"
 
 
+def normalize_uint8(x: torch.Tensor, size: int, interpolation: str, mean: torch.Tensor,
+                    std: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """uint8 NHWC images → normalised float NCHW of side ``size``, on ``x``'s device: scaled to
+    [0, 1], resized (antialiased) when needed, then ``(x - mean) / std``. Only uint8 crosses
+    the host-device bus; the float work happens where ``x`` is."""
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False,
+                          antialias=True).clamp_(0.0, 1.0)  # fmt: skip
+    return (x - mean) / std
+
+
+class EmbeddingModule(nn.Module):
+    """uint8 NHWC → embeddings (B, D): normalisation on the device, then the network's
+    ``forward_features`` and ``forward_head(pre_logits=True)``."""
+
+    def __init__(self, model: nn.Module, size: int, interpolation: str, mean: torch.Tensor,
+                 std: torch.Tensor) -> None:  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.size = int(size)
+        self.interpolation = interpolation
+        self.register_buffer("mean", mean.detach().clone(), persistent=False)
+        self.register_buffer("std", std.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize_uint8(x, self.size, self.interpolation, self.mean, self.std)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
 def build_model(card: ModelCard) -> nn.Module:
     """The card's network, randomly initialised, in eval mode (no weights are read)."""
     arch = card.architecture
@@ -107,14 +137,28 @@ class Encoder:
                 f"{self.card.name}: preprocess expects uint8 RGB images shaped (N, H, W, 3), "
                 f"got {x.dtype} {tuple(x.shape)}"
             )
-        x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        size = self.input_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode=self.card.input.interpolation,
-                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
-        mean = torch.tensor(self.card.input.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.card.input.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        x = x.to(self.device, non_blocking=True)
+        mean, std = self._norm_stats(x.device)
+        return normalize_uint8(x, self.input_size, self.card.input.interpolation, mean, std)
+
+    def _norm_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The card's mean and std as (1, 3, 1, 1) tensors on ``device``, made once per device
+        (no host-to-device copy per batch)."""
+        cache = self.__dict__.setdefault("_stats", {})
+        if device not in cache:
+            cache[device] = (
+                torch.tensor(self.card.input.mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(self.card.input.std, device=device).view(1, 3, 1, 1),
+            )
+        return cache[device]
+
+    def embedding_module(self) -> nn.Module:
+        """An ``nn.Module`` from uint8 NHWC images (on the model's device) to embeddings: the
+        same computation as ``embed(preprocess(x))``, in one module that ``torch.compile`` can
+        take whole."""
+        mean, std = self._norm_stats(self.device)
+        return EmbeddingModule(self.model, self.input_size, self.card.input.interpolation,
+                               mean, std)  # fmt: skip
 
     @torch.inference_mode()
     def embed(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:

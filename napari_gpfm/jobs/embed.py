@@ -64,7 +64,12 @@ class EmbedRequest:
     ``slide`` is an open :class:`~napari_gpfm.slide.Slide` (an mpp override is applied when it is
     opened: ``open_slide(path, mpp=...)``); the caller closes it. ``weights`` is an explicit
     weights file (else the card's); ``index=False`` skips reading the features and building the
-    similarity index (the outcome's ``index`` is then ``None``).
+    similarity index (the outcome's ``index`` is then ``None``). ``precision`` is ``"auto"``
+    (fp16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"fp16"`` or ``"bf16"``: the resolved value is
+    part of the recipe, so a store of another precision is not this request's store.
+    ``batch_size`` is a number, ``"auto"`` (from free GPU memory on CUDA) or ``None`` (the
+    dock's small CPU batches, 64 on CUDA); ``compile`` runs the network through
+    ``torch.compile``.
     """
 
     slide: Any
@@ -74,12 +79,14 @@ class EmbedRequest:
     out_dir: Path
     device: str = "auto"
     allow_random: bool = False
-    batch_size: int | None = None
+    batch_size: int | str | None = None
     num_workers: int | None = None
     overwrite: bool = False
     weights: str | None = None
     index: bool = True
     max_patches: int | None = 2_000_000  # refuse larger grids (tiles.grid.DEFAULT_MAX_PATCHES)
+    precision: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,13 +249,16 @@ def require_weights(card: Any, weights: str | Path | None = None,
 
 
 def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir: str | Path,
-                   allow_random: bool = False, weights: str | Path | None = None
-                   ) -> Any | None:  # fmt: skip
+                   allow_random: bool = False, weights: str | Path | None = None,
+                   precision: str = "auto", device: str = "auto") -> Any | None:  # fmt: skip
     """The finished store of ``slide`` under exactly this recipe, or ``None`` (no model load).
+    ``precision`` is resolved on ``device`` as the run would (``"auto"``: fp16 on CUDA, fp32
+    elsewhere).
 
     Raises :class:`~napari_gpfm.embeddings.SlideMismatchError` when the store there was made
     from another file with the same name, and ``RecipeMismatchError`` when it has another
-    recipe (the caller decides whether to overwrite)."""
+    recipe (``PrecisionMismatchError`` when only its precision differs, or it records none; the
+    caller decides whether to overwrite)."""
     from ..embeddings import find_store
     from ..embeddings.run import make_recipe
 
@@ -256,7 +266,7 @@ def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir
     if digest is None or slide.mpp is None:
         return None
     recipe = make_recipe(SimpleNamespace(card=card, weights_sha256=digest), slide, spec,
-                         tissue_params)  # fmt: skip
+                         tissue_params, precision=precision, device=device)  # fmt: skip
     return find_store(out_dir, slide, recipe)
 
 
@@ -275,42 +285,46 @@ def batch_size_for(card: Any, device: str) -> int:
     """Small CPU batches keep Cancel prompt (a batch is the cancel granularity)."""
     if device.startswith("cuda"):
         return 64
-    return 16 if card.embed_dim <= 512 else 4
+    from ..embeddings.pipeline import cpu_batch_size
+
+    return cpu_batch_size(card.embed_dim)
 
 
 def embed_or_load(req: EmbedRequest) -> Generator[Progress, None, EmbedOutcome]:
     """Load the slide's finished store for this recipe, or embed the slide (resuming a partial
     store); see the module docstring for the stages."""
     from ..embeddings import open_store
-    from ..encoders import get_card, resolve_device
+    from ..encoders import get_card, resolve_device, resolve_precision
 
     name = req.slide.name
     yield Progress(JOB, "looking for a finished store", status="started",
                    message=f"{name}: looking for a finished feature file…")  # fmt: skip
     card = get_card(req.model)
     req.slide.require_mpp()
+    dev = str(resolve_device(req.device))
+    precision = resolve_precision(req.precision, dev)
     if not req.overwrite:
         store = find_store_for(req.slide, card, req.spec, req.tissue_params, req.out_dir,
-                               req.allow_random, req.weights)  # fmt: skip
+                               req.allow_random, req.weights, precision, dev)  # fmt: skip
         if store is not None:
             yield Progress(JOB, "loading features", store.n_patches, store.n_patches,
                            status="skipped", unit="patches",
                            message=f"{name}: found a finished feature file with the same "
                                    f"recipe: {store.path}")  # fmt: skip
             return _outcome(store, loaded=True, index=req.index)
-    dev = str(resolve_device(req.device))
     yield Progress(JOB, "loading model", status="note",
-                   message=f"{name}: loading {card.display_name} on {dev}…")  # fmt: skip
+                   message=f"{name}: loading {card.display_name} on {dev} ({precision})…")
     encoder = _encoder(req, dev)
     yield Progress(JOB, "detecting tissue", status="note",
                    message=f"{name}: detecting tissue and laying out patches…")  # fmt: skip
-    path = yield from _embed(req, encoder, card, dev)
+    path = yield from _embed(req, encoder, card, dev, precision)
     if req.index:
         yield Progress(JOB, "indexing", status="note", message=f"{name}: reading the features…")
     return _outcome(open_store(path, expected_slide=req.slide), loaded=False, index=req.index)
 
 
-def _embed(req: EmbedRequest, encoder: Any, card: Any, dev: str) -> Generator[Progress, None, Path]:
+def _embed(req: EmbedRequest, encoder: Any, card: Any, dev: str,
+           precision: str) -> Generator[Progress, None, Path]:  # fmt: skip
     from ..embeddings import embed_slide
 
     gen = embed_slide(
@@ -318,7 +332,7 @@ def _embed(req: EmbedRequest, encoder: Any, card: Any, dev: str) -> Generator[Pr
         tissue_params=req.tissue_params,
         batch_size=req.batch_size or batch_size_for(card, dev),
         num_workers=req.num_workers, device=dev, overwrite=req.overwrite,
-        max_patches=req.max_patches,
+        max_patches=req.max_patches, precision=precision, compile=req.compile,
     )  # fmt: skip
     try:
         while True:

@@ -46,4 +46,33 @@ def test_fields_list_matches_dataclass():
 
     names = {f.name for f in dataclasses.fields(EmbeddingRecipe)}
     assert set(KEY_FIELDS) <= names
-    assert names - set(KEY_FIELDS) == {"versions", "mpp_source"}
+    assert names - set(KEY_FIELDS) == {"versions", "mpp_source", "device"}
+
+
+def test_precision_is_in_the_key_and_device_is_not():
+    fp32, fp16 = recipe(precision="fp32", device="cpu"), recipe(precision="fp16", device="cpu")
+    assert fp32.key() != fp16.key()
+    assert list(fp32.diff(fp16)) == ["precision"]
+    assert recipe(precision="fp32", device="cuda (NVIDIA H200)").key() == fp32.key()
+    assert EmbeddingRecipe.from_json(fp16.to_json()) == fp16
+
+
+def test_recipe_without_precision_keeps_its_old_key():
+    """Stores made before precision was recorded keep the key they were written with (the
+    value below is the key of this recipe before the field existed)."""
+    old = recipe(tissue_params={"method": "otsu", "thumb_max_side": 2048})
+    assert old.precision is None
+    assert old.key() == "1f031c04d163c27c"  # computed by napari-gpfm 0.2's recipe.py
+    assert old.key() != dataclasses.replace(old, precision="fp32").key()
+
+
+def test_legacy_precision_only_from_a_recorded_device():
+    from napari_gpfm.embeddings.recipe import legacy_precision
+
+    assert legacy_precision("cpu") == "fp32"
+    assert legacy_precision("cuda (NVIDIA A100)") == "bf16"
+    assert legacy_precision("cuda:1") == "bf16"
+    assert legacy_precision(None) is None
+    assert recipe(device="cpu").with_legacy_precision().precision == "fp32"
+    assert recipe().with_legacy_precision().precision is None
+    assert recipe(precision="fp16", device="cpu").with_legacy_precision().precision == "fp16"

@@ -134,7 +134,7 @@ def test_interrupted_run_exits_130_and_resumes_to_the_same_features(tmp_path, sa
 
     (slide,) = links(tmp_path, sample_path, ["r.svs"])
     opts = [*QUICK, "--target-mpp", "1.0", "--batch-size", "2"]
-    forward, calls = run._forward, []
+    forward, calls = run.BatchForward.submit, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -142,7 +142,7 @@ def test_interrupted_run_exits_130_and_resumes_to_the_same_features(tmp_path, sa
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(run, "_forward", interrupted)
+    monkeypatch.setattr(run.BatchForward, "submit", interrupted)
     out = tmp_path / "out"
     assert main([slide, "--out", str(out), *opts]) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_interrupted_run_exits_130_and_resumes_to_the_same_features(tmp_path, sa
         calls.append(1)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(run, "_forward", counted)
+    monkeypatch.setattr(run.BatchForward, "submit", counted)
     calls.clear()
     assert main([slide, "--out", str(out), *opts]) == 0
     assert capsys.readouterr().out.startswith(f"done: {slide} -> {final}")
