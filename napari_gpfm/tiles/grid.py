@@ -269,21 +269,20 @@ def make_grid(
     kept = 0
     for r0 in range(0, n_rows, rows_per_block):
         ys = np.arange(r0, min(n_rows, r0 + rows_per_block), dtype=np.int64) * stride0
-        gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major: y outer, x inner
-        cand = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
-        if tissue is None or len(cand) == 0:
-            frac = np.ones(len(cand), dtype=np.float32)
-            keep = np.ones(len(cand), dtype=bool)
+        if tissue is None or n_cols == 0:
+            frac = np.ones((len(ys), n_cols), dtype=np.float32)
+            keep = np.ones(frac.shape, dtype=bool)
         else:
-            frac = np.asarray(tissue.fraction_in(cand[:, 0], cand[:, 1], size0), dtype=np.float32)
+            frac = tissue.fraction_grid(xs, ys, size0).astype(np.float32)
             # Tolerance: an all-tissue patch must survive min_tissue=1.0 despite float rounding.
             keep = ((frac >= spec.min_tissue - 1e-6) if spec.min_tissue > 0
-                    else np.ones(len(cand), bool))  # fmt: skip
+                    else np.ones(frac.shape, bool))  # fmt: skip
         kept += int(keep.sum())
         if limit is not None and kept > limit:
             raise _too_many(slide, spec, f"more than {limit:,}", size0, stride0, mpp, limit)
-        coords_parts.append(cand[keep])
-        frac_parts.append(frac[keep])
+        jj, ii = np.nonzero(keep)  # row-major: y outer, x inner
+        coords_parts.append(np.stack([xs[ii], ys[jj]], axis=1).astype(np.int64))
+        frac_parts.append(frac[jj, ii])
     coords = np.concatenate(coords_parts) if coords_parts else np.empty((0, 2), np.int64)
     fractions = np.concatenate(frac_parts) if frac_parts else np.empty(0, np.float32)
 

@@ -115,6 +115,8 @@ DEFAULT_MASK_MPP = 4.0
 METHOD_DEFAULT = "method default"
 
 _HIST_BINS = 256
+# TissueMask.fraction_grid: at most this many float64 entries in its row table (32 MB).
+_FRACTION_TABLE_ENTRIES = 4_000_000
 
 
 class NoTissueError(NapariGpfmError, RuntimeError):
@@ -379,6 +381,46 @@ class TissueMask:
         area = (size0 / ds) ** 2
         frac = np.clip(covered / area, 0.0, 1.0)
         return float(frac[0]) if scalar else frac
+
+
+    def fraction_grid(self, xs: Any, ys: Any, size0: float) -> np.ndarray:
+        """Tissue fractions of the level-0 squares at every ``(x, y)`` of the lattice
+        ``xs × ys``, as a ``(len(ys), len(xs))`` float64 array (row-major: ``ys`` outer).
+
+        The same area-exact values as :meth:`fraction_in` on the lattice's points, computed
+        separably: the summed-area table is interpolated at the lattice's ``2·len(ys)`` row
+        borders, then at its ``2·len(xs)`` column borders, and each square is four lookups in
+        that small table (a whole-slide grid of 200,000 candidates costs a few milliseconds).
+        """
+        xs = np.asarray(xs, dtype=np.float64).ravel()
+        ys = np.asarray(ys, dtype=np.float64).ravel()
+        if size0 <= 0:
+            raise ValueError(f"size0 must be positive, got {size0}")
+        nx, ny = len(xs), len(ys)
+        if nx == 0 or ny == 0:
+            return np.zeros((ny, nx), dtype=np.float64)
+        ds = float(self.downsample)
+        s = self.integral()
+        h, w = s.shape[0] - 1, s.shape[1] - 1
+        iu, fu = _interp_weights(np.concatenate([xs, xs + size0]) / ds, w)
+        out = np.empty((ny, nx), dtype=np.float64)
+        step = max(1, _FRACTION_TABLE_ENTRIES // (2 * (w + 1)))  # bounds the row table
+        for a in range(0, ny, step):
+            y = ys[a : a + step]
+            m = len(y)
+            iv, fv = _interp_weights(np.concatenate([y, y + size0]) / ds, h)
+            rows = s[iv] * (1 - fv)[:, None] + s[iv + 1] * fv[:, None]  # (2 m, w + 1)
+            table = rows[:, iu] * (1 - fu) + rows[:, iu + 1] * fu  # (2 m, 2 nx)
+            out[a : a + m] = table[m:, nx:] - table[:m, nx:] - table[m:, :nx] + table[:m, :nx]
+        return np.clip(out / (size0 / ds) ** 2, 0.0, 1.0, out=out)
+
+
+def _interp_weights(u: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index and weight of the linear interpolation at ``u`` in a summed-area axis of ``n``
+    pixels (``n + 1`` entries), as :func:`_interp_integral` does per axis."""
+    u = np.clip(u, 0.0, n)
+    i = np.minimum(np.floor(u).astype(np.int64), max(n - 1, 0))
+    return i, u - i
 
 
 def _describe(method: str, rule: str, threshold: float, reason: str = "") -> str:

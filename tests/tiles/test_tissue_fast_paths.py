@@ -143,3 +143,21 @@ def test_fake_slide_without_mpp_ignores_mask_mpp():
     rgb, _ = tma_image()
     tm = detect_tissue(FakeSlide(rgb, None))
     assert max(tm.mask.shape) == max(rgb.shape[:2])  # the whole (< 2048 px) image
+
+
+def test_fraction_grid_is_fraction_in_on_the_lattice(monkeypatch):
+    """The separable lattice evaluation gives fraction_in's values, sub-pixel borders, squares
+    partly outside the slide and a row table split into chunks included."""
+    import napari_gpfm.tiles.tissue as tissue_mod
+
+    rng = np.random.default_rng(11)
+    mask = ndi.gaussian_filter(rng.random((90, 70)), 1.5) > 0.5
+    tm = TissueMask(mask=mask, downsample=3.7)
+    xs = np.arange(-20, 280, 23)
+    ys = np.arange(-11, 350, 17)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    ref = tm.fraction_in(gx.ravel(), gy.ravel(), 29.0).reshape(gy.shape)
+    np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-12)
+    monkeypatch.setattr(tissue_mod, "_FRACTION_TABLE_ENTRIES", 300)  # 2 rows per chunk
+    np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-12)
+    assert tm.fraction_grid([], ys, 29.0).shape == (len(ys), 0)
