@@ -33,52 +33,82 @@ def _world_centre(coord, P):
     return np.array(((y + P / 2 - 0.5) * MPP, (x + P / 2 - 0.5) * MPP))
 
 
-def test_embed_cluster_click_export(make_napari_viewer, qtbot, sample_svs, tmp_path):
-    viewer = make_napari_viewer()
-    other = add_slide(viewer, sample_svs)  # a second open slide (same file: same store)
-    layer = add_slide(viewer, sample_svs)
-    assert other.name != layer.name
-    w = make_widget(viewer, tmp_path)
-    w.select_slide(layer)
-    assert w.layer_combo.currentText() == layer.name
-    assert "(not GPFM)" in w.model_combo.currentText()
-    assert "weights missing" in w.model_combo.currentText()
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    """One output folder for the scenario's tests: the first run embeds, the others load."""
+    return tmp_path_factory.mktemp("gpfm-dock-out")
 
-    # preview: tissue mask and patch grid layers, patch count before any run
+
+class Docked:
+    """A window with two open copies of the sample slide and the dock on the second."""
+
+    def __init__(self, viewer, qtbot, sample_svs, out_dir):
+        self.viewer, self.qtbot = viewer, qtbot
+        self.other = add_slide(viewer, sample_svs)  # a second open slide (same file: same store)
+        self.layer = add_slide(viewer, sample_svs)
+        self.w = make_widget(viewer, out_dir)
+        self.w.select_slide(self.layer)
+
+    def embedded(self):
+        """Run (embed, or load what an earlier test embedded); the slide's session state."""
+        status = _run(self.qtbot, self.w)
+        assert "ready" in status or "loaded" in status, status
+        return self.w.session_state()
+
+    def clustered(self, k=4):
+        s = self.embedded()
+        with self.qtbot.waitSignal(self.w.cluster_jobs.finished, timeout=20_000) as blocker:
+            assert self.w.cluster(k) is not None, self.w.cluster_jobs.status.text()
+        assert blocker.args == ["done"], self.w.cluster_jobs.status.text()
+        return s
+
+    def name(self, what):
+        return result_name(self.layer.name, what)
+
+
+@pytest.fixture
+def docked(make_napari_viewer, qtbot, sample_svs, out_dir):
+    return Docked(make_napari_viewer(), qtbot, sample_svs, out_dir)
+
+
+def test_dock_picks_the_slide_and_flags_a_model_that_is_not_gpfm(docked):
+    assert docked.other.name != docked.layer.name
+    assert docked.w.layer_combo.currentText() == docked.layer.name
+    assert "(not GPFM)" in docked.w.model_combo.currentText()
+    assert "weights missing" in docked.w.model_combo.currentText()
+
+
+def test_preview_counts_the_patches_the_run_then_embeds(docked, qtbot):
+    w, viewer = docked.w, docked.viewer
     with qtbot.waitSignal(w.jobs.finished, timeout=20_000) as blocker:
         assert w.preview_tissue() is not None, w.status.text()
     assert blocker.args == ["done"], w.status.text()
-    assert result_name(layer.name, "tissue") in viewer.layers
-    grid_layer = viewer.layers[result_name(layer.name, "patches")]
+    assert docked.name("tissue") in viewer.layers
+    grid_layer = viewer.layers[docked.name("patches")]
     n_preview = int(grid_layer.metadata["napari_gpfm"]["n_patches"])
     assert n_preview > 0 and f"{n_preview:,} patches" in w.status.text()
-
-    status = _run(qtbot, w)
-    assert "ready" in status
-    s = w.session_state()
-    assert s.uid == int(layer.unique_id) and s.name == layer.name
-    P = s.patch_size_level0
-    assert s.n == n_preview and P == round(112 * 0.5 / MPP)
+    s = docked.embedded()
+    assert s.uid == int(docked.layer.unique_id) and s.name == docked.layer.name
+    assert s.n == n_preview and s.patch_size_level0 == round(112 * 0.5 / MPP)
     assert w.progress.value() == w.progress.maximum() == s.n
-    # the store: <out>/<tiling>/features_<model>/<slide>.h5
-    assert s.store.path == tmp_path / "0.5mpp_112px_0px_overlap" / f"features_{TINY}" / \
+    assert docked.name("patches") not in viewer.layers  # once results are there, the preview goes
+
+
+def test_store_lands_in_its_tiling_folder_and_a_rerun_loads_it_without_a_model(docked, out_dir):
+    n = docked.embedded().n
+    status = _run(docked.qtbot, docked.w)  # the same recipe again
+    assert "loaded" in status and docked.w.jobs.last_progress.status == "skipped"
+    s = docked.w.session_state()
+    assert s.n == n
+    # <out>/<tiling>/features_<model>/<slide>.h5
+    assert s.store.path == out_dir / "0.5mpp_112px_0px_overlap" / f"features_{TINY}" / \
         "CMU-1-Small-Region.h5"  # fmt: skip
-    # once results are there, the preview goes
-    assert result_name(layer.name, "patches") not in viewer.layers
 
-    # a second run with the same recipe loads the store without a model
-    status = _run(qtbot, w)
-    assert "loaded" in status and w.jobs.last_progress.status == "skipped"
-    s = w.session_state()
-    assert s.n == n_preview
 
-    # clusters: Labels layer aligned exactly, table sums to the patch count
-    with qtbot.waitSignal(w.cluster_jobs.finished, timeout=20_000) as blocker:
-        assert w.cluster(4) is not None, w.cluster_jobs.status.text()
-    assert blocker.args == ["done"], w.cluster_jobs.status.text()
-    lab = viewer.layers[result_name(layer.name, "clusters")]
-    g = s.grid
-    c = s.coords
+def test_cluster_labels_sit_on_their_patches(docked):
+    s = docked.clustered()
+    P, g, c = s.patch_size_level0, s.grid, s.coords
+    lab = docked.viewer.layers[docked.name("clusters")]
     assert lab.data.shape == g.shape
     # no overlap: one raster cell per patch side; the first cell centred on the first patch's
     np.testing.assert_allclose(lab.scale, (P * MPP,) * 2)
@@ -88,19 +118,31 @@ def test_embed_cluster_click_export(make_napari_viewer, qtbot, sample_svs, tmp_p
     cells = np.round([lab.world_to_data(_world_centre(xy, P)) for xy in c]).astype(int)
     np.testing.assert_array_equal(lab.data[cells[:, 0], cells[:, 1]], s.clusters.labels + 1)
     assert (lab.data > 0).sum() == s.n
-    counts = [int(w.cluster_table.item(r, 1).text().replace(",", ""))
-              for r in range(w.cluster_table.rowCount())]  # fmt: skip
-    assert w.cluster_table.rowCount() == 4 and sum(counts) == s.n
+
+
+def _cluster_table(w):
+    return [[w.cluster_table.item(r, col).text() for col in range(1, 4)]
+            for r in range(w.cluster_table.rowCount())]  # fmt: skip
+
+
+def test_cluster_table_counts_percentages_and_areas(docked):
+    s = docked.clustered()
+    rows = _cluster_table(docked.w)
+    counts = [int(n.replace(",", "")) for n, _, _ in rows]
+    assert len(rows) == 4 and sum(counts) == s.n
     assert counts == np.bincount(s.clusters.labels, minlength=4).tolist()
-    pcts = [float(w.cluster_table.item(r, 2).text()) for r in range(4)]
-    assert sum(pcts) == pytest.approx(100, abs=0.2)
+    assert sum(float(pct) for _, pct, _ in rows) == pytest.approx(100, abs=0.2)
     # areas in mm²: the patches do not overlap, so each cluster covers count × (P·mpp)²
-    areas = [float(w.cluster_table.item(r, 3).text()) for r in range(4)]
+    areas = [float(area) for _, _, area in rows]
+    P = s.patch_size_level0
     np.testing.assert_allclose(areas, np.array(counts) * (P * MPP) ** 2 / 1e6, atol=1e-4)
 
-    # heatmap of the distance to the cluster centre: cell of patch i covers its footprint
-    heat = w.show_heatmap("distance_to_centre")
-    assert heat.name == result_name(layer.name, "distance to centre")
+
+def test_distance_heatmap_cell_covers_its_patch_footprint(docked):
+    s = docked.clustered()
+    P, g = s.patch_size_level0, s.grid
+    heat = docked.w.show_heatmap("distance_to_centre")
+    assert heat.name == docked.name("distance to centre")
     x, y = s.coords[7]
     lo = heat.data_to_world((g.rows[7] - 0.5, g.cols[7] - 0.5))
     hi = heat.data_to_world((g.rows[7] + g.k - 0.5, g.cols[7] + g.k - 0.5))
@@ -108,25 +150,39 @@ def test_embed_cluster_click_export(make_napari_viewer, qtbot, sample_svs, tmp_p
     np.testing.assert_allclose(hi, ((y + P - 0.5) * MPP, (x + P - 0.5) * MPP), atol=1e-9)
     assert np.isnan(heat.data).any() and heat.colormap.nan_color[3] == 0
 
-    # a click on patch 7 (world µm) -> similarity map peaking there, top-k listed and clickable
+
+def _click_patch_7(docked):
+    s = docked.embedded()
+    P = s.patch_size_level0
     centre7 = _world_centre(s.coords[7], P)
     np.testing.assert_allclose(s.centre(7), centre7)
-    res = w.handle_click(centre7 + 0.3 * P * MPP)
-    assert res is not None, w.status.text()
+    res = docked.w.handle_click(centre7 + 0.3 * P * MPP)
+    assert res is not None, docked.w.status.text()
+    return s, res, centre7
+
+
+def test_click_maps_similarity_peaking_at_the_clicked_patch(docked):
+    s, res, centre7 = _click_patch_7(docked)
     assert res.query_slide == s.uid and res.query.tolist() == [7]
-    sim = viewer.layers[result_name(layer.name, "similarity")]
+    sim = docked.viewer.layers[docked.name("similarity")]
     r, cc = np.round(sim.world_to_data(centre7)).astype(int)
     assert sim.data[r, cc] == pytest.approx(np.nanmax(sim.data)) == pytest.approx(1.0)
-    assert w.hits_table.rowCount() == 10 and result_name(layer.name, "top hits") in viewer.layers
-    # every other open slide with a store of the same model gets its similarity map too (it
-    # finds the finished store of its file in the output folder)
-    other_uid = int(other.unique_id)
+    assert docked.w.hits_table.rowCount() == 10 and docked.name("top hits") in docked.viewer.layers
+
+
+def test_click_maps_similarity_on_every_open_slide_with_a_store(docked):
+    """The other slide finds the finished store of its file in the output folder."""
+    s, res, _ = _click_patch_7(docked)
+    other, other_uid = docked.other, int(docked.other.unique_id)
     assert set(res.scores) == {s.uid, other_uid}
-    assert res.names == {s.uid: layer.name, other_uid: other.name}
-    assert result_name(other.name, "similarity") in viewer.layers
+    assert res.names == {s.uid: docked.layer.name, other_uid: other.name}
+    assert result_name(other.name, "similarity") in docked.viewer.layers
     np.testing.assert_allclose(res.scores[other_uid], res.scores[s.uid], rtol=1e-5)
-    # the gallery shows the hits, best first, captioned with score and slide name
-    gallery = w.hits_gallery
+
+
+def test_hits_gallery_lists_the_hits_best_first_with_score_and_slide(docked):
+    s, res, _ = _click_patch_7(docked)
+    gallery = docked.w.hits_gallery
     assert gallery.count() == len(res.hits)
     for row, (uid, idx, score) in enumerate(res.hits):
         t = gallery.tiles[row]
@@ -140,46 +196,63 @@ def test_embed_cluster_click_export(make_napari_viewer, qtbot, sample_svs, tmp_p
     # (identical) slide scores as high as any (the tiny random model ties many patches)
     scores = [sc for _, _, sc in res.hits]
     assert scores == sorted(scores, reverse=True) and (s.uid, 7) not in [h[:2] for h in res.hits]
-    assert res.scores[other_uid][7] == pytest.approx(scores[0]) == pytest.approx(1.0)
-    w.go_to_hit(3)
-    uid, hit, _ = res.hits[3]
-    hit_coord = w.session.slides[uid].coords[hit]
-    np.testing.assert_allclose(viewer.scene.camera.center[-2:], _world_centre(hit_coord, P))
+    assert res.scores[int(docked.other.unique_id)][7] == pytest.approx(scores[0])
+    assert scores[0] == pytest.approx(1.0)
 
-    # the same through a simulated mouse click (press + release, no move)
-    class Ev:
+
+def test_go_to_hit_centres_the_camera_on_the_hit(docked):
+    _, res, _ = _click_patch_7(docked)
+    docked.w.go_to_hit(3)
+    uid, hit, _ = res.hits[3]
+    state = docked.w.session.slides[uid]
+    np.testing.assert_allclose(docked.viewer.scene.camera.center[-2:],
+                               _world_centre(state.coords[hit], state.patch_size_level0))
+
+
+def test_a_mouse_click_without_a_drag_queries_the_patch(docked):
+    s = docked.embedded()
+
+    class Ev:  # a press then a release at the same place, no move
         def __init__(self, kind, pos):
             self.type, self.position, self.modifiers = kind, pos, []
 
-    gen = w._on_mouse_drag(viewer, ev := Ev("mouse_press", _world_centre(s.coords[3], P)))
+    ev = Ev("mouse_press", _world_centre(s.coords[3], s.patch_size_level0))
+    gen = docked.w._on_mouse_drag(docked.viewer, ev)
     next(gen)
     ev.type = "mouse_release"
     with pytest.raises(StopIteration):
         next(gen)
-    assert w.last_result.query.tolist() == [3]
+    # the click does not wait: the similarity index may still be building
+    docked.qtbot.waitUntil(lambda: docked.w.last_result is not None, timeout=20_000)
+    assert docked.w.last_result.query.tolist() == [3]
 
-    # a Points layer as query
-    viewer.add_points([_world_centre(s.coords[5], P), _world_centre(s.coords[6], P)],
-                      name="query")  # fmt: skip
-    res = w.query_points("query")
-    assert res is not None, w.status.text()
+
+def test_a_points_layer_queries_the_patches_under_its_points(docked):
+    s = docked.embedded()
+    P = s.patch_size_level0
+    docked.viewer.add_points([_world_centre(s.coords[5], P), _world_centre(s.coords[6], P)],
+                             name="query")  # fmt: skip
+    res = docked.w.query_points("query")
+    assert res is not None, docked.w.status.text()
     assert sorted(res.query.tolist()) == [5, 6]
 
-    # exports read back
-    files = w.export()
-    assert all(p.parent == tmp_path / "exports" for p in files)
-    names = {p.name for p in files}
-    assert {f"{layer.name}_clusters.png", f"{layer.name}_patches.geojson",
-            f"{layer.name}_clusters.geojson"} <= names  # fmt: skip
+
+def test_exports_read_back(docked, out_dir):
+    from napari_gpfm.annotations.geojson import read_geojson
+
+    s = docked.clustered()
+    name = docked.layer.name
+    files = docked.w.export()
+    assert all(p.parent == out_dir / "exports" for p in files)
+    assert {f"{name}_clusters.png", f"{name}_patches.geojson",
+            f"{name}_clusters.geojson"} <= {p.name for p in files}  # fmt: skip
     table = next(p for p in files if p.stem.endswith("_patches") and p.suffix != ".geojson")
     assert table.exists() and table.stat().st_size > 0
     if table.suffix == ".csv":
-        lines = table.read_text().splitlines()
-        assert len(lines) == s.n + 1
-    from napari_gpfm.annotations.geojson import read_geojson
-
-    assert len(read_geojson(tmp_path / "exports" / f"{layer.name}_patches.geojson")) == s.n
-    merged = read_geojson(tmp_path / "exports" / f"{layer.name}_clusters.geojson")
+        assert len(table.read_text().splitlines()) == s.n + 1
+    assert len(read_geojson(out_dir / "exports" / f"{name}_patches.geojson")) == s.n
+    merged = read_geojson(out_dir / "exports" / f"{name}_clusters.geojson")
+    counts = np.bincount(s.clusters.labels, minlength=4).tolist()
     assert sorted(a.properties["measurements"]["patches"] for a in merged) == sorted(counts)
 
 
