@@ -23,6 +23,7 @@ from typing import Any
 from napari_gpfm.tiles.tissue import NoTissueError
 
 from .recipe import KEY_FIELDS, EmbeddingRecipe
+from .tiling import Level0Tiling, spec_for_slide
 from .store import (
     DamagedStoreError,
     ExternalFeaturesWarning,
@@ -56,6 +57,7 @@ __all__ = [
     "ExternalFeaturesWarning",
     "FeatureStore",
     "IncompleteStoreError",
+    "Level0Tiling",
     "NoTissueError",
     "NonFiniteFeaturesError",
     "OutputWriteError",
@@ -73,6 +75,7 @@ __all__ = [
     "partial_path",
     "recipe_store_path",
     "resolve_device",
+    "spec_for_slide",
     "store_path",
     "tiling_dir_name",
 ]

@@ -32,6 +32,7 @@ from napari_gpfm.tiles.grid import (
 from napari_gpfm.tiles.loader import PatchDataset, available_cpus, default_num_workers, iter_batches
 
 from .pipeline import BatchForward, auto_batch_size
+from .tiling import spec_for_slide
 from napari_gpfm.tiles.tissue import NoTissueError, TissueParams, detect_tissue, no_tissue_message
 
 from .recipe import EmbeddingRecipe, current_versions
@@ -216,7 +217,8 @@ def embed_slide(
     Args:
         slide_or_path: a :class:`~napari_gpfm.slide.Slide` or a path to open.
         encoder: from :func:`napari_gpfm.encoders.load_encoder`.
-        spec: tiling; ``None`` uses :func:`default_spec`.
+        spec: tiling (a GridSpec, or a :class:`~napari_gpfm.embeddings.tiling.Level0Tiling`
+            resolved against the slide); ``None`` uses :func:`default_spec`.
         out_dir: output root.
         tissue_params: tissue detection parameters (defaults: :class:`TissueParams`).
         batch_size: patches per forward pass and per store chunk, or ``"auto"``
@@ -297,7 +299,7 @@ def _embed_open_slide(
     pipeline_depth: int | None = None,
 ) -> Generator[EmbedProgress, None, Path]:
     """Body of :func:`embed_slide` once the slide is open."""
-    spec = spec or default_spec(encoder)
+    spec = spec_for_slide(spec or default_spec(encoder), slide)
     tissue_params = tissue_params or TissueParams()
     dev = resolve_device(device)
     recipe = make_recipe(encoder, slide, spec, tissue_params, precision=precision, device=dev)

@@ -1116,8 +1116,12 @@ def _resumable(ro: h5py.File, recipe: EmbeddingRecipe, coords: np.ndarray,
     file opened read-only, or ``None`` when it cannot be resumed (other recipe, coords or dim;
     no checksums; damaged metadata)."""
     a = ro.attrs
+    stored = _stored_recipe(a)
+    same_recipe = a.get("gpfm_recipe_key") == recipe.key() or (
+        stored is not None and stored.with_legacy_precision().key() == recipe.key()
+    )  # a store that records no precision but its device: what that device computed in
     if not (
-        a.get("gpfm_recipe_key") == recipe.key()
+        same_recipe
         and "features" in ro
         and "coords" in ro
         and CHECKSUM_DATASET in ro
@@ -1498,8 +1502,13 @@ def _read_h5(
         raise _damaged(path, f"unreadable gpfm_recipe attribute ({e})") from e
     if expected_slide is not None:
         check_slide(path, attrs, expected_slide)
-    if expected_recipe is not None and recipe.key() != expected_recipe.key():
-        raise RecipeMismatchError(path, recipe.diff(expected_recipe))
+    if expected_recipe is not None:
+        found = recipe.with_legacy_precision()
+        if found.key() != expected_recipe.key():
+            diff = found.diff(expected_recipe)
+            if set(diff) == {"precision"} and expected_recipe.precision is not None:
+                raise PrecisionMismatchError(path, found.precision, expected_recipe.precision)
+            raise RecipeMismatchError(path, diff)
     size = _resolve_patch_size(path, attrs, coords, patch_size_level0)
     return FeatureStore(path=path, kind="gpfm", coords=coords, attrs=attrs, recipe=recipe, **size)
 

@@ -26,9 +26,11 @@ EPILOG = """\
 tiling:
   The patch field is PATCH_SIZE pixels at TARGET_MPP microns/pixel, computed from the slide's
   exact mpp (no 20x/40x bucketing). --magnification M is shorthand for --target-mpp 10/M
-  (20 -> 0.5 um/px, 40 -> 0.25 um/px). Presets: gpfm-20x-224 (224 px at 0.5 um/px, TRIDENT's
-  GPFM setting), gpfm-40x-512to224 (512 px at 0.25 um/px = 128 um, resized to 224: GPFM
-  authors' setting). Default: the model card's recommended tiling, else gpfm-20x-224.
+  (20 -> 0.5 um/px, 40 -> 0.25 um/px). Presets: gpfm-20x-224 (224 px at 0.5 um/px = 112 um:
+  TRIDENT's GPFM setting), gpfm-40x-512to224 (512 px at 0.25 um/px = 128 um, resized to 224:
+  GPFM's authors' field of view, by exact mpp; the GPFM card's default). --level0-px 512 cuts
+  512 level-0 px whatever the mpp, as the authors' scripts do (129.4 um on a 0.2527 um/px
+  scan). Default: the model card's recommended tiling, else gpfm-20x-224.
 
 output:
   OUT/<tiling>/features_<model>/<slide>.h5, with <tiling> like 0.5mpp_224px_0px_overlap and
@@ -44,6 +46,13 @@ failures (the slide is reported, the others go on, exit code 1):
   afresh). A damaged store (checksums, metadata) is named with what is damaged: --overwrite
   replaces it. A slide file replaced since its store was started or finished is refused,
   naming both.
+
+precision:
+  --precision auto (default) computes in fp16 on CUDA and fp32 on a CPU; the resolved value is
+  recorded in the store and its recipe key. A finished or unfinished store of another precision
+  is refused, naming the file and both precisions (--overwrite re-embeds). Stores made before
+  precision was recorded are refused for resuming and reuse (their precision is unknown) but
+  open for viewing.
 
 multi-GPU:
   torchrun --nproc_per_node=4 -m napari_gpfm.jobs._cli SLIDES... --out DIR
@@ -77,6 +86,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                      help="microns/pixel at which patches are cut (0.5 = 20x)")
     tgt.add_argument("--magnification", type=float, default=None,
                      help="target magnification M, converted to target mpp 10/M")
+    tgt.add_argument("--level0-px", type=int, default=None, metavar="N",
+                     help="patches of N level-0 pixels whatever the slide's mpp, as GPFM's "
+                          "authors' scripts cut (512 on 40x scans), resized to the model input; "
+                          "--overlap is then in level-0 pixels too")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tile preset")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in px at target mpp")
     p.add_argument("--overlap", type=int, default=None, help="overlap in px at target mpp")
@@ -91,15 +104,42 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "size (default 2,000,000; 0: no limit)")
     p.add_argument("--no-tissue-mask", action="store_const", dest="tissue_method", const="none",
                    help="same as --tissue-method none: embed every patch (crops, ROIs)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_batch_size, default=64, metavar="N|auto",
+                   help="patches per forward pass (default 64); auto: from the free GPU memory "
+                        "(a stated per-patch estimate, at most 512), small batches on a CPU")
     p.add_argument("--num-workers", type=int, default=None,
                    help="patch-reading processes (default min(2, CPUs); 0 = main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="what the model computes in; part of the recipe, so stores of another "
+                        "precision are not reused or resumed. auto: fp16 on CUDA (closest to "
+                        "fp32 at the speed of bf16), fp32 on a CPU; fp16/bf16 run as autocast "
+                        "(on a CPU too)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (off by default; switched off "
+                        "with a warning when Triton is unavailable on CUDA)")
     p.add_argument("--overwrite", action="store_true", help="re-embed finished slides")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="use a random network if no weights are found (tests, benchmarks)")
     p.set_defaults(func=run_embed)
     return p
+
+
+#: The ``--precision`` choices (``napari_gpfm.encoders.device.PRECISION_CHOICES``, kept here so
+#: that building the parser imports no torch; a test checks the two agree).
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _batch_size(value: str) -> int | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return n
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -123,7 +163,17 @@ def build_spec(args: argparse.Namespace, card: Any) -> Any:
     """GridSpec from ``--preset`` (else the model card's tiling) with the explicit options
     applied; ``card`` is a :class:`~napari_gpfm.encoders.ModelCard` (no model is built)."""
     from napari_gpfm.embeddings.run import default_spec
+    from napari_gpfm.embeddings.tiling import Level0Tiling
+    from napari_gpfm.errors import UsageError
     from napari_gpfm.tiles.grid import get_preset, magnification_to_mpp
+
+    if getattr(args, "level0_px", None) is not None:
+        if args.preset or args.patch_size is not None:
+            raise UsageError("--level0-px sets the whole patch (N level-0 pixels): give it "
+                             "without --preset and --patch-size")  # fmt: skip
+        min_tissue = 0.5 if args.min_tissue is None else args.min_tissue
+        return Level0Tiling(size0=args.level0_px, overlap0=args.overlap or 0,
+                            min_tissue=min_tissue)  # fmt: skip
 
     base = get_preset(args.preset) if args.preset else default_spec(SimpleNamespace(card=card))
     target = args.target_mpp
@@ -161,7 +211,12 @@ def run_embed(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
-    from napari_gpfm.encoders import default_model_name, get_card, resolve_device
+    from napari_gpfm.encoders import (
+        default_model_name,
+        get_card,
+        resolve_device,
+        resolve_precision,
+    )
     from napari_gpfm.jobs.embed import require_weights
     from napari_gpfm.tiles import TissueParams
 
@@ -175,6 +230,7 @@ def run_embed(args: argparse.Namespace) -> int:
         for path in args.slides:  # every rank checks every path: all stop alike, before the model
             require_file(path, "slide")
         device = str(resolve_device(_device_for_rank(args.device)))
+        precision = resolve_precision(args.precision, device)
         card = get_card(args.model or default_model_name())
         weights = str(args.weights) if args.weights is not None else None
         require_weights(card, weights, args.allow_random_weights)  # the model is built on demand
@@ -190,7 +246,8 @@ def run_embed(args: argparse.Namespace) -> int:
                     max_patches=args.max_patches or None,
                     device=device, allow_random=args.allow_random_weights,
                     batch_size=args.batch_size, num_workers=args.num_workers,
-                    overwrite=args.overwrite, weights=weights, index=False)  # fmt: skip
+                    overwrite=args.overwrite, weights=weights, index=False,
+                    precision=precision, compile=args.compile)  # fmt: skip
     failed: list[tuple[str, str]] = []
     for path in slides:
         bar = tqdm(desc=f"{tag}{Path(path).name}", unit="patch", file=sys.stderr, leave=True,

@@ -261,10 +261,12 @@ def find_store_for(slide: Any, card: Any, spec: Any, tissue_params: Any, out_dir
     caller decides whether to overwrite)."""
     from ..embeddings import find_store
     from ..embeddings.run import make_recipe
+    from ..embeddings.tiling import spec_for_slide
 
     digest = weights_digest(card, allow_random, weights=weights)
     if digest is None or slide.mpp is None:
         return None
+    spec = spec_for_slide(spec, slide)
     recipe = make_recipe(SimpleNamespace(card=card, weights_sha256=digest), slide, spec,
                          tissue_params, precision=precision, device=device)  # fmt: skip
     return find_store(out_dir, slide, recipe)
@@ -372,9 +374,11 @@ def preview_job(slide: Any, spec: Any, tissue_params: Any, encoder_input: int | 
                 ) -> Generator[Progress, None, tuple[Any, Any]]:  # fmt: skip
     """Tissue mask and the patch grid an embed run would use: returns ``(TissueMask,
     TileGrid)``; raises ``NoTissueError`` (naming the slide) when there is no tissue."""
+    from ..embeddings.tiling import spec_for_slide
     from ..tiles import NoTissueError, detect_tissue, make_grid
     from ..tiles.tissue import no_tissue_message
 
+    spec = spec_for_slide(spec, slide)
     yield Progress("preview", "detecting tissue", status="started",
                    message=f"{slide.name}: detecting tissue…")  # fmt: skip
     tissue = detect_tissue(slide, tissue_params)
