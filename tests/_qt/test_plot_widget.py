@@ -14,15 +14,24 @@ from napari_gpfm.layers.session import result_name, session_for
 P = 224  # patch side at level 0; the synthetic patches tile without overlap
 
 
-def _store(n_side=40, dim=32, seed=0) -> FeatureStore:
-    """A synthetic store: n_side² patches in 3 well-separated groups."""
+PLANTED = 5  # noise-free patches per group: the group's own direction, nearest its centre
+
+
+def _store(n_side=40, dim=32, seed=0) -> tuple[FeatureStore, list[np.ndarray]]:
+    """A synthetic store: n_side² patches in 3 well-separated groups (a group direction × 4
+    plus unit noise), and per group the indices of PLANTED patches without noise."""
     rng = np.random.default_rng(seed)
     ys, xs = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
     coords = np.stack([xs.ravel() * P, ys.ravel() * P], 1).astype(np.int64)
     lab = rng.integers(0, 3, len(coords))
-    feats = (rng.normal(size=(3, dim))[lab] * 4 + rng.normal(size=(len(coords), dim)))
+    means = rng.normal(size=(3, dim)) * 4
+    feats = means[lab] + rng.normal(size=(len(coords), dim))
+    planted = [np.flatnonzero(lab == g)[:PLANTED] for g in range(3)]
+    for g, idx in enumerate(planted):
+        feats[idx] = means[g]
     attrs = {"gpfm_model": "m", "gpfm_mpp": 0.5, "patch_size_level0": P, "name": "s"}
-    return FeatureStore(Path("s.h5"), "gpfm", coords, attrs, _features=feats.astype(np.float32))
+    store = FeatureStore(Path("s.h5"), "gpfm", coords, attrs, _features=feats.astype(np.float32))
+    return store, planted
 
 
 @pytest.fixture
@@ -40,9 +49,15 @@ def plot(make_napari_viewer, qtbot, sample_svs, tmp_path, monkeypatch):
     widget = EmbeddingPlotWidget(viewer)
     assert widget.slide_combo.count() == 0  # nothing embedded yet
     session = session_for(viewer)
-    s = session.attach_store(layer, _store())
+    s = session.attach_store(layer, _store()[0])
     session.set_clusters(s.uid, kmeans(s.features, 3))
     return viewer, widget, session, s
+
+
+@pytest.fixture
+def planted() -> list[np.ndarray]:
+    """The noise-free patches of each group of the ``plot`` fixture's store (same seed)."""
+    return _store()[1]
 
 
 def _plot_pca(qtbot, w):
@@ -149,9 +164,10 @@ def test_hover_on_slide_rings_the_point(plot, qtbot):
     assert w.hover_index == -1 and not w.hover.visible
 
 
-def test_axes_legend_exemplars_and_selection_gallery(plot, qtbot):
-    """Labelled axes, the cluster legend, exemplars nearest each centre (planted clusters:
-    distances well above float32 noise) and the selection shown as tiles."""
+def test_axes_legend_exemplars_and_selection_gallery(plot, planted, qtbot):
+    """Labelled axes, the cluster legend, exemplars nearest each centre (the noise-free patches
+    planted in each group: a centre is the mean of its members, so they lie nearest it) and
+    the selection shown as tiles."""
     from napari_gpfm.layers.gallery import cluster_exemplars
 
     _, w, _, s = plot
@@ -162,12 +178,10 @@ def test_axes_legend_exemplars_and_selection_gallery(plot, qtbot):
     assert [n for n, _ in w.legend.entries] == [f"Cluster {c} ({n:,})"
                                                 for c, n in enumerate(counts)]  # fmt: skip
 
-    x = s.features.astype(np.float64)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    d = np.linalg.norm(x - s.clusters.centres[s.clusters.labels], axis=1)
-    for c, idx in cluster_exemplars(s.clusters, 5).items():
-        members = np.flatnonzero(s.clusters.labels == c)
-        np.testing.assert_array_equal(idx, members[np.argsort(d[members])[:5]])
+    exemplars = cluster_exemplars(s.clusters, PLANTED)
+    for group in planted:
+        (cluster,) = set(s.clusters.labels[group].tolist())  # each group is one cluster
+        assert sorted(exemplars[cluster].tolist()) == group.tolist()
 
     idx = w.select_box(w.xy.min(0), w.xy.max(0))  # all 1,600: a sample of 50 is shown
     assert w.gallery.count() == 50 and not w.gallery.isHidden()
