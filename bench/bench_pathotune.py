@@ -100,8 +100,8 @@ def prompt_row(encoder, imgs, y, classes, folds, config, args) -> dict:
                          seed=args.seed, device=args.device)
     scores, rates, pred_rates, trainable = [], [], [], 0
     for k, (tr, te) in enumerate(folds):
-        res = pt.run(pt.train_from_arrays(encoder, imgs[tr], y[tr], classes, config,
-                                          train_config=cfg))
+        res = pt.run(pt.train_from_arrays(encoder, imgs[tr], y[tr], classes,
+                                          pt.TuneOptions(config, train_config=cfg)))
         clf = res.classifier
         t = time.perf_counter()
         proba = pt.predict_arrays(clf, imgs[te], batch_size=32)

@@ -36,7 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_gpfm.analyses.classify import predict_features  # noqa: E402
-from napari_gpfm.analyses.probe import entropy, fit_probe  # noqa: E402
+from napari_gpfm.analyses.classifier import PatchSet, entropy  # noqa: E402
+from napari_gpfm.analyses.probe import fit_probe  # noqa: E402
 from napari_gpfm.annotations.classes import ClassPalette  # noqa: E402
 from napari_gpfm.annotations.labels import labels_from_annotations  # noqa: E402
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         probe = fit_probe(feats, pl.labels, names, colours=colours)
         t2 = time.perf_counter()
-        pred = predict_features(probe, feats, coords, P, MPP)
+        pred = predict_features(probe, feats, PatchSet(None, coords, P, MPP))
         t3 = time.perf_counter()
         rasters = pred.rasters()
         t4 = time.perf_counter()

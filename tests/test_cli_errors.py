@@ -160,7 +160,7 @@ def _examples():
         "embeddings (partial)": (IncompleteStoreError("s.h5", "4 of 10"), None),
         "embeddings (recipe)": (RecipeMismatchError("s.h5", {"model": ("a", "b")}), ValueError),
         "annotations": (GeoJSONError("a.geojson: not valid JSON"), ValueError),
-        "analyses (probe)": (ProbeFileError("p.npz: corrupt"), ValueError),
+        "analyses (probe)": (ProbeFileError("p.npz", "corrupt"), ValueError),
         "analyses (similarity)": (ModelMismatchError("gpfm vs uni"), ValueError),
         "pathotune": (ClassifierFileError("c.safetensors", "damaged"), ValueError),
         "pathotune (backbone)": (BackboneMismatchError("c.safetensors", {"name": ("a", "b")}),

@@ -1220,13 +1220,18 @@ class AnnotateWidget(QWidget):
         return out
 
     def load_classifier(self, path: str | Path) -> Any:
-        """Load a classifier and apply it to the current slide (refused when the slide's
-        features are of another model or recipe)."""
-        from ..analyses.classify import load_classifier
+        """Load a classifier file of either kind (a linear probe or PathoTune, through
+        :func:`napari_gpfm.jobs.classifiers.load_classifier`) and apply it to the current slide
+        (refused when the slide's patches are not of the classifier's recipe)."""
+        from ..errors import NapariGpfmError
+        from ..jobs.classifiers import load_classifier
 
         try:
-            probe = load_classifier(path, self.store())
-        except USER_ERRORS as exc:
+            probe = load_classifier(path)
+            store = self.store()
+            if store is not None:
+                probe.check_store(store, source=path)
+        except (*USER_ERRORS, NapariGpfmError) as exc:
             self._error(str(exc))
             return None
         self.probe = probe
@@ -1303,7 +1308,9 @@ class AnnotateWidget(QWidget):
             self.save_classifier(path)
 
     def _load_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load classifier", "", "Classifier (*.npz)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load classifier", "",
+            "Classifiers (*.npz *.safetensors);;Linear probe (*.npz);;PathoTune (*.safetensors)")
         if path:
             self.load_classifier(path)
 
@@ -1354,13 +1361,8 @@ def class_map_export_job(pred: Any, path: Path, level0_size: Sequence[int], down
             "classes": ["none", *names], "colours": colours}  # fmt: skip
 
     def tables() -> list[Path]:
-        labels = np.asarray(pred.labels)
-        cols: dict[str, Any] = {"class_index": labels,
-                                "class": np.asarray(names, dtype=object)[labels]}
-        for i, n in enumerate(names):
-            cols[f"p_{n}"] = pred.proba[:, i]
         csv = path.with_suffix(".csv")
-        write_csv(csv, pred.coords, cols)
+        write_csv(csv, pred.coords, pred.columns())
         regions = path.with_suffix(".geojson")
         write_geojson(regions, class_polygons(raster, names, pred.colours))
         return [csv, regions]

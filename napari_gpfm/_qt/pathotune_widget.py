@@ -470,7 +470,7 @@ class PathoTuneWidget(QWidget):
             return  # the slide was closed meanwhile
         s = self.session.slides[uid]
         pred = result.prediction
-        rasters = result.rasters if result.rasters is not None else pred.rasters(s.mpp)
+        rasters = result.rasters if result.rasters is not None else pred.rasters()
         colours = result.classifier.colours
         paints = [(uid, SOURCE, rasters, pred.class_names, colours, LABEL)]
         if result.probe_rasters is not None:
@@ -504,13 +504,11 @@ class PathoTuneWidget(QWidget):
 
     # ================================================================== files
     def save(self, path: str | Path) -> Path | None:
-        from ..pathotune import save_classifier
-
         if self.classifier is None:
             self.jobs.say("Nothing to save: train a classifier first.", error=True)
             return None
         try:
-            out = save_classifier(self.classifier, path)
+            out = self.classifier.save(path)
         except USER_ERRORS as exc:
             self.jobs.say(f"Not saved: {exc}", error=True)
             return None
@@ -519,12 +517,19 @@ class PathoTuneWidget(QWidget):
         return out
 
     def load(self, path: str | Path) -> Any:
-        from ..pathotune import load_classifier
+        """Read a classifier file with the one loader
+        (:func:`napari_gpfm.jobs.classifiers.load_classifier`); this dock predicts pixels, so a
+        linear probe is refused, pointing to the Annotate dock."""
+        from ..jobs.classifiers import load_classifier
 
         try:
             clf = load_classifier(path)
         except USER_ERRORS as exc:  # the message names the file and the problem
             self.jobs.say(str(exc), error=True)
+            return None
+        if clf.kind != "pathotune":
+            self.jobs.say(f"{path}: a {clf.kind} classifier (on stored embeddings), not a "
+                          "PathoTune one: apply it in the Annotate dock.", error=True)
             return None
         self.classifier = clf
         for i, n in enumerate(clf.class_names):

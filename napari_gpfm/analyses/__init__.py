@@ -1,4 +1,5 @@
-"""Analyses of patch embeddings: heatmap rasters, clusters, similarity, linear probes, export.
+"""Analyses of patch embeddings: heatmap rasters, clusters, similarity, linear probes, export,
+and the classifier surface both classifier kinds share (:mod:`.classifier`).
 
 Pure numpy/scipy/scikit-learn: no napari, Qt or torch. Public names are re-exported lazily, so
 ``import napari_gpfm.analyses`` stays cheap until a function is used.
@@ -13,8 +14,12 @@ _EXPORTS = {
     "clusters": ("ClusterResult", "kmeans", "cluster_table", "pca", "umap", "umap_available"),
     "similarity": ("SimilarityIndex", "MultiStoreIndex", "ModelMismatchError"),
     "probe": (
-        "LinearProbe", "CVReport", "fit_probe", "cv_report", "load_probe", "entropy",
-        "ProbeFileError", "RecipeMismatchError", "balanced_accuracy",
+        "LinearProbe", "CVReport", "fit_probe", "cv_report", "load_probe", "ProbeFileError",
+        "RecipeMismatchError", "balanced_accuracy",
+    ),
+    "classifier": (
+        "Classifier", "ClassifierFileError", "PatchSet", "Prediction", "TrainResult", "entropy",
+        "prob_column",
     ),
     "export": ("write_table", "write_csv", "write_parquet", "apply_colormap", "write_heatmap_png"),
 }  # fmt: skip

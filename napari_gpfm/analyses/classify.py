@@ -1,12 +1,16 @@
-"""Patch classifiers from a pathologist's annotations, headless.
+"""Linear-probe classifiers from a pathologist's annotations on feature stores, headless.
 
 The flow the widget and the CLI share::
 
     labels = labels_for_store(annotations, store, class_names)        # shapes -> patch labels
-    result = train_classifier(annotations, store, class_names, colours)  # linear probe + CV
-    result.probe.save("tumour.probe.npz")                           # bound to the store's recipe
-    pred = predict_store(load_classifier("tumour.probe.npz", store), store)  # refuses other recipes
+    result = train_probe(annotations, store, class_names, colours)    # linear probe + CV
+    result.classifier.save("tumour.probe.npz")                      # bound to the store's recipe
+    pred = load_classifier("tumour.probe.npz").predict_store(store)  # refuses other recipes
     write_outputs(pred, "out/")                                     # GeoJSON + per-patch CSV/HDF5
+
+(``load_classifier`` is :func:`napari_gpfm.jobs.classifiers.load_classifier`, which reads both
+classifier kinds; the probe and PathoTune share :mod:`napari_gpfm.analyses.classifier`:
+``Prediction``, ``TrainResult`` and the per-patch column names ``prob_<class>``.)
 
 :func:`live_steps` is the generator behind the widget's live retraining: it yields the new class
 map and probability rasters first (labels + fit + predict + rasters, well under a second for
@@ -33,7 +37,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +47,9 @@ from ..annotations.geojson import Annotation, class_polygons, patch_features, wr
 from ..embeddings.store import ExternalFeaturesWarning, StoreError, atomic_h5
 from ..errors import NapariGpfmError, OutputWriteError
 from ..annotations.labels import PatchLabels, labels_from_annotations, unlabelled_reasons
+from .classifier import Prediction, TrainResult, prob_column
 from .export import write_csv
-from .heatmap import PatchGrid, Raster, heatmap_raster, labels_raster, patch_grid
+from .heatmap import PatchGrid, Raster
 from .probe import (
     CVReport,
     LinearProbe,
@@ -52,24 +57,19 @@ from .probe import (
     _recipe_diff,
     _recipe_dict,
     cv_report,
-    entropy,
     fit_probe,
-    load_probe,
 )
 
 __all__ = [
     "UnknownFeatureModelError",
-    "TrainResult",
-    "Prediction",
     "LiveUpdate",
     "store_recipe",
     "store_geometry",
     "labels_for_store",
     "merge_labels",
-    "train_classifier",
+    "train_probe",
     "check_recipe",
-    "load_classifier",
-    "predict_store",
+    "require_finite",
     "predict_features",
     "live_steps",
     "write_outputs",
@@ -210,16 +210,6 @@ def merge_labels(first: PatchLabels, second: PatchLabels) -> PatchLabels:
 # --- training --------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class TrainResult:
-    """A fitted probe, the patch labels it learnt from and its cross-validation (or why not)."""
-
-    probe: LinearProbe
-    labels: PatchLabels
-    report: CVReport | None = None
-    notes: list[str] = field(default_factory=list)
-
-
 def _class_setup(
     labels: PatchLabels, class_names: Sequence[str] | None, colours: Any
 ) -> tuple[list[str], np.ndarray | None]:
@@ -230,7 +220,7 @@ def _class_setup(
     return names, col
 
 
-def train_classifier(
+def train_probe(
     annotations: Iterable[Annotation],
     store: Any,
     class_names: Sequence[str] | None = None,
@@ -250,10 +240,11 @@ def train_classifier(
     with one labelled patch) the reason is in ``notes``. Raises ``ValueError`` when fewer than
     two classes have labelled patches, :class:`NonFiniteFeaturesError` (naming the store) for
     NaN/inf features, and :class:`UnknownFeatureModelError` for another tool's file recording
-    no model unless ``assume_model`` names it (recorded in the classifier).
+    no model unless ``assume_model`` names it (recorded in the classifier). The
+    :class:`~napari_gpfm.analyses.classifier.TrainResult` holds the probe as ``classifier``.
     """
     feature_model(store, assume_model, what="a classifier trained on them")
-    _require_finite(store)
+    require_finite(store)
     labels = labels_for_store(annotations, store, class_names, min_fraction)
     if extra_labels is not None:
         labels = merge_labels(labels, extra_labels)
@@ -271,13 +262,14 @@ def train_classifier(
                 notes.append(report.note)
         except ValueError as exc:
             notes.append(f"no cross-validation: {exc}")
-    return TrainResult(probe, labels, report, notes)
+    return TrainResult(probe, labels, report, notes,
+                       val_bal_acc=None if report is None else report.balanced_accuracy)
 
 
 # --- applying ----------------------------------------------------------------------------------
 
 
-def _require_finite(store: Any) -> None:
+def require_finite(store: Any) -> None:
     """NonFiniteFeaturesError naming the store when its features hold NaN or inf."""
     check = getattr(store, "require_finite", None)
     if check is not None:
@@ -322,87 +314,14 @@ def check_recipe(probe: LinearProbe, store: Any, source: str | os.PathLike | Non
         )
 
 
-def load_classifier(path: str | os.PathLike, store: Any = None,
-                    assume_model: str | None = None) -> LinearProbe:  # fmt: skip
-    """Read a classifier file; with ``store``, refuse it unless it fits that store's recipe
-    (``assume_model``: see :func:`check_recipe`)."""
-    probe = load_probe(path)
-    if store is not None:
-        check_recipe(probe, store, source=os.fspath(path), assume_model=assume_model)
-    return probe
-
-
-@dataclass(eq=False)
-class Prediction:
-    """Per-patch predictions of a probe on one slide's patches, with their rasters."""
-
-    proba: np.ndarray  # (N, C) float32
-    labels: np.ndarray  # (N,) int64 argmax
-    entropy: np.ndarray  # (N,) float32, normalised 0..1
-    class_names: list[str]
-    colours: np.ndarray | None  # (C, 3) RGB 0-255
-    coords: np.ndarray
-    patch_size_level0: int
-    mpp: float | None
-    slide_name: str = "slide"
-    recipe: dict = field(default_factory=dict)
-    _grid: PatchGrid | None = field(default=None, repr=False)
-
-    @property
-    def grid(self) -> PatchGrid:
-        if self._grid is None:
-            self._grid = patch_grid(self.coords, self.patch_size_level0, self.mpp)
-        return self._grid
-
-    def class_raster(self) -> Raster:
-        """int32 class map: class ``i`` painted ``i + 1``, 0 where no patch."""
-        return labels_raster(self.labels, self.grid)
-
-    def probability_raster(self, i: int) -> Raster:
-        return heatmap_raster(self.proba[:, i], self.grid)
-
-    def entropy_raster(self) -> Raster:
-        return heatmap_raster(self.entropy, self.grid)
-
-    def rasters(self) -> dict[str, Raster]:
-        """``{"classes": …, "entropy": …, <class name>: probability, …}``."""
-        out = {"classes": self.class_raster(), "entropy": self.entropy_raster()}
-        for i, name in enumerate(self.class_names):
-            out[f"p:{name}"] = self.probability_raster(i)
-        return out
-
-
-def predict_features(
-    probe: LinearProbe, X: np.ndarray, coords: np.ndarray, patch_size_level0: int,
-    mpp: float | None, slide_name: str = "slide", grid: PatchGrid | None = None,
-) -> Prediction:
-    """Apply a probe to features (no recipe check: use :func:`predict_store` for stores)."""
-    proba = probe.predict_proba(X)
-    return Prediction(
-        proba=proba,
-        labels=proba.argmax(axis=1).astype(np.int64),
-        entropy=entropy(proba, max(2, len(probe.present))),
-        class_names=list(probe.class_names),
-        colours=None if probe.colours is None else np.asarray(probe.colours),
-        coords=np.asarray(coords, np.int64),
-        patch_size_level0=int(patch_size_level0),
-        mpp=mpp,
-        slide_name=slide_name,
-        recipe=dict(probe.recipe or {}),
-        _grid=grid,
+def predict_features(probe: LinearProbe, X: np.ndarray, patches: Any,
+                     grid: PatchGrid | None = None) -> Prediction:  # fmt: skip
+    """Apply a probe to features ``X`` (one row per patch of ``patches``: a store or a
+    ``PatchSet``); no recipe check (:meth:`LinearProbe.predict_store` checks it for stores)."""
+    return Prediction.from_proba(
+        probe.predict_proba(X), probe.class_names, patches, colours=probe.colours,
+        recipe=probe.recipe, n_trained=len(probe.present), grid=grid,
     )
-
-
-def predict_store(probe: LinearProbe, store: Any, assume_model: str | None = None) -> Prediction:
-    """Predict every patch of ``store``: refused when the recipes differ
-    (:func:`check_recipe`, ``assume_model`` for files recording no model) and when the features
-    hold NaN or inf (:class:`NonFiniteFeaturesError` naming the store: their probabilities would
-    be NaN)."""
-    check_recipe(probe, store, assume_model=assume_model)
-    _require_finite(store)
-    coords, P, mpp = store_geometry(store)
-    return predict_features(probe, store.features, coords, P, mpp,
-                            getattr(store, "slide_name", "slide"))
 
 
 # --- live retraining ---------------------------------------------------------------------------
@@ -451,10 +370,10 @@ def live_steps(
         ))
         return
     _, col = _class_setup(labels, names, colours)
-    _require_finite(store)
+    require_finite(store)
     X = store.features
     probe = fit_probe(X, labels.labels, names, colours=col, recipe=store_recipe(store))
-    pred = predict_features(probe, X, coords, P, mpp, getattr(store, "slide_name", "slide"))
+    pred = predict_features(probe, X, store)
     rasters = pred.rasters()
     yield LiveUpdate("prediction", labels=labels, probe=probe, prediction=pred, rasters=rasters)
     if cv_folds < 2:
@@ -486,9 +405,9 @@ def write_outputs(
     - ``<name>.geojson``: one QuPath annotation per predicted class, the patch squares merged
       into (Multi)Polygons with holes, with measurements ``Area µm^2`` (``Area px^2`` without
       mpp), ``Num patches`` and ``Mean probability``; with ``per_patch`` one QuPath detection
-      per patch instead, with ``Prob <class>`` and ``Uncertainty`` measurements.
+      per patch instead, with ``prob_<class>``… and ``uncertainty`` measurements.
     - ``<name>_patches.csv``: ``x, y`` (level-0 top-left), ``class``, ``class_name``,
-      ``prob_<class>``…, ``uncertainty``.
+      ``prob_<class>``…, ``uncertainty`` (:meth:`Prediction.columns`).
     - ``<name>_patches.h5``: datasets ``coords``, ``probabilities``, ``labels``,
       ``uncertainty``; attrs ``class_names``, ``colours`` and ``recipe`` (JSON),
       ``patch_size_level0``, ``mpp``.
@@ -518,14 +437,7 @@ def write_outputs(
         write_geojson(tmps["geojson"], _prediction_annotations(p, per_patch))
         if "csv" in finals:
             current = finals["csv"]
-            cols: dict[str, np.ndarray] = {
-                "class": p.labels,
-                "class_name": np.asarray(p.class_names, dtype=object)[p.labels],
-            }
-            for i, n in enumerate(p.class_names):
-                cols[f"prob_{n}"] = p.proba[:, i]
-            cols["uncertainty"] = p.entropy
-            write_csv(tmps["csv"], p.coords, cols)
+            write_csv(tmps["csv"], p.coords, p.columns())
         if "h5" in finals:
             current = finals["h5"]
             _write_prediction_h5(tmps["h5"], p)
@@ -569,8 +481,8 @@ def _prediction_annotations(p: Prediction, per_patch: bool) -> list:
     C = len(p.class_names)
     rgb = _rgb(p.colours, C)
     if per_patch:
-        meas = {f"Prob {n}": p.proba[:, i] for i, n in enumerate(p.class_names)}
-        meas["Uncertainty"] = p.entropy
+        cols = p.columns()
+        meas = {k: v for k, v in cols.items() if k not in ("class", "class_name")}
         return patch_features(p.coords, p.patch_size_level0, meas, p.labels, p.class_names, rgb)
     anns = class_polygons(p.class_raster(), p.class_names, rgb)
     for a in anns:
@@ -595,6 +507,7 @@ def _write_prediction_h5(path: Path, p: Prediction) -> None:
         f.create_dataset("labels", data=p.labels.astype(np.int64))
         f.create_dataset("uncertainty", data=p.entropy.astype(np.float32))
         f.attrs["class_names"] = json.dumps(p.class_names)
+        f.attrs["probability_columns"] = json.dumps([prob_column(n) for n in p.class_names])
         f.attrs["colours"] = json.dumps(None if rgb is None else rgb.tolist())
         f.attrs["recipe"] = json.dumps(p.recipe, default=str)
         f.attrs["patch_size_level0"] = int(p.patch_size_level0)

@@ -24,19 +24,21 @@ import dataclasses
 import errno
 import hashlib
 import json
-import math
 import os
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from napari_gpfm.embeddings.recipe import recipe_diff
 from napari_gpfm.embeddings.store import RecipeMismatchError
 from napari_gpfm.errors import NapariGpfmError, OutputWriteError
+
+from .classifier import ClassifierFileError, entropy
 
 __all__ = [
     "RECIPE_KEYS",
@@ -53,12 +55,11 @@ __all__ = [
 
 #: Recipe keys that must match between a probe file and the features it is applied to.
 RECIPE_KEYS = ("model", "weights_sha256", "target_mpp", "patch_size")
-_ALIASES = {"model_name": "model", "encoder": "model", "weights_hash": "weights_sha256"}
 _FORMAT = "napari-gpfm-linear-probe/2"
 _FORMAT_V1 = "napari-gpfm-linear-probe/1"  # sha256 of the arrays only
 
 
-class ProbeFileError(NapariGpfmError, ValueError):
+class ProbeFileError(ClassifierFileError):
     """A probe file is missing, unreadable or corrupt (the message names the file)."""
 
 
@@ -82,9 +83,6 @@ def _recipe_dict(recipe: Any) -> dict:
         d = dataclasses.asdict(recipe)
     else:
         raise TypeError(f"recipe must be a dict, a dataclass or have to_dict(), got {type(recipe)}")
-    for alias, key in _ALIASES.items():
-        if alias in d and key not in d:
-            d[key] = d[alias]
     return json.loads(json.dumps(d, default=str))  # JSON-safe copy
 
 
@@ -101,8 +99,12 @@ class LinearProbe:
     indices seen in training (columns of absent classes are 0). ``weight``/``bias`` are the
     scaler-folded float32 parameters used for prediction; ``coef``, ``intercept``,
     ``scaler_mean``, ``scaler_scale`` the sklearn ones (``pipeline`` rebuilds the Pipeline).
+
+    Implements :class:`~napari_gpfm.analyses.classifier.Classifier` (``kind`` ``"linear"``):
+    :meth:`check_store` and :meth:`predict_store` over a feature store, :meth:`save`.
     """
 
+    kind: ClassVar[str] = "linear"
     class_names: list[str]
     present: np.ndarray
     coef: np.ndarray
@@ -205,7 +207,28 @@ class LinearProbe:
             h.update(a.tobytes())
         return h.hexdigest()
 
-    def save(self, path: str | os.PathLike) -> str:
+    # --- the Classifier protocol ---------------------------------------------------------------
+    def check_store(self, store: Any, source: str | os.PathLike | None = None,
+                    assume_model: str | None = None) -> None:  # fmt: skip
+        """Refuse ``store`` unless its features are of this probe's recipe
+        (:func:`napari_gpfm.analyses.classify.check_recipe`)."""
+        from .classify import check_recipe
+
+        check_recipe(self, store, source, assume_model)
+
+    def predict_store(self, store: Any, assume_model: str | None = None) -> Any:
+        """The :class:`~napari_gpfm.analyses.classifier.Prediction` of every patch of
+        ``store``: refused when the recipes differ (:meth:`check_store`, ``assume_model`` for
+        files recording no model) and when the features hold NaN or inf
+        (:class:`~napari_gpfm.embeddings.store.NonFiniteFeaturesError` naming the store: their
+        probabilities would be NaN)."""
+        from .classify import predict_features, require_finite
+
+        self.check_store(store, assume_model=assume_model)
+        require_finite(store)
+        return predict_features(self, store.features, store)
+
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the probe to ``path`` (an ``.npz`` file, written as named) and return it.
 
         Written to a temporary file beside ``path``, forced to disk and renamed: a full disk
@@ -214,10 +237,9 @@ class LinearProbe:
         arrays = self._arrays()
         header = {"format": _FORMAT, "recipe": self.recipe, "n_train": self.n_train}
         header["sha256"] = self._digest(arrays, header)
-        path = os.fspath(path)
         write_atomic(path, lambda fh: np.savez(fh, header=np.asarray(json.dumps(header)),
                                                **arrays))  # fmt: skip
-        return path
+        return Path(path)
 
 
 def _canonical_header(header: Mapping[str, Any]) -> str:
@@ -426,16 +448,6 @@ def cv_report(
     )
 
 
-def entropy(proba: np.ndarray, n_classes: int | None = None) -> np.ndarray:
-    """(N,) entropy (nats) of probability rows; divided by ``log(n_classes)`` when given, so
-    0 = certain and 1 = uniform over the classes (the usual uncertainty for active labelling)."""
-    p = np.asarray(proba, dtype=np.float64)
-    h = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
-    if n_classes is not None and n_classes > 1:
-        h /= math.log(n_classes)
-    return h.astype(np.float32)
-
-
 def balanced_accuracy(true: np.ndarray, pred: np.ndarray, classes: np.ndarray | None = None) -> float:
     """Mean per-class recall over ``classes`` (default: those in ``true``) present in ``true``;
     NaN when none is."""
@@ -458,26 +470,26 @@ def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearPr
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except FileNotFoundError:
-        raise ProbeFileError(f"{path}: probe file not found") from None
+        raise ProbeFileError(path, "probe file not found") from None
     except Exception as exc:  # zip/npz format errors
-        raise ProbeFileError(f"{path}: not a readable probe file ({exc})") from exc
+        raise ProbeFileError(path, f"not a readable probe file ({exc})") from exc
     try:
         header = json.loads(str(data.pop("header")))
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ProbeFileError(f"{path}: probe header missing or unreadable") from exc
+        raise ProbeFileError(path, "probe header missing or unreadable") from exc
     if not isinstance(header, dict):
-        raise ProbeFileError(f"{path}: probe header missing or unreadable")
+        raise ProbeFileError(path, "probe header missing or unreadable")
     fmt = header.get("format")
     if fmt == _FORMAT:
         if LinearProbe._digest(data, header) != header.get("sha256"):
             raise ProbeFileError(
-                f"{path}: the probe's header (recipe, format) and arrays do not match their "
+                path, "the probe's header (recipe, format) and arrays do not match their "
                 "sha256: the file is corrupt or was edited; train the classifier again"
             )
     elif fmt == _FORMAT_V1:
         if LinearProbe._digest(data) != header.get("sha256"):
             raise ProbeFileError(
-                f"{path}: probe arrays do not match their sha256 (file corrupt or edited)"
+                path, "probe arrays do not match their sha256 (file corrupt or edited)"
             )
         warnings.warn(
             f"{path}: an older classifier file ({_FORMAT_V1}) whose checksum covers its arrays "
@@ -487,14 +499,14 @@ def load_probe(path: str | os.PathLike, expected_recipe: Any = None) -> LinearPr
             stacklevel=2,
         )
     else:
-        raise ProbeFileError(f"{path}: unknown probe format {fmt!r} (expected {_FORMAT})")
+        raise ProbeFileError(path, f"unknown probe format {fmt!r} (expected {_FORMAT})")
     missing = [k for k in ("class_names", "present", "coef", "intercept", "scaler_mean",
                            "scaler_scale") if k not in data]  # fmt: skip
     if missing:
-        raise ProbeFileError(f"{path}: probe arrays missing: {', '.join(missing)}")
+        raise ProbeFileError(path, f"probe arrays missing: {', '.join(missing)}")
     recipe = header.get("recipe") or {}
     if not isinstance(recipe, dict):
-        raise ProbeFileError(f"{path}: the probe's recipe is not a mapping: {recipe!r}")
+        raise ProbeFileError(path, f"the probe's recipe is not a mapping: {recipe!r}")
     if expected_recipe is not None:
         diff = _recipe_diff(recipe, _recipe_dict(expected_recipe))
         if diff:

@@ -1,16 +1,25 @@
 """``napari-gpfm train-classifier`` and ``napari-gpfm classify``: patch classifiers, headless.
 
-train-classifier: QuPath GeoJSON annotations on one slide → a classifier file (linear probe on
-the slide's embeddings, bound to their recipe). classify: a classifier file + slides → per-class
-GeoJSON polygons (or per-patch detections), per-patch CSV and HDF5. Both use the feature store
-``<store-dir>/<tiling>/features_<model>/<slide>.h5`` when it exists (and was computed from this
-slide file) and embed the slide otherwise.
+train-classifier: QuPath GeoJSON annotations on one slide → a classifier file of either kind
+(``--method linear``: a linear probe on the slide's embeddings, ``.npz``; ``--method pathotune``:
+prompts tuned on the frozen backbone over the labelled patches' pixels, ``.safetensors``), bound
+to the recipe it was trained on. classify: a classifier file of either kind (recognised by
+:func:`napari_gpfm.jobs.classifiers.load_classifier` from its content) + slides → per-class
+GeoJSON polygons (or per-patch detections), per-patch CSV and HDF5 (columns ``prob_<class>``,
+see :mod:`napari_gpfm.analyses.classifier`). The feature store
+``<store-dir>/<tiling>/features_<model>/<slide>.h5`` is used when it exists (and was computed
+from this slide file); otherwise a linear probe embeds the slide first and PathoTune lays the
+classifier's tiling over the slide's tissue (it reads pixels, not features).
+
+These commands handle both classifier kinds, so they live in ``jobs`` (``analyses`` never
+imports ``pathotune``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -21,23 +30,46 @@ from napari_gpfm.errors import NapariGpfmError, UsageError, require_file
 __all__ = ["register", "run_train", "run_classify"]
 
 TRAIN_EPILOG = """\
-The classifier file (.npz) holds the probe's weights, class names and colours, and the
-embedding recipe (model, weights sha256, target mpp, patch size). `classify` refuses to apply it
-to features of another recipe. Shapes of QuPath's Ignore* classes are left out of training.
+The classifier file holds the classifier (a probe's weights, or PathoTune's prompts), class
+names and colours, and the recipe it was trained on (model, weights sha256, target mpp, patch
+size). `classify` refuses to apply it to patches of another recipe. Shapes of QuPath's Ignore*
+classes are left out of training. --method linear writes OUT as given (.npz); --method
+pathotune writes OUT.safetensors.
 """
 
 CLASSIFY_EPILOG = """\
+classifier files: a linear probe (.npz) or a PathoTune classifier (.safetensors), told apart by
+their content.
+
 outputs (per slide, in --out):
   <slide>.geojson        one QuPath annotation per class (patch squares merged, holes kept)
                          with Area, Num patches and Mean probability measurements; with
-                         --per-patch one QuPath detection per patch with probabilities
+                         --per-patch one QuPath detection per patch with prob_<class>... and
+                         uncertainty measurements
   <slide>_patches.csv    x, y (level-0 top-left), class, class_name, prob_<class>..., uncertainty
   <slide>_patches.h5     coords, probabilities, labels, uncertainty (+ class names, recipe)
 """
 
+METHODS = ("linear", "pathotune")
+
+
+def _add_model_options(p: argparse.ArgumentParser, weights_help: str) -> None:
+    """The options both commands share: weights, mpp, device, workers, test weights, model."""
+    p.add_argument("--weights", type=Path, default=None, help=weights_help)
+    p.add_argument("--mpp", type=float, default=None, help="level-0 microns/pixel override")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="use a random network if no weights are found (tests, benchmarks)")
+    p.add_argument("--assume-model", default=None, metavar="NAME",
+                   help="the model that made feature files of another tool that record none "
+                        "(no 'encoder' attribute); such files are refused without it")
+
 
 def register(subparsers: Any) -> None:
     """Add ``train-classifier`` and ``classify`` to ``subparsers``."""
+    from napari_gpfm.pathotune._cli import add_prompt_arguments
+
     t = subparsers.add_parser(
         "train-classifier",
         help="train a patch classifier from QuPath GeoJSON annotations on a slide",
@@ -46,13 +78,12 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("--annotations", required=True, type=Path, help="QuPath GeoJSON file")
-    t.add_argument("--method", choices=("linear", "pathotune"), default="linear",
+    t.add_argument("--method", choices=METHODS, default="linear",
                    help="linear probe on stored embeddings (seconds), or PathoTune prompt tuning "
                         "of the frozen backbone on the patches' pixels (writes .safetensors)")
     t.add_argument("--slide", required=True, help="the annotated slide")
-    t.add_argument("--out", required=True, type=Path, help="classifier file to write (.npz)")
+    t.add_argument("--out", required=True, type=Path, help="classifier file to write")
     t.add_argument("--model", default=None, help="model card name (default: GPFM if available)")
-    t.add_argument("--weights", type=Path, default=None, help="weights file for the model")
     t.add_argument("--store-dir", type=Path, default=None,
                    help="feature stores folder (default: the folder of --out)")
     t.add_argument("--min-fraction", type=float, default=0.5,
@@ -63,43 +94,28 @@ def register(subparsers: Any) -> None:
     t.add_argument("--target-mpp", type=float, default=None,
                    help="embed at this microns/pixel (default: the model card's)")
     t.add_argument("--patch-size", type=int, default=None, help="patch side in px at target mpp")
-    t.add_argument("--mpp", type=float, default=None, help="level-0 microns/pixel override")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
-    t.add_argument("--allow-random-weights", action="store_true",
-                   help="use a random network if no weights are found (tests, benchmarks)")
-    t.add_argument("--assume-model", default=None, metavar="NAME",
-                   help="the model that made a feature file of another tool that records none "
-                        "(no 'encoder' attribute); such files are refused without it")
-    from napari_gpfm.pathotune._cli import add_prompt_arguments
-
+    _add_model_options(t, "weights file for the model")
     add_prompt_arguments(t.add_argument_group("PathoTune (with --method pathotune)"))
     t.set_defaults(func=run_train)
 
     c = subparsers.add_parser(
         "classify",
-        help="apply a classifier file to slides: class polygons, per-patch tables",
+        help="apply a classifier file (linear probe or PathoTune) to slides: class polygons, "
+             "per-patch tables",
         description="Apply a classifier file to whole-slide images.",
         epilog=CLASSIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
-    c.add_argument("--classifier", required=True, type=Path, help="classifier file (.npz)")
+    c.add_argument("--classifier", required=True, type=Path,
+                   help="classifier file (.npz linear probe or .safetensors PathoTune)")
     c.add_argument("--out", required=True, type=Path, help="output folder")
     c.add_argument("--store-dir", type=Path, default=None,
                    help="feature stores folder (default: --out)")
     c.add_argument("--per-patch", action="store_true",
                    help="GeoJSON with one detection per patch instead of merged class polygons")
-    c.add_argument("--weights", type=Path, default=None,
-                   help="weights file, when a slide must be embedded first")
-    c.add_argument("--mpp", type=float, default=None, help="level-0 microns/pixel override")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    c.add_argument("--num-workers", type=int, default=None, help="patch-reading processes")
-    c.add_argument("--allow-random-weights", action="store_true",
-                   help="embed with a random network if no weights are found (tests)")
-    c.add_argument("--assume-model", default=None, metavar="NAME",
-                   help="the model that made feature files of another tool that record none "
-                        "(no 'encoder' attribute); such files are refused without it")
+    _add_model_options(c, "weights file: of the model, when a slide must be embedded first; of "
+                          "PathoTune's backbone")
     c.set_defaults(func=run_classify)
 
 
@@ -135,11 +151,22 @@ def _embed_store(slide: Any, encoder: Any, spec: Any, store_dir: Path, args: Any
     return open_store(path)
 
 
+def _existing_store(store_dir: Path, model: str, slide: Any, spec: Any) -> Any:
+    """The slide's finished store for ``model`` at ``spec``'s tiling, or ``None``."""
+    from napari_gpfm.embeddings import open_store, store_path, tiling_dir_name
+
+    tiling = tiling_dir_name(spec.target_mpp, spec.patch_size, spec.overlap)
+    path = store_path(store_dir, model, slide.name, tiling)
+    return open_store(path, expected_slide=slide) if path.exists() else None
+
+
+# --- train-classifier --------------------------------------------------------------------------
+
+
 def train_store(args: argparse.Namespace) -> Any:
     """The slide's feature store for ``train-classifier`` (found, or made by embedding)."""
     from types import SimpleNamespace
 
-    from napari_gpfm.embeddings import open_store, store_path, tiling_dir_name
     from napari_gpfm.embeddings.run import default_spec
     from napari_gpfm.encoders import default_model_name, get_card, load_encoder
     from napari_gpfm.slide import open_slide
@@ -152,10 +179,9 @@ def train_store(args: argparse.Namespace) -> Any:
             target_mpp=args.target_mpp, patch_size=args.patch_size)
     except ValueError as exc:  # GridSpec refuses a non-positive mpp or size
         raise UsageError(f"--target-mpp / --patch-size: {exc}") from exc
-    tiling = tiling_dir_name(spec.target_mpp, spec.patch_size, spec.overlap)
-    path = store_path(store_dir, name, slide.name, tiling)
-    if path.exists() and args.weights is None:
-        return open_store(path, expected_slide=slide)
+    store = None if args.weights is not None else _existing_store(store_dir, name, slide, spec)
+    if store is not None:
+        return store
     encoder = load_encoder(name, weights=args.weights, device="cpu",
                            allow_random=args.allow_random_weights)
     return _embed_store(slide, encoder, spec, store_dir, args)
@@ -166,8 +192,6 @@ def run_train(args: argparse.Namespace) -> int:
     :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
     from napari_gpfm.annotations import read_geojson
     from napari_gpfm.annotations.classes import ClassPalette
-
-    from napari_gpfm.analyses.classify import train_classifier
     from napari_gpfm.pathotune._cli import device_option
 
     require_file(args.annotations, "annotations file")  # both inputs, before any work
@@ -180,24 +204,60 @@ def run_train(args: argparse.Namespace) -> int:
         palette.training_names)
     for n in names:
         palette.ensure(n)
-    if args.method == "pathotune":
-        return run_train_pathotune(args, anns, store, names, palette)
+    train = _train_pathotune if args.method == "pathotune" else _train_linear
     try:
         with _warning_lines():
-            result = train_classifier(anns, store, names, palette.colours(names),
-                                      min_fraction=args.min_fraction, cv_folds=args.folds,
-                                      assume_model=args.assume_model)  # fmt: skip
+            result = train(args, anns, store, names, palette.colours(names))
     except NapariGpfmError:  # the features (NaN, unknown model...): exit code 2, named
         raise
-    except ValueError as exc:
+    except ValueError as exc:  # the labels: fewer than two classes...
         _err(f"{args.annotations}: {exc}")
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.probe.save(args.out)
-    counts = ", ".join(f"{k} {v}" for k, v in result.labels.counts.items())
-    print(f"labelled patches: {counts}")
-    if len(result.labels.conflicts):
-        print(f"conflicts (left unlabelled): {len(result.labels.conflicts)} patches")
+    out = result.classifier.save(args.out)
+    _report(result, out, store)
+    palette.save(out.with_name(out.name.split(".")[0] + ".classes.json"))
+    return 0
+
+
+def _train_linear(args: argparse.Namespace, anns: Any, store: Any, names: list[str],
+                  colours: Any) -> Any:  # fmt: skip
+    from napari_gpfm.analyses.classify import train_probe
+
+    return train_probe(anns, store, names, colours, min_fraction=args.min_fraction,
+                       cv_folds=args.folds, assume_model=args.assume_model)
+
+
+def _train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: list[str],
+                     colours: Any) -> Any:  # fmt: skip
+    """Prompt-tune the store's backbone on the pixels of the annotated patches (labels from the
+    same shapes → patch rule as the linear probe)."""
+    from napari_gpfm.analyses.classifier import PatchSet
+    from napari_gpfm.analyses.classify import feature_model, labels_for_store
+    from napari_gpfm.encoders import load_encoder
+    from napari_gpfm.pathotune._cli import device_option, print_progress, train_patch_labels
+    from napari_gpfm.pathotune._cli import training_options
+
+    labels = labels_for_store(anns, store, names, args.min_fraction)
+    present = set(labels.labels[labels.labels >= 0].tolist())
+    if len(present) < 2:
+        raise ValueError("PathoTune needs labelled patches of at least two classes (labelled: "
+                         + ", ".join(f"{k} {v}" for k, v in labels.counts.items()) + ")")
+    model = feature_model(store, args.assume_model, what="a PathoTune backbone")
+    encoder = load_encoder(model, weights=args.weights, device=device_option(args.device),
+                           allow_random=args.allow_random_weights)
+    options = dataclasses.replace(training_options(args), colours=colours)
+    result = train_patch_labels(encoder, PatchSet.from_store(store, args.slide, args.mpp),
+                                labels.labels, names, options, print_progress)
+    result.labels = labels
+    return result
+
+
+def _report(result: Any, out: Path, store: Any) -> None:
+    """What training found and wrote, on stdout."""
+    labels = result.labels
+    print("labelled patches: " + ", ".join(f"{k} {v}" for k, v in labels.counts.items()))
+    if len(labels.conflicts):
+        print(f"conflicts (left unlabelled): {len(labels.conflicts)} patches")
     for note in result.notes:
         print(f"note: {note}")
     if result.report is not None:
@@ -205,93 +265,77 @@ def run_train(args: argparse.Namespace) -> int:
         recall = ", ".join(f"{k} {v:.2f}" for k, v in r.per_class_recall.items())
         print(f"cross-validated balanced accuracy ({r.folds} folds): "
               f"{r.balanced_accuracy:.3f}; recall: {recall}")
-    print(f"classifier written to {args.out} (model {store.model}, {store.path})")
-    palette.save(args.out.with_name(args.out.name.split(".")[0] + ".classes.json"))
-    return 0
+    elif result.classifier.kind == "pathotune":
+        val = "-" if result.val_bal_acc is None else f"{result.val_bal_acc:.3f}"
+        print(f"validation balanced accuracy {val} (best epoch {result.best_epoch})")
+    what = {"linear": "linear probe", "pathotune": "PathoTune classifier"}[result.classifier.kind]
+    print(f"{what} written to {out} (model {store.model}, features {store.path})")
 
 
-def run_train_pathotune(args: argparse.Namespace, anns: Any, store: Any, names: list[str],
-                        palette: Any) -> int:
-    """``train-classifier --method pathotune``: prompt-tune the store's backbone on the pixels of
-    the annotated patches (labels from the same shapes → patch rule as the linear probe)."""
-    from napari_gpfm.annotations import labels_from_annotations
-    from napari_gpfm.encoders import load_encoder
-
-    from napari_gpfm.pathotune import save_classifier
-    from napari_gpfm.pathotune._cli import device_option, print_progress, train_patch_labels
-    from napari_gpfm.pathotune._cli import training_options
-
-    device = device_option(args.device)  # "auto" → CUDA when available, else CPU
-    patch_labels = labels_from_annotations(anns, store.coords, store.patch_size_level0, names,
-                                           min_fraction=args.min_fraction)
-    keep = patch_labels.labels >= 0
-    if keep.sum() < 2 or len(set(patch_labels.labels[keep].tolist())) < 2:
-        _err(f"{args.annotations}: PathoTune needs labelled patches of at least two classes")
-        return 1
-    from napari_gpfm.analyses.classify import feature_model
-
-    with _warning_lines():
-        model = feature_model(store, getattr(args, "assume_model", None),
-                              what="a PathoTune backbone")  # fmt: skip
-    encoder = load_encoder(model, weights=args.weights, device=device,
-                           allow_random=args.allow_random_weights)
-    result = train_patch_labels(
-        encoder, args.slide, store.coords[keep], store.patch_size_level0,
-        [names[i] for i in patch_labels.labels[keep]], names,
-        **training_options(args), mpp=args.mpp, on_progress=print_progress,
-    )
-    out = save_classifier(result.classifier, args.out)
-    val = "-" if result.val_bal_acc is None else f"{result.val_bal_acc:.3f}"
-    print(f"labelled patches: {int(keep.sum())}; validation balanced accuracy {val}")
-    print(f"PathoTune classifier written to {out} (backbone {store.model})")
-    palette.save(out.with_name(out.name.split(".")[0] + ".classes.json"))
-    return 0
+# --- classify ----------------------------------------------------------------------------------
 
 
-def classify_store(slide_path: str, probe: Any, args: argparse.Namespace, cache: dict) -> Any:
-    """The slide's store matching the classifier's recipe (found, or made by embedding)."""
-    from napari_gpfm.embeddings import open_store, store_path, tiling_dir_name
-    from napari_gpfm.encoders import load_encoder
-    from napari_gpfm.slide import open_slide
+def _tiling(classifier: Any, source: Path) -> tuple[Any, Any]:
+    """(GridSpec, TissueParams or None) of the grid the classifier was trained on."""
     from napari_gpfm.tiles import GridSpec, TissueParams
 
-    from napari_gpfm.analyses.classify import check_recipe
-
-    recipe = probe.recipe or {}
-    model = recipe.get("model")
-    if not model:
-        raise ValueError(f"{args.classifier}: the classifier records no embedding model")
+    recipe = classifier.recipe or {}
+    if not recipe.get("model"):
+        raise UsageError(f"{source}: the classifier records no model")
     if recipe.get("target_mpp") is None or recipe.get("patch_size") is None:
-        raise ValueError(f"{args.classifier}: the classifier records no tiling "
-                         "(target_mpp, patch_size) to find or compute features with")
+        raise UsageError(f"{source}: the classifier records no tiling (target_mpp, patch_size) "
+                         "to find or compute the slides' patches with")
+    spec = GridSpec(target_mpp=float(recipe["target_mpp"]), patch_size=int(recipe["patch_size"]),
+                    overlap=int(recipe.get("overlap", 0) or 0),
+                    min_tissue=float(recipe.get("min_tissue", 0.5)))
+    tp = recipe.get("tissue_params")
+    return spec, TissueParams.from_dict(tp) if isinstance(tp, dict) else None
+
+
+def _encoder_for(classifier: Any, args: argparse.Namespace, cache: dict) -> Any:
+    """The probe's embedding model (loaded once), refused when its weights are not the ones
+    the classifier was trained on."""
+    from napari_gpfm.encoders import load_encoder
+
+    if "encoder" not in cache:
+        recipe = classifier.recipe
+        enc = load_encoder(recipe["model"], weights=args.weights, device="cpu",
+                           allow_random=args.allow_random_weights)
+        want = recipe.get("weights_sha256")
+        if want and enc.weights_sha256 != want:
+            raise UsageError(
+                f"{args.classifier} was trained on features of {recipe['model']} with weights "
+                f"{want}, but the weights found are {enc.weights_sha256}; pass --weights"
+            )
+        cache["encoder"] = enc
+    return cache["encoder"]
+
+
+def classify_patches(slide_path: str, classifier: Any, args: argparse.Namespace,
+                     cache: dict) -> Any:  # fmt: skip
+    """What the classifier predicts on this slide, checked against its recipe: the feature
+    store of its tiling (found; for a linear probe made by embedding when missing), else for
+    PathoTune the tiling laid over the slide's tissue (a ``PatchSet``)."""
+    from napari_gpfm.analyses.classifier import PatchSet
+    from napari_gpfm.slide import open_slide
+    from napari_gpfm.tiles import detect_tissue, make_grid
+
+    spec, tissue = _tiling(classifier, args.classifier)
     store_dir = args.store_dir or args.out
     slide = open_slide(slide_path, mpp=args.mpp)
-    tiling = tiling_dir_name(float(recipe["target_mpp"]), int(recipe["patch_size"]),
-                             int(recipe.get("overlap", 0) or 0))
-    path = store_path(store_dir, model, slide.name, tiling)
-    if path.exists():
-        store = open_store(path, expected_slide=slide)
+    store = _existing_store(store_dir, classifier.recipe["model"], slide, spec)
+    if classifier.kind == "pathotune":
+        if store is not None:
+            patches = PatchSet.from_store(store, slide_path, args.mpp)
+        else:
+            grid = make_grid(slide, spec, detect_tissue(slide, tissue))
+            patches = PatchSet(str(slide_path), grid.coords, grid.patch_size_level0, slide.mpp,
+                               classifier.recipe)
     else:
-        if "encoder" not in cache:
-            enc = load_encoder(model, weights=args.weights, device="cpu",
-                               allow_random=args.allow_random_weights)
-            want = recipe.get("weights_sha256")
-            if want and enc.weights_sha256 != want:
-                raise ValueError(
-                    f"{args.classifier} was trained on features of {model} with weights "
-                    f"{want}, but the weights found are {enc.weights_sha256}; pass --weights"
-                )
-            cache["encoder"] = enc
-        spec = GridSpec(target_mpp=float(recipe["target_mpp"]),
-                        patch_size=int(recipe["patch_size"]),
-                        overlap=int(recipe.get("overlap", 0) or 0),
-                        min_tissue=float(recipe.get("min_tissue", 0.5)))
-        tp = recipe.get("tissue_params")
-        tissue = TissueParams.from_dict(tp) if isinstance(tp, dict) else None
-        store = _embed_store(slide, cache["encoder"], spec, store_dir, args, tissue)
-    check_recipe(probe, store, source=str(args.classifier),
-                 assume_model=getattr(args, "assume_model", None))
-    return store
+        patches = store if store is not None else _embed_store(
+            slide, _encoder_for(classifier, args, cache), spec, store_dir, args, tissue)
+    classifier.check_store(patches, source=str(args.classifier), assume_model=args.assume_model)
+    return patches
 
 
 def run_classify(args: argparse.Namespace) -> int:
@@ -299,25 +343,28 @@ def run_classify(args: argparse.Namespace) -> int:
     other model, a full disk...; the next slide is still tried, and a slide's outputs are
     written all or nothing); a missing input file or an unreadable classifier raises a
     :class:`~napari_gpfm.errors.NapariGpfmError` (the CLI's exit code 2)."""
-    from napari_gpfm.analyses.classify import predict_store, write_outputs
-    from napari_gpfm.analyses.probe import load_probe
+    from napari_gpfm.analyses.classify import write_outputs
+    from napari_gpfm.pathotune._cli import device_option
 
-    probe = load_probe(require_file(args.classifier, "classifier file"))
+    from .classifiers import load_classifier
+
+    path = require_file(args.classifier, "classifier file")
     for slide_path in args.slides:  # before any slide is embedded
         require_file(slide_path, "slide")
+    classifier = load_classifier(path, device=device_option(args.device), weights=args.weights)
     failed = []
     cache: dict = {}
     for slide_path in args.slides:
         try:
             with _warning_lines():
-                store = classify_store(slide_path, probe, args, cache)
-                pred = predict_store(probe, store, assume_model=args.assume_model)
+                patches = classify_patches(slide_path, classifier, args, cache)
+                pred = classifier.predict_store(patches, assume_model=args.assume_model)
             paths = write_outputs(pred, args.out, per_patch=args.per_patch)
             counts = ", ".join(f"{n} {int((pred.labels == i).sum())}"
                                for i, n in enumerate(pred.class_names))
             print(f"{slide_path}: {len(pred.labels)} patches ({counts}) -> "
                   + ", ".join(str(p) for p in paths.values()))
-        except Exception as exc:
+        except (NapariGpfmError, ValueError, OSError) as exc:
             msg = str(exc) or type(exc).__name__
             if Path(slide_path).name not in msg:
                 msg = f"{slide_path}: {msg}"

@@ -158,8 +158,8 @@ class JobResult:
     """What a run returns.
 
     ``train`` is the ``TrainResult`` (``None``: predict only, or cancelled while reading);
-    ``prediction`` the ``PredictResult`` of every grid patch (``None``: cancelled or not
-    reached; its ``rasters(mpp)`` are the class map, per-class probabilities and uncertainty);
+    ``prediction`` the ``Prediction`` of every grid patch (``None``: cancelled or not
+    reached; its ``rasters()`` are the class map, per-class probabilities and uncertainty);
     ``classifier`` the trained (or given) classifier; ``probe_val_bal_acc`` the linear probe's
     validation balanced accuracy on the store's embeddings with PathoTune's exact split
     (``None`` without a store); ``labels`` the ``PatchLabels`` of the grid; ``split`` the
@@ -364,22 +364,30 @@ def _open_store(job: PathoTuneJob) -> Any:
     return open_store(job.store_path)
 
 
-def _grid(job: PathoTuneJob, encoder: Any, store: Any = None) -> tuple[np.ndarray, int]:
-    """(coords, patch side level 0): the store's grid, else the card's tiling over tissue."""
+def _grid(job: PathoTuneJob, encoder: Any, store: Any = None) -> Any:
+    """The ``PatchSet`` to train on and predict: the store's grid, else the card's tiling over
+    tissue (with that tiling as its recipe)."""
+    from ..analyses.classifier import PatchSet
+
     if job.store_path:
         store = store if store is not None else _open_store(job)
         if store.coords is None or store.patch_size_level0 is None:
             raise ValueError(f"{job.store_path}: the feature file records no patch coordinates "
                              "or patch size, so PathoTune cannot use its grid")
-        return np.asarray(store.coords, dtype=np.int64), int(store.patch_size_level0)
+        return PatchSet.from_store(store, job.slide_path, job.mpp)
     from ..embeddings import default_spec
     from ..slide import open_slide
     from ..tiles import detect_tissue, make_grid
 
     slide = open_slide(job.slide_path, mpp=job.mpp)
-    grid = make_grid(slide, default_spec(encoder), detect_tissue(slide),
+    spec = default_spec(encoder)
+    grid = make_grid(slide, spec, detect_tissue(slide),
                      encoder_input=int(encoder.card.input.size))
-    return grid.coords, int(grid.patch_size_level0)
+    recipe = {"model": encoder.card.name, "target_mpp": spec.target_mpp,
+              "patch_size": spec.patch_size, "overlap": spec.overlap,
+              "min_tissue": spec.min_tissue}  # fmt: skip
+    return PatchSet(str(job.slide_path), grid.coords, int(grid.patch_size_level0), slide.mpp,
+                    recipe)
 
 
 def _check_two_classes(labels: Any) -> None:
@@ -482,12 +490,12 @@ def pathotune_job(
         yield Progress(JOB, LOADING, status="skipped",
                        message=f"predicting with the classifier's {encoder.card.name} backbone")
     store = _open_store(job) if job.store_path else None
-    coords, size0 = _grid(job, encoder, store)
+    patches = _grid(job, encoder, store)
     train, labels, n_labelled, probe_acc, split, probe_pred = None, None, 0, None, None, None
     if clf is None:
         names, colours = resolve_classes(job.annotations, job.class_names, job.colours)
-        labels = labels_from_annotations(job.annotations, coords, size0, names,
-                                         job.min_fraction)
+        labels = labels_from_annotations(job.annotations, patches.coords,
+                                         patches.patch_size_level0, names, job.min_fraction)
         _check_two_classes(labels)
         n_labelled = int((labels.labels >= 0).sum())
         split = split_summary(labels, job.train_config)
@@ -496,29 +504,27 @@ def pathotune_job(
                        message=f"{n_labelled:,} labelled patches ({counts}): "
                                f"{split.n_train:,} to train, {split.n_validation:,} to "
                                "validate")  # fmt: skip
+        options = pt.TuneOptions(job.prompt_config, job.template, job.train_config,
+                                 text_encoder, colours, job.num_workers)
         train = yield from _relay(pt.train_from_slide(
-            encoder, job.slide_path, coords, size0, labels.labels, labels.class_names,
-            job.prompt_config, job.template, job.train_config, text_encoder, colours,
-            mpp=job.mpp, num_workers=job.num_workers, stop_event=stop),
+            encoder, patches, labels.labels, labels.class_names, options, stop),
             _train_records())
         if train is None or train.cancelled:
             return JobResult(train, None, None if train is None else train.classifier,
                              n_labelled, None, labels, split)
         clf = train.classifier
-        probe_acc, probe_pred = _probe_on_same_split(job, labels, train, store, coords, size0)
+        probe_acc, probe_pred = _probe_on_same_split(job, labels, train, store, patches)
     elif store is not None:
-        from ..pathotune.predict import check_geometry
-
-        check_geometry(clf, store)  # a loaded classifier: refuse patches of another size
-    yield Progress(JOB, PREDICTING, 0, int(coords.shape[0]), status="started", unit="patches",
-                   message=f"predicting {coords.shape[0]:,} patches")
-    pred = yield from _relay(pt.predict_slide(clf, job.slide_path, coords, size0, mpp=job.mpp,
-                                              num_workers=job.num_workers, stop_event=stop),
-                             _predict_records)
-    result = JobResult(train, pred if pred.done else None, clf, n_labelled, probe_acc, labels,
-                       split)  # fmt: skip
+        clf.check_store(store)  # a loaded classifier: refuse patches of another size
+    n = int(patches.coords.shape[0])
+    yield Progress(JOB, PREDICTING, 0, n, status="started", unit="patches",
+                   message=f"predicting {n:,} patches")
+    pred = yield from _relay(pt.predict_slide(clf, patches, num_workers=job.num_workers,
+                                              stop_event=stop), _predict_records)
+    result = JobResult(train, pred if pred.complete else None, clf, n_labelled, probe_acc,
+                       labels, split)  # fmt: skip
     if result.prediction is not None:  # what the dock paints, built here (not on the main thread)
-        result.rasters = pred.rasters(job.mpp)
+        result.rasters = pred.rasters()
         if probe_pred is not None:
             result.probe_prediction = probe_pred
             result.probe_rasters = probe_pred.rasters()
@@ -544,9 +550,8 @@ def split_summary(labels: Any, train_config: Any) -> SplitSummary:
                         count(va), labels)  # fmt: skip
 
 
-def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any, store: Any = None,
-                         coords: Any = None, size0: int | None = None,
-                         ) -> tuple[float | None, Any]:  # fmt: skip
+def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any, store: Any,
+                         patches: Any) -> tuple[float | None, Any]:  # fmt: skip
     """A linear probe on the slide's stored embeddings fitted on exactly PathoTune's training
     patches: its validation balanced accuracy on PathoTune's validation patches (``None``
     without validation patches) and its ``Prediction`` of every patch of the grid (the map
@@ -570,8 +575,4 @@ def _probe_on_same_split(job: PathoTuneJob, labels: Any, train: Any, store: Any 
     va = np.asarray(train.val_indices) if train.val_indices is not None else np.zeros(0, int)
     if va.size:
         acc = balanced_accuracy(y[va], probe.predict(X[keep][va]))
-    mpp = job.mpp if job.mpp is not None else getattr(store, "mpp", None)
-    pred = predict_features(probe, X, coords if coords is not None else store.coords,
-                            int(size0 or store.patch_size_level0), mpp,
-                            getattr(store, "slide_name", "slide"))  # fmt: skip
-    return acc, pred
+    return acc, predict_features(probe, X, patches)

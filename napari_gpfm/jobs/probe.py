@@ -160,14 +160,15 @@ class SlidePrediction:
 
 def apply_job(classifier: Any, targets: Sequence[tuple[Any, str, Any]]
               ) -> Generator[Progress, None, list[SlidePrediction]]:  # fmt: skip
-    """Apply a linear probe to several slides' feature stores, one slide per record.
+    """Apply a classifier of either kind (its ``predict_store``: a linear probe on the
+    features, PathoTune on the pixels of the store's grid) to several slides' feature stores,
+    one slide per record.
 
     ``targets`` are ``(key, slide name, store or None)``; a slide without a store, or whose
     store the classifier refuses (another model or recipe), gets its problem in words and the
     others go on. Each ``running`` record carries that slide's :class:`SlidePrediction` in
     ``data`` (stage "classifying", unit "slides"); the return value lists them all. Closing
     the generator stops before the next slide."""
-    from ..analyses.classify import predict_store
     from ..errors import NapariGpfmError
     from .progress import Meter
 
@@ -179,7 +180,7 @@ def apply_job(classifier: Any, targets: Sequence[tuple[Any, str, Any]]
             r = SlidePrediction(key, name, problem=NO_EMBEDDINGS)
         else:
             try:
-                r = SlidePrediction(key, name, prediction=predict_store(classifier, store))
+                r = SlidePrediction(key, name, prediction=classifier.predict_store(store))
             except (NapariGpfmError, ValueError, OSError) as exc:
                 r = SlidePrediction(key, name, problem=str(exc))
         results.append(r)

@@ -747,15 +747,13 @@ def restore_project(session: Any, folder: str | os.PathLike) -> RestoreReport:
         session.set_classifier(source, probe)
         report.classifiers.append(source)
 
-    from ..analyses.classify import predict_store
-
     for s, e in restored:
         for source in e.get("predictions") or []:
             clf = session.classifiers.get(source)
             if clf is None or s.store is None:
                 continue
             try:
-                pred = predict_store(clf, s.store)
+                pred = clf.predict_store(s.store)
             except Exception as exc:  # noqa: BLE001
                 report.problems.append(f"{s.name}: prediction not restored ({exc})")
                 continue

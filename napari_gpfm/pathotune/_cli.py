@@ -9,8 +9,10 @@ Training data, either
     ``napari-gpfm train-classifier --method pathotune``.)
 
 Prediction: ``--slide S --store F.h5`` predicts every patch of the store's grid and writes a
-per-patch table (``x, y, class, p_<class>...``; ``.csv`` or ``.parquet``); ``--tiles-csv``
-predicts tiles (their ``file`` column is kept, ``label`` is ignored).
+per-patch table (``x, y, class, class_name, prob_<class>..., uncertainty``, the columns of every
+classifier's outputs; ``.csv`` or ``.parquet``); ``--tiles-csv`` predicts tiles (their ``file``
+column is kept, ``label`` is ignored). ``napari-gpfm classify`` applies the same file to whole
+slides (QuPath GeoJSON, CSV, HDF5).
 
 Shared with ``train-classifier --method pathotune`` (:mod:`napari_gpfm.jobs._classify_cli`):
 :func:`add_prompt_arguments`, :func:`training_options`, :func:`print_progress` and
@@ -116,11 +118,12 @@ def _train_config(args: argparse.Namespace):
                        device=args.device)
 
 
-def training_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``prompt_config``, ``template`` and ``train_config`` from the options
-    :func:`add_prompt_arguments` added (keyword arguments of the training functions)."""
-    return dict(prompt_config=_prompt_config(args), template=_template(args),
-                train_config=_train_config(args))
+def training_options(args: argparse.Namespace) -> Any:
+    """The :class:`~napari_gpfm.pathotune.train.TuneOptions` (prompts, template, training)
+    from the options :func:`add_prompt_arguments` added."""
+    from . import TuneOptions
+
+    return TuneOptions(_prompt_config(args), _template(args), _train_config(args))
 
 
 def _classes(labels: list[str], given: str | None) -> list[str]:
@@ -137,26 +140,23 @@ def _encoder(args: argparse.Namespace):
 
 
 def train_tiles_csv(encoder: Any, csv_path: str | Path, class_names: list[str] | None = None,
-                    prompt_config: Any = None, template: Any = None, train_config: Any = None,
-                    on_progress: Any = None) -> Any:
+                    options: Any = None, on_progress: Any = None) -> Any:
     """Train on a folder of labelled tiles (see module docstring); returns the TrainResult."""
     from . import run, train_from_arrays
 
     images, labels, _ = read_tiles_csv(csv_path, int(encoder.card.input.size))
     classes = class_names or _classes(labels, None)
-    return run(train_from_arrays(encoder, images, labels, classes, prompt_config, template,
-                                 train_config), on_progress)
+    return run(train_from_arrays(encoder, images, labels, classes, options), on_progress)
 
 
-def train_patch_labels(encoder: Any, slide: str | Path, coords: np.ndarray,
-                       patch_size_level0: int, labels: Any, class_names: list[str],
-                       prompt_config: Any = None, template: Any = None, train_config: Any = None,
-                       mpp: float | None = None, on_progress: Any = None) -> Any:
-    """Train on per-patch labels of a slide grid; returns the TrainResult (None if cancelled)."""
+def train_patch_labels(encoder: Any, patches: Any, labels: Any, class_names: list[str],
+                       options: Any = None, on_progress: Any = None) -> Any:
+    """Train on per-patch labels of a slide grid (a
+    :class:`~napari_gpfm.analyses.classifier.PatchSet`); returns the TrainResult (None if
+    cancelled)."""
     from . import run, train_from_slide
 
-    return run(train_from_slide(encoder, slide, coords, patch_size_level0, labels, class_names,
-                                prompt_config, template, train_config, mpp=mpp), on_progress)
+    return run(train_from_slide(encoder, patches, labels, class_names, options), on_progress)
 
 
 def _read_patch_labels(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -172,7 +172,7 @@ def _read_patch_labels(path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import save_classifier
+    from napari_gpfm.analyses.classifier import PatchSet
 
     # inputs first (named when missing or malformed), then the backbone (slow)
     device_option(args.device)
@@ -183,26 +183,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("pathotune train: give --tiles-csv, or --slide with --patch-labels")
         require_file(args.slide, "slide")
         coords, labels = _read_patch_labels(args.patch_labels)
-        size0 = args.patch_size_level0
+        size0, recipe = args.patch_size_level0, {}
         if args.store:
+            from napari_gpfm.analyses.classify import store_recipe
             from napari_gpfm.embeddings import open_store
 
-            size0 = open_store(require_file(args.store, "feature file")).patch_size_level0
+            store = open_store(require_file(args.store, "feature file"))
+            size0, recipe = store.patch_size_level0, store_recipe(store)
         if not size0:
             raise UsageError("pathotune train: the patch side is unknown; give --store or "
                              "--patch-size-level0")
+        patches = PatchSet(str(args.slide), coords, size0, args.mpp, recipe)
     enc = _encoder(args)
-    common = dict(training_options(args), on_progress=print_progress)
+    options = training_options(args)
     if args.tiles_csv:
         result = train_tiles_csv(enc, args.tiles_csv, _classes([], args.classes) or None,
-                                 **common)
+                                 options, print_progress)
     else:
-        result = train_patch_labels(enc, args.slide, coords, size0, labels,
-                                    _classes(labels, args.classes), mpp=args.mpp, **common)
+        result = train_patch_labels(enc, patches, labels, _classes(labels, args.classes),
+                                    options, print_progress)
     if result is None or result.cancelled:
         print("napari-gpfm pathotune: training cancelled; nothing written", file=sys.stderr)
         return 1
-    path = save_classifier(result.classifier, args.out)
+    path = result.classifier.save(args.out)
     clf = result.classifier
     print(f"{path}: {clf.config.label} on {enc.card.name}, {clf.model.n_trainable():,} "
           f"trainable parameters; validation balanced accuracy "
@@ -211,9 +214,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from napari_gpfm.analyses.classifier import PatchSet, Prediction
     from napari_gpfm.analyses.export import write_table
 
-    from . import load_classifier, predict_arrays, predict_store, run
+    from . import load_pathotune, predict_arrays
 
     # inputs first (named when missing), then the classifier and its backbone (slow)
     require_file(args.classifier, "classifier file")
@@ -225,23 +229,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         require_file(args.slide, "slide")
         require_file(args.store, "feature file")
     device = device_option(args.device)
-    clf = load_classifier(args.classifier, weights=args.weights, device=device)
+    clf = load_pathotune(args.classifier, weights=args.weights, device=device)
     if args.tiles_csv:
         images, _, files = read_tiles_csv(args.tiles_csv, int(clf.encoder.card.input.size))
-        proba = predict_arrays(clf, images, args.batch_size)
-        coords = np.zeros((len(files), 2), np.int64)
+        tiles = PatchSet(None, np.zeros((len(files), 2), np.int64), images.shape[1])
+        pred = Prediction.from_proba(predict_arrays(clf, images, args.batch_size),
+                                     clf.class_names, tiles)
         extra = {"file": np.asarray(files)}
     else:
         from napari_gpfm.embeddings import open_store
 
-        store = open_store(args.store)
-        result = run(predict_store(clf, store, args.slide, mpp=args.mpp,
-                                   batch_size=args.batch_size, num_workers=args.num_workers))
-        proba, coords, extra = result.proba, result.coords, {}
-    names = np.asarray(clf.class_names)
-    cols = {**extra, "class": names[proba.argmax(1)]}
-    cols.update({f"p_{n}": proba[:, i] for i, n in enumerate(clf.class_names)})
-    print(write_table(args.out, coords, cols))
+        patches = PatchSet.from_store(open_store(args.store), args.slide, args.mpp)
+        pred = clf.predict_store(patches, batch_size=args.batch_size,
+                                 num_workers=args.num_workers)
+        extra = {}
+    print(write_table(args.out, pred.coords, {**extra, **pred.columns()}))
     return 0
 
 

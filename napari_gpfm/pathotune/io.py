@@ -6,7 +6,7 @@ under ``napari_gpfm_pathotune``: format, backbone identity (card name, weights S
 architecture and kwargs, width, depth, input size), prompt config, class names and colours,
 template and sentences, text encoder name, training info and a SHA-256 over the tensors.
 
-:func:`load_classifier` refuses to attach the prompts to any other backbone
+:func:`load_pathotune` refuses to attach the prompts to any other backbone
 (:class:`BackboneMismatchError` names the file and each differing field): prompts tuned for
 one network's activations are meaningless on another's, even of the same architecture.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_gpfm.errors import NapariGpfmError
+from napari_gpfm.analyses.classifier import ClassifierFileError
 
 from .model import PathoTuneClassifier, PathoTuneModel, PromptConfig, backbone_identity
 from .text import TextTemplate
@@ -32,7 +32,7 @@ __all__ = [
     "BackboneMismatchError",
     "ClassifierFileError",
     "check_backbone",
-    "load_classifier",
+    "load_pathotune",
     "read_header",
     "save_classifier",
 ]
@@ -42,15 +42,6 @@ META_KEY = "napari_gpfm_pathotune"
 SUFFIX = ".safetensors"
 _RANDOM_PREFIX = "random-init-seed-"
 _IDENTITY_KEYS = ("name", "weights_sha256", "timm_name", "kwargs", "embed_dim", "depth")
-
-
-class ClassifierFileError(NapariGpfmError, ValueError):
-    """A PathoTune classifier file is missing, unreadable or inconsistent (names the file)."""
-
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 class BackboneMismatchError(ClassifierFileError):
@@ -119,7 +110,7 @@ def save_classifier(classifier: PathoTuneClassifier, path: str | os.PathLike) ->
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a classifier file (no tensors, no model): e.g. to learn which
-    backbone to load before :func:`load_classifier`."""
+    backbone to load before :func:`load_pathotune`."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -155,7 +146,7 @@ def check_backbone(header: dict[str, Any], encoder: Any, path: str | os.PathLike
         raise BackboneMismatchError(path, diff)
 
 
-def load_classifier(
+def load_pathotune(
     path: str | os.PathLike,
     encoder: Any = None,
     device: str | torch.device = "cpu",

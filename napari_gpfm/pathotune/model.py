@@ -25,9 +25,11 @@ it, so dropout/drop-path stay off), and no parameter of it ever gets a gradient;
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -252,6 +254,10 @@ class PathoTuneModel(nn.Module):
         return self.head(self.features(x))
 
 
+#: Tiling keys of the training grid's recipe a classifier reports in ``recipe``.
+_GRID_KEYS = ("target_mpp", "patch_size", "overlap", "min_tissue", "tissue_params")
+
+
 def backbone_identity(encoder: Any) -> dict[str, Any]:
     """What a classifier file records to refuse other backbones: card name, weights SHA-256,
     timm architecture + kwargs, width and depth."""
@@ -276,8 +282,12 @@ class PathoTuneClassifier:
     logit order; ``colours`` are (K, 3) uint8 RGB (the class palette); ``template`` and
     ``sentences`` describe the text prompts; ``info`` holds free-form training metadata
     (validation scores, tile geometry, train config), written to the classifier file.
+
+    Implements :class:`~napari_gpfm.analyses.classifier.Classifier` (``kind`` ``"pathotune"``):
+    :attr:`recipe`, :meth:`save`, :meth:`check_store`, :meth:`predict_store`.
     """
 
+    kind: ClassVar[str] = "pathotune"
     encoder: Any
     model: PathoTuneModel
     class_names: list[str]
@@ -294,6 +304,52 @@ class PathoTuneClassifier:
     @property
     def device(self) -> torch.device:
         return next(self.model.backbone.parameters()).device
+
+    # --- the Classifier protocol ---------------------------------------------------------------
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The backbone (``model``, ``weights_sha256``) and the tiling of the grid it was
+        trained on (``target_mpp``, ``patch_size``, ``overlap``, ``min_tissue``,
+        ``tissue_params`` as far as recorded; ``patch_size_level0`` and level-0 ``mpp`` of the
+        training slide)."""
+        tiles = self.info.get("tiles") or {}
+        grid = tiles.get("recipe") or {}
+        out = {k: grid[k] for k in _GRID_KEYS if grid.get(k) is not None}
+        if tiles.get("target_mpp") is not None:
+            out.setdefault("target_mpp", tiles["target_mpp"])
+        for k in ("patch_size_level0", "mpp"):
+            if tiles.get(k) is not None:
+                out[k] = tiles[k]
+        out["model"] = str(self.encoder.card.name)
+        out["weights_sha256"] = str(self.encoder.weights_sha256)
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the ``.safetensors`` classifier file (:func:`~.io.save_classifier`)."""
+        from .io import save_classifier
+
+        return save_classifier(self, path)
+
+    def check_store(self, store: Any, source: str | os.PathLike | None = None,
+                    assume_model: str | None = None) -> None:  # fmt: skip
+        """Refuse patches of another physical size than the training patches
+        (:func:`~.predict.check_geometry`); the features themselves are not used."""
+        from .predict import check_geometry
+
+        check_geometry(self, store, source)
+
+    def predict_store(self, store: Any, assume_model: str | None = None, *,
+                      slide_path: str | os.PathLike | None = None, batch_size: int = 32,
+                      num_workers: int | None = None) -> Any:  # fmt: skip
+        """Every patch of ``store``'s grid (a feature store, whose recorded slide file, or
+        ``slide_path``, gives the pixels; or a ``PatchSet``), read and classified: the
+        :class:`~napari_gpfm.analyses.classifier.Prediction`, row ``i`` for row ``i``."""
+        from .predict import predict_slide, store_patches
+        from .train import run
+
+        self.check_store(store)
+        return run(predict_slide(self, store_patches(store, slide_path), batch_size,
+                                 num_workers))
 
     def set_template(self, template: TextTemplate, text_encoder: TextEncoder | None = None) -> None:
         """Re-encode the text prompts for a new template (same classes)."""

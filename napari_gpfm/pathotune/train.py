@@ -17,6 +17,12 @@ Cancelling: every step is a yield (closing the generator stops there), and a ``s
 (``threading.Event``) is checked before every step; either way at most one step runs after the
 request. A cancelled run restores the best weights seen so far and returns with
 ``cancelled=True``.
+
+Entry points: :func:`train_from_slide` (labelled patches of a slide grid, a
+:class:`~napari_gpfm.analyses.classifier.PatchSet`), :func:`train_from_arrays` (tiles in memory)
+and :func:`tune` (an existing classifier, in place); all return the
+:class:`~napari_gpfm.analyses.classifier.TrainResult` every classifier kind returns. What to
+build and how to train travel in one :class:`TuneOptions`.
 """
 
 from __future__ import annotations
@@ -25,8 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,7 +40,9 @@ import torch.nn.functional as F
 
 from napari_gpfm.encoders.device import autocast, autocast_dtype, resolve_device
 
+from napari_gpfm.analyses.classifier import PatchSet, TrainResult
 from napari_gpfm.analyses.probe import balanced_accuracy
+
 from .model import PathoTuneClassifier, PromptConfig, build_classifier
 from .text import TextEncoder, TextTemplate
 
@@ -43,15 +50,16 @@ __all__ = [
     "TrainConfig",
     "TrainProgress",
     "TrainResult",
+    "TuneOptions",
     "augment_batch",
     "balanced_accuracy",
     "encode_labels",
     "read_patches",
     "run",
     "stratified_split",
-    "train_classifier",
     "train_from_arrays",
     "train_from_slide",
+    "tune",
 ]
 
 T = TypeVar("T")
@@ -111,20 +119,29 @@ class TrainProgress:
         return self.step / self.total_steps if self.total_steps else 1.0
 
 
-@dataclass
-class TrainResult:
-    """What training returns (the generator's return value)."""
+@dataclass(frozen=True)
+class TuneOptions:
+    """What to build and how to train it (every field optional).
 
-    classifier: PathoTuneClassifier
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int | None = None
-    val_bal_acc: float | None = None
-    train_indices: np.ndarray | None = None
-    val_indices: np.ndarray | None = None
-    cancelled: bool = False
-    stopped_early: bool = False
-    train_patches_per_s: float = 0.0
-    elapsed_s: float = 0.0
+    Attributes:
+        prompt_config: which prompts (TVP, TTP, IVP) and head (default :class:`PromptConfig`).
+        template: the text prompts' template (default :class:`TextTemplate`).
+        train_config: optimisation settings (default :class:`TrainConfig`).
+        text_encoder: sentence encoder for the text prompts (default MiniLM).
+        colours: (C, 3) RGB 0-255 of the classes, kept in the classifier file.
+        num_workers: patch-reading processes (default: the tiles loader's).
+    """
+
+    prompt_config: PromptConfig | None = None
+    template: TextTemplate | None = None
+    train_config: TrainConfig | None = None
+    text_encoder: TextEncoder | None = None
+    colours: np.ndarray | None = None
+    num_workers: int | None = None
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.train_config or TrainConfig()
 
 
 def run(gen: Generator[Any, None, T], on_progress: Any = None) -> T:
@@ -256,7 +273,160 @@ def _evaluate(
     return balanced_accuracy(labels[idx], pred), losses / max(wsum, 1e-12)
 
 
-def train_classifier(
+class _Run:
+    """One training run's state: the data and split, the optimiser, the best epoch so far."""
+
+    def __init__(self, classifier: PathoTuneClassifier, images: np.ndarray, labels: Any,
+                 cfg: TrainConfig) -> None:  # fmt: skip
+        self.clf, self.cfg, self.t0 = classifier, cfg, time.perf_counter()
+        self.images, self.y = _checked_inputs(images, labels, classifier.class_names)
+        self.train_idx, self.val_idx = _split(self.y, cfg, classifier.class_names)
+        self.device = resolve_device(cfg.device)
+        classifier.encoder.to(self.device)
+        self.model = classifier.model.to(self.device)
+        self.amp_dtype = autocast_dtype(self.device, cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.counts = np.bincount(self.y[self.train_idx],
+                                  minlength=self.model.n_classes).astype(np.float64)
+        self.weights = torch.as_tensor(_class_weights(self.counts), dtype=torch.float32,
+                                       device=self.device)
+        card = classifier.encoder.card.input
+        self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
+        steps_per_epoch = math.ceil(self.train_idx.size / cfg.batch_size)
+        self.total = max(1, cfg.epochs * steps_per_epoch)
+        self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, _lr_lambda(self.total, int(round(cfg.warmup_epochs * steps_per_epoch))))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.result = TrainResult(classifier, train_indices=self.train_idx,
+                                  val_indices=self.val_idx)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_key: tuple[float, float] | None = None
+        self.bad_epochs = self.step = self.seen = 0
+        self.train_time = 0.0
+
+    def record(self, status: str, epoch: int, **kw: Any) -> TrainProgress:
+        return TrainProgress(
+            status=status, epoch=epoch, epochs=self.cfg.epochs, step=self.step,
+            total_steps=self.total, best_val_bal_acc=self.result.val_bal_acc,
+            best_epoch=self.result.best_epoch,
+            rate=self.seen / self.train_time if self.train_time > 0 else None,
+            elapsed_s=time.perf_counter() - self.t0, **kw,
+        )
+
+    def optimiser_step(self, sel: np.ndarray, x: torch.Tensor) -> tuple[float, int]:
+        """One step on a batch: (loss, correct predictions)."""
+        ts = time.perf_counter()
+        y = torch.as_tensor(self.y[sel], device=self.device)
+        xb = self.clf.encoder.preprocess(x)
+        if self.cfg.augment:
+            xb = augment_batch(xb, self.gen, self.mean, self.std, self.cfg.colour_jitter)
+        with autocast(self.device, self.cfg.amp):
+            logits = self.model(xb).float()
+        loss = F.cross_entropy(logits, y, weight=self.weights)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.train_time += time.perf_counter() - ts
+        self.step += 1
+        self.seen += int(sel.size)
+        return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+    def epoch(self, epoch: int, stop_event: threading.Event | None
+              ) -> Generator[TrainProgress, None, dict[str, Any] | None]:  # fmt: skip
+        """Train one epoch, yielding a record per step; the epoch's entry, or ``None`` when
+        cancelled."""
+        self.model.train()
+        order = self.train_idx[torch.randperm(self.train_idx.size, generator=self.gen).numpy()]
+        total_loss, correct, n = 0.0, 0, 0
+        for sel, x in _batches(self.images, order, self.cfg.batch_size):
+            if stop_event is not None and stop_event.is_set():
+                return None
+            loss, ok = self.optimiser_step(sel, x)
+            total_loss, correct, n = total_loss + loss * sel.size, correct + ok, n + sel.size
+            yield self.record("step", epoch, loss=loss, lr=self.sched.get_last_lr()[0])
+        return {"epoch": epoch, "loss": total_loss / max(n, 1), "train_acc": correct / max(n, 1),
+                "val_bal_acc": None, "val_loss": None}
+
+    def validate(self, entry: dict[str, Any]) -> bool:
+        """Score the epoch on the validation split; keep its weights when best. Returns
+        whether training should stop early (``patience`` epochs without improvement)."""
+        if self.val_idx.size:
+            bal, vloss = _evaluate(self.clf, self.images, self.y, self.val_idx,
+                                   self.cfg.eval_batch_size, self.weights, self.cfg.amp)
+            entry.update(val_bal_acc=bal, val_loss=vloss)
+            improved = self.best_key is None or (bal, -vloss) > self.best_key
+        else:
+            improved = True  # no validation: keep the latest epoch
+        if improved:
+            self.best_key = (entry["val_bal_acc"] or 0.0, -(entry["val_loss"] or 0.0))
+            self.best_state = {k: v.detach().clone()
+                               for k, v in self.model.trainable_state().items()}
+            self.result.best_epoch, self.result.val_bal_acc = entry["epoch"], entry["val_bal_acc"]
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        self.result.history.append(entry)
+        return bool(self.val_idx.size) and self.bad_epochs >= self.cfg.patience
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state, strict=False)
+        self.model.eval()
+
+    def finish(self, status: str) -> TrainResult:
+        """The result, and what the classifier file records about the run."""
+        r, cfg = self.result, self.cfg
+        r.cancelled, r.stopped_early = status == "cancelled", status == "stopped-early"
+        r.train_patches_per_s = self.seen / self.train_time if self.train_time > 0 else 0.0
+        r.elapsed_s = time.perf_counter() - self.t0
+        self.clf.info["training"] = {
+            "config": cfg.to_dict(), "n_train": int(self.train_idx.size),
+            "n_val": int(self.val_idx.size),
+            "class_counts": {n: int(c) for n, c in zip(self.clf.class_names, self.counts)},
+            "best_epoch": r.best_epoch, "val_bal_acc": r.val_bal_acc,
+            "epochs_run": len(r.history), "status": status, "device": str(self.device),
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+        }  # fmt: skip
+        return r
+
+
+def _checked_inputs(images: np.ndarray, labels: Any, class_names: Sequence[str]
+                    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    y = encode_labels(labels, class_names)
+    if y.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {y.shape[0]} labels")
+    return images, y
+
+
+def _split(y: np.ndarray, cfg: TrainConfig, class_names: Sequence[str]
+           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    train_idx, val_idx = stratified_split(y, cfg.val_fraction, cfg.seed)
+    if train_idx.size == 0:
+        raise ValueError("no labelled patches to train on")
+    if np.unique(y[train_idx]).size < 2:
+        raise ValueError(
+            "training needs labelled patches of at least two classes; found only "
+            f"{[class_names[c] for c in np.unique(y[train_idx])]}"
+        )
+    return train_idx, val_idx
+
+
+def _class_weights(counts: np.ndarray) -> np.ndarray:
+    """Balanced cross-entropy weights (``n / (classes present · count)``; 0 for absent)."""
+    present = counts > 0
+    w = np.zeros_like(counts)
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    return w
+
+
+def tune(
     classifier: PathoTuneClassifier,
     images: np.ndarray,
     labels: Sequence[Any] | np.ndarray,
@@ -266,133 +436,25 @@ def train_classifier(
     """Train ``classifier`` in place on uint8 images (N, H, W, 3) and labels (indices or class
     names; -1/None = unlabelled, skipped). Yields :class:`TrainProgress`; returns
     :class:`TrainResult` (the classifier holds the best epoch's weights)."""
-    cfg = config or TrainConfig()
-    t0 = time.perf_counter()
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    y_all = encode_labels(labels, classifier.class_names)
-    if y_all.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {y_all.shape[0]} labels")
-    train_idx, val_idx = stratified_split(y_all, cfg.val_fraction, cfg.seed)
-    if train_idx.size == 0:
-        raise ValueError("no labelled patches to train on")
-    if np.unique(y_all[train_idx]).size < 2:
-        raise ValueError(
-            "training needs labelled patches of at least two classes; found only "
-            f"{[classifier.class_names[c] for c in np.unique(y_all[train_idx])]}"
-        )
-
-    device = resolve_device(cfg.device)
-    classifier.encoder.to(device)
-    model = classifier.model.to(device)
-    amp_dtype = autocast_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    counts = np.bincount(y_all[train_idx], minlength=model.n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros_like(counts)
-    w[present] = counts[present].sum() / (present.sum() * counts[present])
-    weights = torch.as_tensor(w, dtype=torch.float32, device=device)
-    mean = torch.tensor(classifier.encoder.card.input.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(classifier.encoder.card.input.std, device=device).view(1, 3, 1, 1)
-
-    steps_per_epoch = math.ceil(train_idx.size / cfg.batch_size)
-    total = max(1, cfg.epochs * steps_per_epoch)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult(classifier, train_indices=train_idx, val_indices=val_idx)
-    best_state: dict[str, torch.Tensor] | None = None
-    best_key: tuple[float, float] | None = None
-    bad_epochs, step, seen, train_time = 0, 0, 0, 0.0
+    run_ = _Run(classifier, images, labels, config or TrainConfig())
     status = "done"
-
-    def record(status: str, epoch: int, **kw: Any) -> TrainProgress:
-        return TrainProgress(
-            status=status, epoch=epoch, epochs=cfg.epochs, step=step, total_steps=total,
-            best_val_bal_acc=result.val_bal_acc, best_epoch=result.best_epoch,
-            rate=seen / train_time if train_time > 0 else None,
-            elapsed_s=time.perf_counter() - t0, **kw,
-        )
-
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            order = train_idx[torch.randperm(train_idx.size, generator=gen).numpy()]
-            ep_loss, ep_correct, ep_n = 0.0, 0, 0
-            for sel, x in _batches(images, order, cfg.batch_size):
-                if stop_event is not None and stop_event.is_set():
-                    status = "cancelled"
-                    break
-                ts = time.perf_counter()
-                y = torch.as_tensor(y_all[sel], device=device)
-                xb = classifier.encoder.preprocess(x)
-                if cfg.augment:
-                    xb = augment_batch(xb, gen, mean, std, cfg.colour_jitter)
-                with autocast(device, cfg.amp):
-                    logits = model(xb).float()
-                loss = F.cross_entropy(logits, y, weight=weights)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                train_time += time.perf_counter() - ts
-                step += 1
-                seen += int(sel.size)
-                ep_loss += float(loss.detach()) * sel.size
-                ep_correct += int((logits.argmax(1) == y).sum())
-                ep_n += int(sel.size)
-                yield record("step", epoch, loss=float(loss.detach()), lr=sched.get_last_lr()[0])
-            if status == "cancelled":
+        for epoch in range(1, run_.cfg.epochs + 1):
+            entry = yield from run_.epoch(epoch, stop_event)
+            if entry is None:
+                status = "cancelled"
                 break
-            entry: dict[str, Any] = {
-                "epoch": epoch, "loss": ep_loss / max(ep_n, 1),
-                "train_acc": ep_correct / max(ep_n, 1), "val_bal_acc": None, "val_loss": None,
-            }
-            if val_idx.size:
-                bal, vloss = _evaluate(classifier, images, y_all, val_idx,
-                                       cfg.eval_batch_size, weights, cfg.amp)
-                entry.update(val_bal_acc=bal, val_loss=vloss)
-                key = (bal, -vloss)
-                improved = best_key is None or key > best_key
-            else:
-                improved = True  # no validation: keep the latest epoch
-            if improved:
-                best_key = (entry["val_bal_acc"] or 0.0, -(entry["val_loss"] or 0.0))
-                best_state = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-                result.best_epoch, result.val_bal_acc = epoch, entry["val_bal_acc"]
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            result.history.append(entry)
-            yield record("epoch", epoch, loss=entry["loss"], train_acc=entry["train_acc"],
-                         val_bal_acc=entry["val_bal_acc"], val_loss=entry["val_loss"],
-                         lr=sched.get_last_lr()[0])
-            if val_idx.size and bad_epochs >= cfg.patience:
+            stop = run_.validate(entry)
+            yield run_.record("epoch", epoch, loss=entry["loss"], train_acc=entry["train_acc"],
+                              val_bal_acc=entry["val_bal_acc"], val_loss=entry["val_loss"],
+                              lr=run_.sched.get_last_lr()[0])
+            if stop:
                 status = "stopped-early"
                 break
     finally:
-        if best_state is not None:
-            model.load_state_dict(best_state, strict=False)
-        model.eval()
-    result.cancelled = status == "cancelled"
-    result.stopped_early = status == "stopped-early"
-    result.train_patches_per_s = seen / train_time if train_time > 0 else 0.0
-    result.elapsed_s = time.perf_counter() - t0
-    classifier.info.update({
-        "training": {
-            "config": cfg.to_dict(), "n_train": int(train_idx.size), "n_val": int(val_idx.size),
-            "class_counts": {n: int(c) for n, c in zip(classifier.class_names, counts)},
-            "best_epoch": result.best_epoch, "val_bal_acc": result.val_bal_acc,
-            "epochs_run": len(result.history), "status": status,
-            "device": str(device),
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-        },
-    })
-    yield record(status, len(result.history), message=_summary(result, status))
+        run_.restore_best()
+    result = run_.finish(status)
+    yield run_.record(status, len(result.history), message=_summary(result, status))
     return result
 
 
@@ -408,44 +470,37 @@ def train_from_arrays(
     images: np.ndarray,
     labels: Sequence[Any] | np.ndarray,
     class_names: Sequence[str],
-    prompt_config: PromptConfig | None = None,
-    template: TextTemplate | None = None,
-    train_config: TrainConfig | None = None,
-    text_encoder: TextEncoder | None = None,
-    colours: np.ndarray | None = None,
+    options: TuneOptions | None = None,
     stop_event: threading.Event | None = None,
 ) -> Generator[TrainProgress, None, TrainResult]:
     """Build a classifier on ``encoder`` and train it on uint8 tiles (N, H, W, 3)."""
-    cfg = train_config or TrainConfig()
-    clf = build_classifier(encoder, class_names, prompt_config, template, text_encoder,
-                           colours, seed=cfg.seed)
-    return (yield from train_classifier(clf, images, labels, cfg, stop_event))
+    opt = options or TuneOptions()
+    clf = build_classifier(encoder, class_names, opt.prompt_config, opt.template,
+                           opt.text_encoder, opt.colours, seed=opt.config.seed)
+    return (yield from tune(clf, images, labels, opt.config, stop_event))
 
 
 def read_patches(
-    slide_path: str | Path,
-    coords: np.ndarray,
-    patch_size_level0: int,
+    patches: PatchSet,
     out_size: int,
-    mpp: float | None = None,
     num_workers: int | None = None,
     batch_size: int = 32,
     stop_event: threading.Event | None = None,
 ) -> Generator[TrainProgress, None, np.ndarray | None]:
-    """Read patches (uint8 (N, out, out, 3)) with the tiles loader's worker processes, yielding
-    ``"reading"`` records; returns ``None`` when cancelled."""
+    """Read ``patches`` (uint8 (N, out, out, 3)) with the tiles loader's worker processes,
+    yielding ``"reading"`` records; returns ``None`` when cancelled."""
     from napari_gpfm.tiles.loader import PatchDataset, iter_batches
 
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    n = coords.shape[0]
+    n = patches.coords.shape[0]
     out = np.empty((n, out_size, out_size, 3), dtype=np.uint8)
     t0 = time.perf_counter()
-    ds = PatchDataset(slide_path, coords, patch_size_level0, out_size, mpp=mpp)
+    ds = PatchDataset(patches.slide_path, patches.coords, patches.patch_size_level0, out_size,
+                      mpp=patches.mpp)  # fmt: skip
     workers = 0 if n <= batch_size else num_workers
     with iter_batches(ds, batch_size=batch_size, num_workers=workers) as stream:
         done = 0
-        for patches, index in stream:
-            out[index.numpy()] = patches.numpy()
+        for batch, index in stream:
+            out[index.numpy()] = batch.numpy()
             done += int(index.numel())
             el = time.perf_counter() - t0
             yield TrainProgress("reading", 0, 0, done, n, rate=done / el if el else None,
@@ -457,46 +512,44 @@ def read_patches(
 
 def train_from_slide(
     encoder: Any,
-    slide_path: str | Path,
-    coords: np.ndarray,
-    patch_size_level0: int,
+    patches: PatchSet,
     labels: Sequence[Any] | np.ndarray,
     class_names: Sequence[str],
-    prompt_config: PromptConfig | None = None,
-    template: TextTemplate | None = None,
-    train_config: TrainConfig | None = None,
-    text_encoder: TextEncoder | None = None,
-    colours: np.ndarray | None = None,
-    mpp: float | None = None,
-    target_mpp: float | None = None,
-    num_workers: int | None = None,
+    options: TuneOptions | None = None,
     stop_event: threading.Event | None = None,
 ) -> Generator[TrainProgress, None, TrainResult | None]:
-    """Train on the labelled patches of a slide grid (``labels`` per row of ``coords``, e.g.
-    from :func:`napari_gpfm.annotations.labels_from_annotations`): the labelled patches are read
-    at the encoder's input size (kept in memory, ~150 KB each at 224 px), then trained on.
-    Returns ``None`` when cancelled while reading."""
+    """Train on the labelled patches of a slide grid (``labels`` per row of
+    ``patches.coords``, e.g. from :func:`napari_gpfm.annotations.labels_from_annotations`): the
+    labelled patches are read at the encoder's input size (kept in memory, ~150 KB each at
+    224 px), then trained on. The classifier records the grid (patch side, mpp, the grid's
+    recipe) so it can find or rebuild the same tiling on other slides. Returns ``None`` when
+    cancelled while reading."""
+    opt = options or TuneOptions()
     y = encode_labels(labels, class_names)
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    if y.shape[0] != coords.shape[0]:
-        raise ValueError(f"{coords.shape[0]} coords but {y.shape[0]} labels")
+    if y.shape[0] != patches.coords.shape[0]:
+        raise ValueError(f"{patches.coords.shape[0]} coords but {y.shape[0]} labels")
     keep = np.flatnonzero(y >= 0)
     if keep.size == 0:
-        raise ValueError(f"{slide_path}: no labelled patches (no patch lies in an annotation)")
-    images = yield from read_patches(slide_path, coords[keep], patch_size_level0,
-                                     int(encoder.card.input.size), mpp, num_workers,
+        raise ValueError(f"{patches.slide_path}: no labelled patches (no patch lies in an "
+                         "annotation)")
+    labelled = patches.subset(keep)
+    images = yield from read_patches(labelled, int(encoder.card.input.size), opt.num_workers,
                                      stop_event=stop_event)
     if images is None:
         return None
-    result = yield from train_from_arrays(encoder, images, y[keep], class_names, prompt_config,
-                                          template, train_config, text_encoder, colours,
-                                          stop_event)
+    result = yield from train_from_arrays(encoder, images, y[keep], class_names, opt, stop_event)
+    result.classifier.info["tiles"] = _tiles_info(patches, int(keep.size))
+    return result
+
+
+def _tiles_info(patches: PatchSet, n_labelled: int) -> dict[str, Any]:
+    """The training grid as the classifier file records it (the level-0 mpp, read from the
+    slide when not given, is what the geometry check at prediction compares)."""
+    mpp = patches.mpp
     if mpp is None:
         from napari_gpfm.slide import open_slide
 
-        mpp = open_slide(slide_path).mpp  # level-0 µm/px, for the geometry check at prediction
-    result.classifier.info["tiles"] = {
-        "slide": str(slide_path), "patch_size_level0": int(patch_size_level0),
-        "mpp": mpp, "target_mpp": target_mpp, "n_labelled": int(keep.size),
-    }
-    return result
+        mpp = open_slide(patches.slide_path).mpp
+    return {"slide": str(patches.slide_path), "patch_size_level0": patches.patch_size_level0,
+            "mpp": mpp, "target_mpp": patches.recipe.get("target_mpp"),
+            "recipe": dict(patches.recipe), "n_labelled": n_labelled}

@@ -24,6 +24,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -32,13 +33,8 @@ import pytest
 import napari_gpfm.analyses.export as export_mod
 import napari_gpfm.analyses.probe as probe_mod
 import napari_gpfm.embeddings.store as store_mod
-from napari_gpfm.analyses.classify import (
-    Prediction,
-    UnknownFeatureModelError,
-    predict_store,
-    train_classifier,
-    write_outputs,
-)
+from napari_gpfm.analyses.classifier import Prediction
+from napari_gpfm.analyses.classify import UnknownFeatureModelError, train_probe, write_outputs
 from napari_gpfm.analyses.probe import (
     ProbeFileError,
     ProbeFormatWarning,
@@ -68,12 +64,10 @@ def synthetic_prediction(n: int = 400, seed: int = 0, name: str = "slide") -> Pr
     ys, xs = np.divmod(np.arange(n, dtype=np.int64), side)
     p1 = rng.random(n).astype(np.float32)
     proba = np.stack([1 - p1, p1], 1)
-    labels = proba.argmax(1).astype(np.int64)
-    ent = (-(proba * np.log(np.clip(proba, 1e-12, 1))).sum(1) / np.log(2)).astype(np.float32)
-    return Prediction(proba=proba, labels=labels, entropy=ent, class_names=list(NAMES),
-                      colours=np.array([[200, 0, 0], [0, 150, 0]], float),
-                      coords=np.stack([xs, ys], 1) * 224, patch_size_level0=224, mpp=0.5,
-                      slide_name=name, recipe=dict(RECIPE))  # fmt: skip
+    patches = SimpleNamespace(coords=np.stack([xs, ys], 1) * 224, patch_size_level0=224,
+                              mpp=0.5, slide_name=name)
+    return Prediction.from_proba(proba, NAMES, patches, recipe=RECIPE,
+                                 colours=np.array([[200, 0, 0], [0, 150, 0]], float))
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
@@ -299,7 +293,7 @@ def test_nan_features_are_refused_naming_the_store(tmp_path, probe192):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExternalFeaturesWarning)
         with pytest.raises(NonFiniteFeaturesError) as e:
-            predict_store(probe192, store)
+            probe192.predict_store(store)
     assert str(e.value).startswith(f"{store.path}: 4 of 50 patches have non-finite features")
     assert e.value.rows == 4
     ann = [Annotation([[np.array([[0, 0], [2000, 0], [2000, 2000], [0, 2000], [0, 0]], float)]],
@@ -307,25 +301,25 @@ def test_nan_features_are_refused_naming_the_store(tmp_path, probe192):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExternalFeaturesWarning)
         with pytest.raises(NonFiniteFeaturesError, match="nan.h5"):
-            train_classifier(ann, store, NAMES, cv_folds=0)
+            train_probe(ann, store, NAMES, cv_folds=0)
 
 
 def test_foreign_features_without_a_model_need_assume_model(tmp_path, probe192):
     feats = np.random.default_rng(2).standard_normal((50, 192)).astype(np.float32)
     store = open_store(foreign_h5(tmp_path / "random192.h5", feats))  # no 'encoder' attribute
     with pytest.raises(UnknownFeatureModelError) as e:
-        predict_store(probe192, store)
+        probe192.predict_store(store)
     msg = str(e.value)
     assert msg.startswith(f"{store.path}: records no model") and "--assume-model NAME" in msg
     with pytest.warns(ExternalFeaturesWarning, match="assuming the features were made by 'uni'"):
-        pred = predict_store(probe192, store, assume_model="uni")
+        pred = probe192.predict_store(store, assume_model="uni")
     assert np.isfinite(pred.proba).all() and pred.proba.shape == (50, 2)
     with pytest.warns(ExternalFeaturesWarning), pytest.raises(RecipeMismatchError, match="model"):
-        predict_store(probe192, store, assume_model="gpfm")  # assumed, and checked
+        probe192.predict_store(store, assume_model="gpfm")  # assumed, and checked
     # a file that records its encoder: checked by name, with a warning for what cannot be
     named = open_store(foreign_h5(tmp_path / "uni.h5", feats, encoder="uni"))
     with pytest.warns(ExternalFeaturesWarning, match="weights and tiling"):
-        predict_store(probe192, named)
+        probe192.predict_store(named)
 
 
 def _cli(argv):

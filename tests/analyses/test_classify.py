@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +16,11 @@ from napari_gpfm.analyses.classify import (
     check_recipe,
     labels_for_store,
     live_steps,
-    load_classifier,
-    predict_store,
-    train_classifier,
+    train_probe,
     write_outputs,
 )
-from napari_gpfm.analyses.probe import RecipeMismatchError, load_probe
+from napari_gpfm.jobs.classifiers import load_classifier
+from napari_gpfm.analyses.probe import RecipeMismatchError, fit_probe, load_probe
 from napari_gpfm.annotations.geojson import Annotation, read_geojson, write_geojson
 from tiny_models import tiny_card
 
@@ -82,12 +82,13 @@ def test_labels_train_predict_class_map_aligned_with_slide(store, tmp_path):
     assert (labels.labels[c[:, 0] + P <= c[:, 0].min() + (P * 2)] == 0).all()
     assert labels.counts["Tumor"] > 5 and labels.counts["Stroma"] > 5
 
-    res = train_classifier(anns, store, names, [(200, 0, 0), (150, 200, 150)], cv_folds=3)
+    res = train_probe(anns, store, names, [(200, 0, 0), (150, 200, 150)], cv_folds=3)
     assert res.report is not None and 0.0 <= res.report.balanced_accuracy <= 1.0
     assert res.report.confusion.sum() == (labels.labels >= 0).sum()
-    assert res.probe.recipe["model"] == TINY and res.probe.recipe["patch_size"] == 112
+    assert res.classifier.recipe["model"] == TINY and res.classifier.recipe["patch_size"] == 112
+    assert res.val_bal_acc == res.report.balanced_accuracy
 
-    pred = predict_store(res.probe, store)
+    pred = res.classifier.predict_store(store)
     assert pred.proba.shape == (store.n_patches, 2)
     np.testing.assert_allclose(pred.proba.sum(1), 1, atol=1e-5)
     # the probe fits its own training patches (near-separable 48-d features, 2 classes)
@@ -132,19 +133,20 @@ def test_labels_train_predict_class_map_aligned_with_slide(store, tmp_path):
     per = write_outputs(pred, tmp_path / "pp", per_patch=True, tables=())
     dets = read_geojson(per["geojson"])
     assert len(dets) == store.n_patches and dets[0].object_type == "detection"
-    assert set(dets[0].properties["measurements"]) == {"Prob Tumor", "Prob Stroma", "Uncertainty"}
+    assert set(dets[0].properties["measurements"]) == {"prob_Tumor", "prob_Stroma", "uncertainty"}
 
 
 def test_classifier_file_refused_on_another_recipe(store, tmp_path):
-    res = train_classifier(split_annotations(store), store, ["Tumor", "Stroma"], cv_folds=0)
-    path = res.probe.save(tmp_path / "c.npz")
-    probe = load_classifier(path, store)  # same recipe: fine
+    res = train_probe(split_annotations(store), store, ["Tumor", "Stroma"], cv_folds=0)
+    path = res.classifier.save(tmp_path / "c.npz")
+    probe = load_classifier(path)
+    probe.check_store(store)  # same recipe: fine
     assert probe.class_names == ["Tumor", "Stroma"] and probe.colours is None
 
     other = dict(store.recipe.to_dict(), model="gpfm", weights_sha256="abc")
     fake = SimpleNamespace(recipe=other, path=Path("other/slide.h5"), embed_dim=48)
     with pytest.raises(RecipeMismatchError, match="model: classifier has 'tiny-test'"):
-        load_classifier(path, fake)
+        probe.check_store(fake, source=path)
     with pytest.raises(RecipeMismatchError, match="another recipe"):
         load_probe(path, expected_recipe=other)
     tiling = SimpleNamespace(recipe=dict(store.recipe.to_dict(), patch_size=224),
@@ -215,21 +217,80 @@ def test_cli_train_classifier_and_classify(store, sample_svs, tmp_path, capsys):
     assert "weights_sha256" in err and "another model or recipe" in err
 
 
-def test_cli_train_classifier_with_pathotune(store, sample_svs, tmp_path, capsys):
-    """`train-classifier --method pathotune`: same annotations, prompt-tuned backbone file."""
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_cli_classify_applies_both_classifier_kinds(store, sample_svs, tmp_path, capsys):
+    """`train-classifier` writes a linear probe (.npz) and a PathoTune classifier
+    (.safetensors); `classify` applies each (told apart by content: a renamed file too) with
+    the same per-patch columns, and PathoTune needs no embeddings of the slide."""
     from napari_gpfm.pathotune import read_header
 
     geo = tmp_path / "qupath.geojson"
     write_geojson(geo, split_annotations(store))
-    out = tmp_path / "pt" / "tumour"
-    code = _cli(["train-classifier", "--method", "pathotune", "--annotations", str(geo),
-                 "--slide", str(sample_svs), "--out", str(out), "--model", TINY,
-                 "--allow-random-weights", "--store-dir", str(store.path.parent.parent),
-                 "--epochs", "1", "--no-ttp", "--n-tvp", "2", "--device", "cpu"])
+    stores = str(store.path.parents[2])  # <store dir>/<tiling>/features_<model>/<slide>.h5
+    common = ["--annotations", str(geo), "--slide", str(sample_svs), "--model", TINY,
+              "--allow-random-weights", "--store-dir", stores]
+    linear = tmp_path / "linear.npz"
+    assert _cli(["train-classifier", "--method", "linear", *common, "--out", str(linear),
+                 "--folds", "0"]) == 0
+    assert _cli(["train-classifier", "--method", "pathotune", *common,
+                 "--out", str(tmp_path / "pt"), "--epochs", "1", "--no-ttp", "--n-tvp", "2",
+                 "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert code == 0, printed
-    written = out.with_suffix(".safetensors")
-    assert written.exists() and "PathoTune classifier written" in printed
-    header = read_header(written)
-    assert header["class_names"] == ["Tumor", "Stroma"]
-    assert header["backbone"]["name"] == TINY
+    assert "linear probe written" in printed and "PathoTune classifier written" in printed
+    header = read_header(tmp_path / "pt.safetensors")
+    assert header["class_names"] == ["Tumor", "Stroma"] and header["backbone"]["name"] == TINY
+    renamed = tmp_path / "tumour.classifier"  # the kind comes from the content, not the name
+    renamed.write_bytes((tmp_path / "pt.safetensors").read_bytes())
+
+    columns = ["x", "y", "class", "class_name", "prob_Tumor", "prob_Stroma", "uncertainty"]
+    for clf, kind in ((linear, "linear"), (renamed, "pathotune")):
+        res = tmp_path / f"res-{kind}"
+        code = _cli(["classify", "--classifier", str(clf), str(sample_svs), "--out", str(res),
+                     "--store-dir", stores])
+        assert code == 0, capsys.readouterr().err
+        rows = _rows(res / "CMU-1-Small-Region_patches.csv")
+        assert rows[0] == columns and len(rows) == store.n_patches + 1, kind
+        xy = np.array([[int(r[0]), int(r[1])] for r in rows[1:]])
+        np.testing.assert_array_equal(xy, store.coords)  # the store's grid, row for row
+        assert {r[3] for r in rows[1:]} <= {"Tumor", "Stroma"}
+        with h5py.File(res / "CMU-1-Small-Region_patches.h5") as f:
+            assert json.loads(f.attrs["recipe"])["model"] == TINY
+            assert json.loads(f.attrs["probability_columns"]) == columns[4:6]
+        polys = read_geojson(res / "CMU-1-Small-Region.geojson")
+        assert polys and {a.class_name for a in polys} <= {"Tumor", "Stroma"}
+
+    # PathoTune on a slide with no feature store: its tiling laid over the tissue, no embedding
+    res = tmp_path / "res-grid"
+    assert _cli(["classify", "--classifier", str(renamed), str(sample_svs), "--out",
+                 str(res), "--per-patch"]) == 0, capsys.readouterr().err
+    rows = _rows(res / "CMU-1-Small-Region_patches.csv")
+    assert rows[0] == columns and len(rows) == store.n_patches + 1
+    assert not list(res.rglob("*.h5.partial")) and not (res / "0.5mpp_112px_0px_overlap").exists()
+    dets = read_geojson(res / "CMU-1-Small-Region.geojson")
+    assert set(dets[0].properties["measurements"]) == set(columns[4:])
+
+
+def test_classify_refuses_a_file_of_no_classifier_kind(sample_svs, tmp_path, capsys):
+    """One `error:` line naming the file and what is read, exit code 2, for a file that is
+    neither kind, an empty file and a damaged file of each kind."""
+    from napari_gpfm.cli import main
+
+    good = tmp_path / "good.npz"
+    fit_probe(np.eye(4, dtype=np.float32), [0, 1, 0, 1], ["a", "b"]).save(good)
+    files = {"notes.npz": b"just text, not a classifier", "empty.safetensors": b"",
+             "cut.npz": good.read_bytes()[:40], "cut.safetensors": b"\x10" + b"\0" * 7 + b"{"}
+    expected = {"notes.npz": "not a classifier file", "empty.safetensors": "an empty file",
+                "cut.npz": "not a readable probe file",
+                "cut.safetensors": "not a readable safetensors file"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        code = main(["classify", "--classifier", str(tmp_path / name), str(sample_svs),
+                     "--out", str(tmp_path / "res")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {tmp_path / name}: "), (name, err)
+        assert expected[name] in err and len(err.strip().splitlines()) == 1, (name, err)
+    assert not (tmp_path / "res").exists()

@@ -83,11 +83,11 @@ def _store():
 
 
 def test_the_probe_says_why_a_class_is_missing():
-    from napari_gpfm.analyses.classify import live_steps, train_classifier
+    from napari_gpfm.analyses.classify import live_steps, train_probe
 
     anns = tissue_and_background()
     with pytest.raises(ValueError) as info:
-        train_classifier(anns, _store(), ["Tissue", "Background"])
+        train_probe(anns, _store(), ["Tissue", "Background"])
     msg = str(info.value)
     assert "a probe needs labelled patches of at least two classes, got ['Tissue']" in msg
     assert OUTSIDE in msg

@@ -104,8 +104,8 @@ def test_closing_apply_job_stops_before_the_next_slide(store, monkeypatch):
 
     _, trained = drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=0))
     calls = []
-    monkeypatch.setattr(classify, "predict_store", lambda c, s: calls.append(s) or
-                        classify.predict_features(c, s.features, s.coords, 100, 0.5, "x"))
+    monkeypatch.setattr(type(trained.probe), "predict_store", lambda c, s: calls.append(s) or
+                        classify.predict_features(c, s.features, s))
     gen = apply_job(trained.probe, [(1, "a", store), (2, "b", store)])
     next(gen)
     next(gen)  # the first slide

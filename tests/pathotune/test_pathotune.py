@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from napari_gpfm import pathotune as pt
+from napari_gpfm.analyses.classifier import PatchSet
 from napari_gpfm.pathotune.train import augment_batch
 
 # shared/ sits beside the repository (see ../shared/data/SOURCES.md)
@@ -175,10 +176,10 @@ def test_text_prompts_follow_the_template(encoder):
 def test_training_on_labelled_tiles_beats_chance(encoder, crc):
     images, labels, classes = crc
     records = []
-    gen = pt.train_from_arrays(
-        encoder, images, labels, classes, CONFIGS["all"], train_config=pt.TrainConfig(
+    gen = pt.train_from_arrays(encoder, images, labels, classes, pt.TuneOptions(
+        CONFIGS["all"], train_config=pt.TrainConfig(
             epochs=30, batch_size=16, lr=3e-2, val_fraction=0.0, augment=False, seed=0),
-        text_encoder=FakeText())
+        text_encoder=FakeText()))
     result = pt.run(gen, records.append)
     assert records[-1].status == "done" and sum(r.status == "step" for r in records) == 60
     assert result.val_bal_acc is None and len(result.history) == 30
@@ -192,8 +193,9 @@ def test_validation_split_and_early_stopping(encoder, crc):
     images, labels, classes = crc
     cfg = pt.TrainConfig(epochs=20, batch_size=16, lr=0.0, val_fraction=0.25, patience=2)
     records = []
-    result = pt.run(pt.train_from_arrays(encoder, images, labels, classes, CONFIGS["TVP"],
-                                         train_config=cfg), records.append)
+    result = pt.run(pt.train_from_arrays(encoder, images, labels, classes,
+                                         pt.TuneOptions(CONFIGS["TVP"], train_config=cfg)),
+                    records.append)
     assert records[-1].status == "stopped-early" and result.stopped_early
     assert len(result.history) == 3 and result.best_epoch == 1  # nothing can improve at lr 0
     assert result.val_indices.size == 8 and result.train_indices.size == 24  # 1 of 4 per class
@@ -204,32 +206,34 @@ def test_validation_split_and_early_stopping(encoder, crc):
 
 def test_save_load_round_trip_and_backbone_refusal(encoder, crc, tmp_path):
     from napari_gpfm.encoders import load_encoder
+    from napari_gpfm.jobs.classifiers import load_classifier
 
     images, labels, classes = crc
     clf = pt.build_classifier(encoder, classes, CONFIGS["all"], text_encoder=FakeText(),
                               colours=np.arange(24).reshape(8, 3), seed=3)
     with torch.no_grad():  # make the file hold non-initial values
         clf.model.head.weight.normal_(0, 0.5)
-    path = pt.save_classifier(clf, tmp_path / "clf")
+    path = clf.save(tmp_path / "clf")
     assert path.name == "clf.safetensors"
     header = pt.read_header(path)
     assert header["backbone"]["name"] == "pt-tiny" and header["class_names"] == classes
     assert header["backbone"]["weights_sha256"] == encoder.weights_sha256
     expected = pt.predict_arrays(clf, images[:6])
-    same = pt.load_classifier(path, encoder)
+    same = pt.load_pathotune(path, encoder)
     assert np.array_equal(pt.predict_arrays(same, images[:6]), expected)
-    rebuilt = pt.load_classifier(path)  # backbone reloaded from the card (random seed 0)
+    rebuilt = load_classifier(path)  # the one loader; backbone rebuilt from the card (seed 0)
+    assert rebuilt.kind == "pathotune"
     assert np.allclose(pt.predict_arrays(rebuilt, images[:6]), expected, atol=1e-6)
     assert same.sentences == clf.sentences and same.colours.tolist() == clf.colours.tolist()
 
     with pytest.raises(pt.BackboneMismatchError, match="weights_sha256") as err:
-        pt.load_classifier(path, load_encoder("pt-tiny", allow_random=True, seed=1))
+        pt.load_pathotune(path, load_encoder("pt-tiny", allow_random=True, seed=1))
     assert str(path) in str(err.value) and "different backbone" in str(err.value)
     with pytest.raises(pt.BackboneMismatchError, match="depth"):
-        pt.load_classifier(path, load_encoder("pt-tiny-d2", allow_random=True, seed=0))
+        pt.load_pathotune(path, load_encoder("pt-tiny-d2", allow_random=True, seed=0))
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(pt.ClassifierFileError, match="damaged"):
-        pt.load_classifier(path, encoder)
+        load_classifier(path, encoder=encoder)
 
 
 def test_cancel_stops_within_one_step(encoder, crc):
@@ -239,7 +243,7 @@ def test_cancel_stops_within_one_step(encoder, crc):
     calls = []
     clf.model.head.register_forward_hook(lambda *a: calls.append(1))
     stop = threading.Event()
-    gen = pt.train_classifier(clf, images, labels, cfg, stop_event=stop)
+    gen = pt.tune(clf, images, labels, cfg, stop_event=stop)
     first = next(gen)
     assert first.status == "step" and len(calls) == 1
     stop.set()
@@ -249,7 +253,7 @@ def test_cancel_stops_within_one_step(encoder, crc):
     clf2 = _classifier(encoder, CONFIGS["TVP"], classes)
     calls.clear()
     clf2.model.head.register_forward_hook(lambda *a: calls.append(1))
-    gen = pt.train_classifier(clf2, images, labels, cfg)
+    gen = pt.tune(clf2, images, labels, cfg)
     next(gen)
     gen.close()  # GeneratorExit at the yield: nothing more runs
     assert len(calls) == 1 and not clf2.model.training
@@ -264,16 +268,17 @@ def test_predict_slide_is_aligned_with_coords(encoder):
     tiles = np.stack([slide.read_patch(int(x), int(y), 224, 56) for x, y in coords])
     expected = pt.predict_arrays(clf, tiles)
     records = []
-    result = pt.run(pt.predict_slide(clf, SAMPLE, coords, 224, batch_size=2, num_workers=1),
-                    records.append)
-    assert result.done and records[-1].status == "done" and records[-2].done == 6
+    patches = PatchSet(str(SAMPLE), coords, 224)
+    result = pt.run(pt.predict_slide(clf, patches, batch_size=2, num_workers=1), records.append)
+    assert result.complete and records[-1].status == "done" and records[-2].done == 6
     assert np.allclose(result.proba, expected, atol=1e-5)
     assert result.labels.tolist() == expected.argmax(1).tolist()
     stop = threading.Event()
     stop.set()
-    cancelled = pt.run(pt.predict_slide(clf, SAMPLE, coords, 224, batch_size=2, num_workers=0,
+    cancelled = pt.run(pt.predict_slide(clf, patches, batch_size=2, num_workers=0,
                                         stop_event=stop))
-    assert not cancelled.done and (cancelled.labels == -1).all()
+    assert not cancelled.complete and (cancelled.labels == -1).all()
+    assert np.isnan(cancelled.entropy).all() and (cancelled.columns()["class_name"] == "").all()
 
 
 def test_stratified_split_and_augmentation():
@@ -316,8 +321,10 @@ def test_cli_train_and_predict_tiles(models_dir, tmp_path):
     assert args.func(args) == 0
     with open(pred, newline="") as f:
         got = list(csv.DictReader(f))
-    assert len(got) == 8 and {"file", "class", "p_ADI", "p_LYM"} <= set(got[0])
-    assert all(abs(float(r["p_ADI"]) + float(r["p_LYM"]) - 1) < 1e-5 for r in got)
+    assert list(got[0]) == ["x", "y", "file", "class", "class_name", "prob_ADI", "prob_LYM",
+                            "uncertainty"]
+    assert len(got) == 8 and {r["class_name"] for r in got} <= {"ADI", "LYM"}
+    assert all(abs(float(r["prob_ADI"]) + float(r["prob_LYM"]) - 1) < 1e-5 for r in got)
 
 
 def test_predict_store_refuses_other_patch_geometry(encoder):
@@ -328,7 +335,9 @@ def test_predict_store_refuses_other_patch_geometry(encoder):
     coords = np.array([[0, 0], [224, 0]])
     store = SimpleNamespace(path="slide.h5", coords=coords, patch_size_level0=448, mpp=0.5)
     with pytest.raises(pt.GeometryMismatchError, match=r"slide\.h5.*224\.0 µm.*112\.0 µm"):
-        pt.run(pt.predict_store(clf, store, SAMPLE))
+        clf.predict_store(store, slide_path=SAMPLE)
     store = SimpleNamespace(path="slide.h5", coords=coords, patch_size_level0=448, mpp=0.25)
-    result = pt.run(pt.predict_store(clf, store, SAMPLE, num_workers=0))
+    with pytest.raises(pt.GeometryMismatchError, match="records no slide file"):
+        clf.predict_store(store)  # no pixels to read
+    result = clf.predict_store(store, slide_path=SAMPLE, num_workers=0)
     assert result.proba.shape == (2, 3) and result.patch_size_level0 == 448
