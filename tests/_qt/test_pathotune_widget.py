@@ -4,7 +4,6 @@ dock, classes and shapes from the Annotate dock, clicks on Train / Predict / Can
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
@@ -184,10 +183,8 @@ def test_too_few_classes_is_shown_and_cancel_stops_training(make_napari_viewer, 
         return p is not None and p.stage == "training" and p.status == "running"
 
     qtbot.waitUntil(training, timeout=120_000)
-    t0 = time.perf_counter()
     click(qtbot, pt.cancel_button)
     qtbot.waitUntil(lambda: not pt.jobs.busy, timeout=30_000)
-    assert time.perf_counter() - t0 < 20
     assert pt.jobs.last_progress.done < 20  # stopped within a few steps of 500 epochs
     assert pt.classifier is None and "ancel" in pt.status.text()
     assert f"{slide.name} · PathoTune classes" not in viewer.layers
