@@ -1,16 +1,25 @@
-"""Patch reading and slide opening, against OpenSlide and tiffslide in the same run.
+"""Patch reading and slide opening, against OpenSlide, tiffslide and fastslide in the same run.
 
-    python bench/bench_read.py [--slide PATH] [--repeats 3]
+    python bench/bench_read.py [--slide PATH] [--repeats 5] [--peers-python PYTHON]
 
 Reads every 224 px patch of a grid over the slide (row-major, as embedding does) and the same
-number of random patches, with each library, on the same coordinates. Our reader starts each
-run with an empty tile cache. Then opens a 100,000 x 100,000 px synthetic pyramid (tiled from
-the real sample) and reports time and memory. Prints a markdown table.
+number of random patches, with each library, on the same coordinates. Our reader and
+fastslide's tile cache start each run empty. OpenSlide and tiffslide run in this interpreter;
+fastslide (not a dependency) runs in ``--peers-python`` (default ``/work/peers-venv/bin/python``,
+skipped with a note when it lacks fastslide), one subprocess per round, reading the same
+coordinates (its pixels are compared with ours first). Rounds alternate the order of the
+readers; the table gives medians and the ratio to OpenSlide's rate from the same run, with the
+load average. Then opens a 100,000 x 100,000 px synthetic pyramid (tiled from the real sample)
+and reports time and memory. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,21 +42,64 @@ def grid_coords(w: int, h: int) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], 1)
 
 
-def timed(fn, repeats: int) -> float:
-    """Best-of-``repeats`` seconds (each run starts cold for our cache)."""
-    times = []
-    for _ in range(repeats):
-        shared_tile_cache().clear()
+def timed(fn) -> float:
+    """Seconds of one run (our cache starts cold)."""
+    shared_tile_cache().clear()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# fastslide in the peers' interpreter: argv = slide, coords .npz, patch; prints one JSON line
+FASTSLIDE_WORKER = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import fastslide
+slide_path, coords_path, patch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = np.load(coords_path)
+sl = fastslide.FastSlide.from_file_path(slide_path)
+check = data["check"]
+pixels = sl.read_region((int(check[0]), int(check[1])), 0, (patch, patch)).numpy()[..., :3]
+out = {"check": pixels.tolist()}
+
+def one(xy):
+    return sl.read_region((int(xy[0]), int(xy[1])), 0, (patch, patch)).numpy()
+
+for label in ("grid", "random"):
+    coords = data[label]
+    for threads in (1, 2):
+        sl.set_cache(256 * 2**20)  # a fresh, empty LRU tile cache (256 MB) for each run
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        if threads == 1:
+            for xy in coords:
+                one(xy)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, coords))
+        out[f"{label}/{threads}"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
+
+def fastslide_python(python: str | None) -> str | None:
+    """``python`` when it can import fastslide, else None (with a printed note)."""
+    if not python or not Path(python).exists():
+        print(f"note: fastslide skipped ({python or 'no --peers-python'} not found)")
+        return None
+    r = subprocess.run([python, "-c", "import fastslide"], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"note: fastslide skipped ({r.stderr.strip().splitlines()[-1]})")
+        return None
+    return python
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", type=Path, default=sample_slide_path())
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians)")
+    ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
+                    help="interpreter with fastslide (skipped with a note when missing)")
     args = ap.parse_args()
 
     import openslide
@@ -81,20 +133,58 @@ def main() -> None:
     ref = np.asarray(osr.read_region((int(x), int(y)), 0, (PATCH, PATCH)).convert("RGB"))
     assert np.array_equal(ref, slide.read_patch(int(x), int(y), PATCH, PATCH))
 
+    peers = fastslide_python(args.peers_python)
+    tmpdir = Path(tempfile.mkdtemp(prefix="bench_read_"))
+    coords_file = tmpdir / "coords.npz"
+    np.savez(coords_file, grid=grid, random=rand, check=np.array([x, y]))
+    readers = [
+        ("openslide-python read_region, 1 thread", openslide_loop),
+        ("tiffslide read_region, 1 thread", tiffslide_loop),
+        ("napari-gpfm read_patch, 1 thread", ours_loop),
+        ("napari-gpfm read_patches, 2 threads", ours_threads),
+    ]
+    times: dict[tuple[str, str], list[float]] = {}
+    same_pixels = None
+    for rep in range(args.repeats):
+        order = readers if rep % 2 == 0 else readers[::-1]
+        if peers and rep % 2 == 1:  # the peer first in odd rounds, last in even ones
+            order = [("fastslide", None), *order]
+        elif peers:
+            order = [*order, ("fastslide", None)]
+        for name, fn in order:
+            if fn is None:
+                r = subprocess.run([peers, "-c", FASTSLIDE_WORKER, str(args.slide),
+                                    str(coords_file), str(PATCH)],
+                                   capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))  # fmt: skip
+                if r.returncode != 0:
+                    raise SystemExit(f"fastslide worker failed:\n{r.stderr[-3000:]}")
+                rep_out = json.loads(r.stdout.strip().splitlines()[-1])
+                diff = np.abs(np.asarray(rep_out["check"], np.int16) - ref.astype(np.int16))
+                same_pixels = int(diff.max())
+                for label in ("grid", "random"):
+                    for threads in (1, 2):
+                        key = (label, f"fastslide read_region + tile cache, {threads} thread"
+                                      f"{'s' if threads > 1 else ''}")  # fmt: skip
+                        times.setdefault(key, []).append(rep_out[f"{label}/{threads}"])
+                continue
+            for label, coords in (("grid", grid), ("random", rand)):
+                times.setdefault((label, name), []).append(timed(lambda: fn(coords)))
+
     rows = []
-    for label, coords in (("grid", grid), ("random", rand)):
-        base = timed(lambda: openslide_loop(coords), args.repeats)
-        for name, fn in (
-            ("openslide-python read_region (baseline)", openslide_loop),
-            ("tiffslide read_region", tiffslide_loop),
-            ("napari-gpfm read_patch, 1 thread", ours_loop),
-            ("napari-gpfm read_patches, 2 threads", ours_threads),
-        ):
-            t = base if fn is openslide_loop else timed(lambda: fn(coords), args.repeats)
-            rows.append((label, name, len(coords) / t, base / t))
+    for label in ("grid", "random"):
+        base = statistics.median(times[(label, readers[0][0])])
+        for (lab, name), ts in times.items():
+            if lab == label:
+                t = statistics.median(ts)
+                rows.append((label, name, len(grid) / t, base / t))
 
     print(f"Slide: {args.slide.name} ({w}x{h}), {len(grid)} patches of {PATCH} px, "
-          f"{psutil.cpu_count()} CPU cores, best of {args.repeats}\n")
+          f"{psutil.cpu_count()} CPU cores, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, medians of {args.repeats} "
+          "interleaved rounds\n")
+    if peers:
+        print(f"fastslide's pixels differ from ours (= OpenSlide's) by at most {same_pixels} grey "
+              "level(s) on the check patch (another JPEG decoder)\n")
     print("| reads | reader | patches/s | vs openslide |")
     print("|---|---|---:|---:|")
     for label, name, rate, ratio in rows:
