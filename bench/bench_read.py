@@ -154,8 +154,8 @@ def main() -> None:
         for name, fn in order:
             if fn is None:
                 r = subprocess.run([peers, "-c", FASTSLIDE_WORKER, str(args.slide),
-                                    str(coords_file), str(PATCH)],
-                                   capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))  # fmt: skip
+                                    str(coords_file), str(PATCH)], capture_output=True,
+                                   text=True, env=dict(os.environ, PYTHONPATH=""))  # fmt: skip
                 if r.returncode != 0:
                     raise SystemExit(f"fastslide worker failed:\n{r.stderr[-3000:]}")
                 rep_out = json.loads(r.stdout.strip().splitlines()[-1])

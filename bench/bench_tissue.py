@@ -24,9 +24,10 @@ the hand-traced tissue of the sample (``tests/tiles/tiles_helpers.SAMPLE_HAND_TI
 precision (share of the patches' area that is tissue), recall (share of the tissue covered by
 patches) and Dice; and each tool's tissue mask (upsampled to level 0) by its IoU with it.
 hs2p lays one grid per tissue contour (origins at each contour's bounding box) where
-napari-gpfm lays one slide-wide grid, so patch Dice also measures that choice. The generated pyramid has no hand mask (its lower levels are tiled from the
-sample at their own scale, so they are not downsamples of level 0): there each tool's patches
-are compared with napari-gpfm's (Dice of the covered areas, rasterised at 1/16).
+napari-gpfm lays one slide-wide grid, so patch Dice also measures that choice. The generated
+pyramid has no hand mask (its lower levels are tiled from the sample at their own scale, so
+they are not downsamples of level 0): there each tool's patches are compared with
+napari-gpfm's (Dice of the covered areas, rasterised at 1/16).
 
 Peers not installed are skipped with a printed note; nothing here is a test (no asserts on
 times).
@@ -41,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

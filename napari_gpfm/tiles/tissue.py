@@ -41,7 +41,7 @@ small components are dropped and holes filled.
 The result, :class:`TissueMask`, keeps the boolean mask with its exact downsample, polygons in
 level-0 pixels (exterior + holes, for QuPath/napari shapes), a one-line :attr:`~TissueMask.summary`
 of what was found and how, and answers "what fraction of this level-0 square is tissue?" for
-many squares at once via an integral image.
+every square of a patch lattice at once via an integral image (:meth:`TissueMask.fraction_grid`).
 
 Mask resolution: the mask is made on a thumbnail no larger than ``thumbnail_max_side`` (2048 px)
 and, with method "auto", no finer than ``mask_mpp`` (4 µm/px) when the slide has an mpp. Before
@@ -354,43 +354,17 @@ class TissueMask:
             self._integral = s
         return self._integral
 
-    def fraction_in(self, x: Any, y: Any, size0: float) -> np.ndarray | float:
-        """Tissue fraction of level-0 squares ``[x, x+size0) × [y, y+size0)``.
-
-        ``x`` and ``y`` are scalars or equal-length arrays of level-0 top-left corners. The
-        fraction is area-exact: the mask is treated as piecewise constant, so bilinear
-        interpolation of its integral image gives the exact covered area even when square
-        borders fall inside mask pixels. Parts of a square outside the slide count as
-        background. Returns a float for scalar input, else a float64 array.
-        """
-        scalar = np.isscalar(x) and np.isscalar(y)
-        xs = np.atleast_1d(np.asarray(x, dtype=np.float64))
-        ys = np.atleast_1d(np.asarray(y, dtype=np.float64))
-        if size0 <= 0:
-            raise ValueError(f"size0 must be positive, got {size0}")
-        ds = float(self.downsample)
-        x0, x1 = xs / ds, (xs + size0) / ds
-        y0, y1 = ys / ds, (ys + size0) / ds
-        s = self.integral()
-        covered = (
-            _interp_integral(s, x1, y1)
-            - _interp_integral(s, x0, y1)
-            - _interp_integral(s, x1, y0)
-            + _interp_integral(s, x0, y0)
-        )
-        area = (size0 / ds) ** 2
-        frac = np.clip(covered / area, 0.0, 1.0)
-        return float(frac[0]) if scalar else frac
-
-
     def fraction_grid(self, xs: Any, ys: Any, size0: float) -> np.ndarray:
         """Tissue fractions of the level-0 squares at every ``(x, y)`` of the lattice
         ``xs × ys``, as a ``(len(ys), len(xs))`` float64 array (row-major: ``ys`` outer).
 
-        The same area-exact values as :meth:`fraction_in` on the lattice's points, computed
-        separably: the summed-area table is interpolated at the lattice's ``2·len(ys)`` row
-        borders, then at its ``2·len(xs)`` column borders, and each square is four lookups in
-        that small table (a whole-slide grid of 200,000 candidates costs a few milliseconds).
+        The fraction is area-exact: the mask is treated as piecewise constant, so linear
+        interpolation of its summed-area table along each axis gives the exact covered area
+        even when square borders fall inside mask pixels. Parts of a square outside the slide
+        count as background. Computed separably: the table is interpolated at the lattice's
+        ``2·len(ys)`` row borders, then at its ``2·len(xs)`` column borders, and each square
+        is four lookups in that small table (a whole-slide grid of 200,000 candidates costs a
+        few milliseconds; no candidate array is built).
         """
         xs = np.asarray(xs, dtype=np.float64).ravel()
         ys = np.asarray(ys, dtype=np.float64).ravel()
@@ -416,8 +390,8 @@ class TissueMask:
 
 
 def _interp_weights(u: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index and weight of the linear interpolation at ``u`` in a summed-area axis of ``n``
-    pixels (``n + 1`` entries), as :func:`_interp_integral` does per axis."""
+    """Index and weight of the linear interpolation at ``u`` (clipped to ``[0, n]``) in a
+    summed-area axis of ``n`` pixels (``n + 1`` entries)."""
     u = np.clip(u, 0.0, n)
     i = np.minimum(np.floor(u).astype(np.int64), max(n - 1, 0))
     return i, u - i
@@ -440,21 +414,6 @@ def _describe(method: str, rule: str, threshold: float, reason: str = "") -> str
     if method == "auto":
         return f"auto: {reason} → {how}" if reason else f"auto: {how}"
     return f"{method}: {how}"
-
-
-def _interp_integral(s: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Integral of the mask over ``[0, u) × [0, v)`` (u along x/columns, v along y/rows)."""
-    h, w = s.shape[0] - 1, s.shape[1] - 1
-    u = np.clip(u, 0.0, w)
-    v = np.clip(v, 0.0, h)
-    i = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
-    j = np.minimum(np.floor(v).astype(np.int64), max(h - 1, 0))
-    fu, fv = u - i, v - j
-    s00 = s[j, i]
-    s01 = s[j, i + 1]
-    s10 = s[j + 1, i]
-    s11 = s[j + 1, i + 1]
-    return s00 * (1 - fu) * (1 - fv) + s01 * fu * (1 - fv) + s10 * (1 - fu) * fv + s11 * fu * fv
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -585,7 +544,7 @@ def _area_px(area_um2: float | None, mpp: float | None, downsample: float) -> fl
 
 
 def _disk(radius: int) -> np.ndarray:
-    """Disk structuring element: ``x² + y² <= radius²`` (the same as ``skimage.morphology.disk``)."""
+    """Disk structuring element ``x² + y² <= radius²`` (``skimage.morphology.disk``'s)."""
     r = int(radius)
     yy, xx = np.ogrid[-r : r + 1, -r : r + 1]
     return (xx * xx + yy * yy) <= r * r

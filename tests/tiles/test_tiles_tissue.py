@@ -74,20 +74,21 @@ def test_small_specks_dropped_by_min_area():
     assert not tm.mask[12, 12] and tm.mask[250, 250]
 
 
-def test_fraction_in_is_area_exact_and_vectorised():
+def test_fraction_grid_is_area_exact():
     mask = np.zeros((10, 10), bool)
     mask[:, :5] = True  # left half tissue
     tm = TissueMask(mask=mask, downsample=4.0, polygons=[], tissue_fraction=0.5,
                     params=TissueParams())
     # level-0 squares of side 8 (2 mask px)
     xs = np.array([0, 12, 16, 20, 36])
-    frac = tm.fraction_in(xs, np.zeros_like(xs), 8)
-    np.testing.assert_allclose(frac, [1.0, 1.0, 0.5, 0.0, 0.0])
+    frac = tm.fraction_grid(xs, [0], 8)
+    assert frac.shape == (1, 5)
+    np.testing.assert_allclose(frac[0], [1.0, 1.0, 0.5, 0.0, 0.0])
     # sub-pixel borders: [18, 26) covers 2 px of tissue (18..20) out of 8
-    assert tm.fraction_in(18, 0, 8) == pytest.approx(0.25)
+    assert tm.fraction_grid([18], [0], 8)[0, 0] == pytest.approx(0.25)
     # partly outside the slide counts as background
-    assert tm.fraction_in(-4, 0, 8) == pytest.approx(0.5)
-    assert tm.fraction_in(0, 36, 8) == pytest.approx(0.5)
+    assert tm.fraction_grid([-4], [0], 8)[0, 0] == pytest.approx(0.5)
+    assert tm.fraction_grid([0], [36], 8)[0, 0] == pytest.approx(0.5)
 
 
 def test_params_validation_names_the_field():

@@ -73,19 +73,26 @@ def test_table_pixel_rule_is_the_float_rule_bit_for_bit():
         np.testing.assert_array_equal(raw2, raw)
 
 
-def test_integral_and_fractions_are_exact():
+def test_integral_is_exact():
     rng = np.random.default_rng(5)
     mask = rng.random((123, 77)) < 0.4
     tm = TissueMask(mask=mask, downsample=3.0)
     ref = np.zeros((124, 78))
     ref[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
     np.testing.assert_array_equal(tm.integral(), ref)
-    # integer-aligned squares: the count of tissue pixels, by brute force
-    xs = np.arange(0, 70, 7) * 3
-    ys = np.arange(0, 110, 11)[: len(xs)] * 3
-    frac = tm.fraction_in(xs, ys, 15.0)
-    brute = [mask[y // 3 : y // 3 + 5, x // 3 : x // 3 + 5].mean() for x, y in zip(xs, ys)]
-    np.testing.assert_allclose(frac, brute, rtol=0, atol=1e-12)
+
+
+def _exact_fractions(mask: np.ndarray, ds: float, xs, ys, size0: float) -> np.ndarray:
+    """Reference: the area of each square inside each mask pixel (overlap lengths per axis),
+    summed over tissue pixels, independent of any summed-area table."""
+
+    def overlaps(starts, n):
+        edges = np.arange(n + 1) * ds
+        a = np.asarray(starts, float)[:, None]
+        return np.clip(np.minimum(a + size0, edges[1:]) - np.maximum(a, edges[:-1]), 0, None)
+
+    wy, wx = overlaps(ys, mask.shape[0]), overlaps(xs, mask.shape[1])
+    return wy @ mask.astype(float) @ wx.T / size0**2
 
 
 # ------------------------------------------------------------------ mask resolution
@@ -145,9 +152,9 @@ def test_fake_slide_without_mpp_ignores_mask_mpp():
     assert max(tm.mask.shape) == max(rgb.shape[:2])  # the whole (< 2048 px) image
 
 
-def test_fraction_grid_is_fraction_in_on_the_lattice(monkeypatch):
-    """The separable lattice evaluation gives fraction_in's values, sub-pixel borders, squares
-    partly outside the slide and a row table split into chunks included."""
+def test_fraction_grid_is_area_exact_on_the_lattice(monkeypatch):
+    """The separable lattice evaluation gives the exact covered areas: sub-pixel borders,
+    squares partly outside the slide and a row table split into chunks included."""
     import napari_gpfm.tiles.tissue as tissue_mod
 
     rng = np.random.default_rng(11)
@@ -155,9 +162,8 @@ def test_fraction_grid_is_fraction_in_on_the_lattice(monkeypatch):
     tm = TissueMask(mask=mask, downsample=3.7)
     xs = np.arange(-20, 280, 23)
     ys = np.arange(-11, 350, 17)
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")
-    ref = tm.fraction_in(gx.ravel(), gy.ravel(), 29.0).reshape(gy.shape)
-    np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-12)
+    ref = _exact_fractions(mask, 3.7, xs, ys, 29.0)
+    np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-9)
     monkeypatch.setattr(tissue_mod, "_FRACTION_TABLE_ENTRIES", 300)  # 2 rows per chunk
-    np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-9)
     assert tm.fraction_grid([], ys, 29.0).shape == (len(ys), 0)
