@@ -15,6 +15,17 @@ al. 2018, CC BY 4.0, doi:10.5281/zenodo.1214456) are fed straight to ``encoder.p
     python bench/eval_tiles.py --model gpfm                       # needs GPFM weights
     python bench/eval_tiles.py --model vits14-random --allow-random-weights
     python bench/eval_tiles.py --model NAME --allow-random-weights --tiles DIR
+    python bench/eval_tiles.py --model NAME --random-init --stain-shift
+
+``--stain-shift`` also embeds every tile after a HED stain jitter (colour deconvolution,
+``napari_gpfm.distill.augment.random_hed_jitter``: each stain's density scaled by
+U(0.7, 1.3) and shifted by U(-0.02, 0.02), tile ``i`` drawn from seed ``i``; the strength was
+fixed before any model was measured) and prints, next to the numbers above:
+
+- shifted-domain: the same probe CV and kNN computed on the shifted tiles alone;
+- cross-stain: probes fitted on the original tiles of the training folds predict the shifted
+  tiles of the held-out fold (same folds and seeds), and 1-NN matches each shifted tile against
+  the other 31 original tiles; the drop in points is original minus cross-stain.
 
 ``vits14-random`` is a ViT-S/14 (DINOv2 layout, 384-d, 12 blocks) card written to a temporary
 models folder when no card of that name exists: a random-weight baseline of the student's size.
@@ -65,8 +76,6 @@ def load_tiles(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def embed_tiles(model: str, images: np.ndarray, allow_random: bool, batch: int = 8) -> tuple:
-    import torch
-
     from napari_gpfm.encoders import get_card, load_encoder
     from napari_gpfm.encoders.errors import UnknownModelError
 
@@ -79,17 +88,61 @@ def embed_tiles(model: str, images: np.ndarray, allow_random: bool, batch: int =
         (tmp / "vits14-random.yaml").write_text(VITS14_CARD)
         os.environ["NAPARI_GPFM_MODELS_DIR"] = str(tmp)
     enc = load_encoder(model, allow_random=allow_random)
+    return embed_with(enc, images, batch), enc
+
+
+def embed_with(enc, images: np.ndarray, batch: int = 8) -> np.ndarray:
+    """(N, D) float features of uint8 (N, H, W, 3) tiles."""
+    import torch
+
     feats = []
     with torch.inference_mode():
         for s in range(0, len(images), batch):
             feats.append(enc.embed(enc.preprocess(images[s : s + batch])).float().cpu().numpy())
-    return np.concatenate(feats), enc
+    return np.concatenate(feats)
 
 
-def knn_loo(X: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Leave-one-out kNN balanced accuracy, cosine on L2-normalised features."""
+STAIN_SHIFT = {"alpha": 0.3, "beta": 0.02}
+
+
+def stain_shift(images: np.ndarray, alpha: float = STAIN_SHIFT["alpha"],
+                beta: float = STAIN_SHIFT["beta"]) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the same tiles HED-jittered, tile ``i`` with seed ``i``."""
+    import torch
+
+    from napari_gpfm.distill.augment import random_hed_jitter
+
+    out = []
+    for i, image in enumerate(images):
+        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        shifted = random_hed_jitter(chw, torch.Generator().manual_seed(i), alpha, beta)
+        out.append(shifted.permute(1, 2, 0).numpy())
+    return np.stack(out)
+
+
+def cross_probe(X: np.ndarray, X_query: np.ndarray, y: np.ndarray, folds: int, seed: int,
+                names: list[str]) -> float:
+    """Balanced accuracy of probes fitted on ``X`` of the training folds, predicting
+    ``X_query`` of the held-out fold (the folds of ``cv_report`` with the same seed)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from napari_gpfm.analyses.probe import balanced_accuracy, fit_probe
+
+    codes = np.array([names.index(v) for v in y])
+    pred = np.empty_like(codes)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, codes):
+        probe = fit_probe(X[train], codes[train], names)
+        pred[test] = probe.predict(X_query[test])
+    return balanced_accuracy(codes, pred, np.arange(len(names)))
+
+
+def knn_loo(X: np.ndarray, y: np.ndarray, k: int, X_query: np.ndarray | None = None) -> float:
+    """Leave-one-out kNN balanced accuracy, cosine on L2-normalised features; with
+    ``X_query``, row ``i`` of ``X_query`` is matched against the rows of ``X`` other than ``i``."""
     Z = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    S = Z @ Z.T
+    Q = Z if X_query is None else \
+        X_query / np.maximum(np.linalg.norm(X_query, axis=1, keepdims=True), 1e-12)
+    S = Q @ Z.T
     np.fill_diagonal(S, -np.inf)
     classes = np.unique(y)
     pred = []
@@ -135,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", type=Path, default=DEFAULT_TILES)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5, help="CV shuffles (seeds 0..R-1)")
+    ap.add_argument("--stain-shift", action="store_true",
+                    help="also evaluate HED-jittered tiles (see above)")
     args = ap.parse_args(argv)
 
     import torch
@@ -165,6 +220,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{np.mean(scores):.3f} ± {np.std(scores):.3f} over seeds 0..{args.repeats - 1} "
           f"(seed 0: {scores[0]:.3f})")
     print(f"kNN leave-one-out balanced accuracy (cosine): k=1 {k1:.3f}, k=5 {k5:.3f}")
+    if args.stain_shift:
+        Xs = embed_with(enc, stain_shift(images))
+        shifted = [cv_report(Xs, y, folds=args.folds, seed=s, class_names=names).balanced_accuracy
+                   for s in range(args.repeats)]
+        cross = [cross_probe(X, Xs, y, args.folds, s, names) for s in range(args.repeats)]
+        c1 = knn_loo(X, y, 1, X_query=Xs)
+        print(f"stain shift (HED alpha {STAIN_SHIFT['alpha']}, beta {STAIN_SHIFT['beta']}, "
+              f"seed = tile index):")
+        print(f"  shifted tiles alone: probe {np.mean(shifted):.3f} ± {np.std(shifted):.3f}, "
+              f"kNN k=1 {knn_loo(Xs, y, 1):.3f}, k=5 {knn_loo(Xs, y, 5):.3f}")
+        print(f"  cross-stain (fit on original, test on shifted): probe {np.mean(cross):.3f} "
+              f"± {np.std(cross):.3f} (drop {100 * (np.mean(scores) - np.mean(cross)):.1f} "
+              f"points), 1-NN {c1:.3f} (drop {100 * (k1 - c1):.1f} points)")
     print(f"chance: {1 / len(names):.3f}")
     return 0
 
