@@ -88,7 +88,7 @@ from ..layers.annotation_layers import (
 from ..jobs.pathotune import quiet_gc
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import JobPanel, scrolling_layout, settle_width
+from ._jobs import JobPanel, scrolling_layout, settle_width, tap
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["AnnotateWidget", "ask_downsample", "files_job", "map_export_job",
@@ -551,38 +551,19 @@ class AnnotateWidget(QWidget):
         al = QFormLayout(ann)
         al.addRow("Shapes", self.layer_combo)
         al.addRow("Paint", self.paint_combo)
-        r1 = QHBoxLayout()
-        r1.addWidget(self.new_layer_button)
-        r1.addWidget(self.new_paint_button)
-        al.addRow(r1)
-        r2 = QHBoxLayout()
-        r2.addWidget(self.import_button)
-        r2.addWidget(self.export_button)
-        al.addRow(r2)
+        al.addRow(_row(self.new_layer_button, self.new_paint_button))
+        al.addRow(_row(self.import_button, self.export_button))
         al.addRow(self.set_class_button)
 
         train = QGroupBox("Linear probe")
         tl = QVBoxLayout(train)
-        r3 = QHBoxLayout()
-        r3.addWidget(QLabel("min. fraction"))
-        r3.addWidget(self.min_fraction)
-        r3.addWidget(self.live_check)
-        r3.addWidget(self.train_button)
-        tl.addLayout(r3)
-        tl.addWidget(self.jobs)
-        tl.addWidget(self.counts_table)
-        tl.addWidget(self.warning_label)
-        tl.addWidget(self.labels_label)
-        tl.addWidget(self.accuracy_label)
-        tl.addWidget(self.table)
-        r4 = QHBoxLayout()
-        r4.addWidget(self.save_button)
-        r4.addWidget(self.load_button)
-        tl.addLayout(r4)
-        r5 = QHBoxLayout()
-        r5.addWidget(self.apply_button)
-        r5.addWidget(self.export_map_button)
-        tl.addLayout(r5)
+        tl.addLayout(_row(QLabel("min. fraction"), self.min_fraction, self.live_check,
+                          self.train_button))
+        for w in (self.jobs, self.counts_table, self.warning_label, self.labels_label,
+                  self.accuracy_label, self.table):
+            tl.addWidget(w)
+        tl.addLayout(_row(self.save_button, self.load_button))
+        tl.addLayout(_row(self.apply_button, self.export_map_button))
         tl.addWidget(self.apply_jobs)
         tl.addWidget(self.apply_label)
 
@@ -1100,11 +1081,13 @@ class AnnotateWidget(QWidget):
         if len(names) < 2:
             self.say("Add at least two classes to train (Classes > Add).")
             return None
+        from ..analyses.classify import ProbeRequest
         from ..jobs.probe import probe_job
 
         self._generation += 1
         generation, uid = self._generation, s.uid
-        job = probe_job(anns, store, names, colours, self.min_fraction.value(), extra, CV_FOLDS)
+        job = probe_job(ProbeRequest(anns, store, names, colours, self.min_fraction.value(),
+                                     extra, CV_FOLDS))
         relay = _Relay()  # (generation, slide uid, Progress) from the worker thread
         relay.record.connect(self._on_record)
         self._notes = notes
@@ -1315,13 +1298,21 @@ class AnnotateWidget(QWidget):
             self.load_classifier(path)
 
 
+def _row(*widgets: QWidget) -> QHBoxLayout:
+    """The widgets side by side."""
+    row = QHBoxLayout()
+    for w in widgets:
+        row.addWidget(w)
+    return row
+
+
 #: Longest a job waits for the main thread to paint its class map (a closed dock never does).
 PAINT_WAIT_S = 5.0
 
 
 def _tap(job: Generator, emit: Callable[[Any, threading.Event], None]) -> Generator:
-    """``job``'s records, each also passed to ``emit(record, painted)`` (from the worker
-    thread: a queued Qt signal), and its return value; closing this closes ``job``.
+    """``job``'s records through :func:`~napari_gpfm._qt._jobs.tap`, each passed to
+    ``emit(record, painted)`` (from the worker thread: a queued Qt signal).
 
     After a record carrying a prediction the job waits (at most :data:`PAINT_WAIT_S`) until
     the main thread has set ``painted``: building layers on the main thread while the job's
@@ -1329,21 +1320,15 @@ def _tap(job: Generator, emit: Callable[[Any, threading.Event], None]) -> Genera
     froze for seconds (each GIL hand-over can cost the main thread a switch interval)."""
     import time
 
-    try:
-        while True:
-            try:
-                record = next(job)
-            except StopIteration as stop:
-                return stop.value
-            painted = threading.Event()
-            emit(record, painted)
-            if getattr(record.data, "kind", None) == "prediction":
-                t0 = time.perf_counter()
-                while not painted.wait(0.05) and time.perf_counter() - t0 < PAINT_WAIT_S:
-                    pass
-            yield record
-    finally:
-        job.close()
+    def emit_and_wait(record: Any) -> None:
+        painted = threading.Event()
+        emit(record, painted)
+        if getattr(record.data, "kind", None) == "prediction":
+            t0 = time.perf_counter()
+            while not painted.wait(0.05) and time.perf_counter() - t0 < PAINT_WAIT_S:
+                pass
+
+    return tap(job, emit_and_wait)
 
 
 def class_map_export_job(pred: Any, path: Path, level0_size: Sequence[int], downsample: float,

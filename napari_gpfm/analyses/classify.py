@@ -63,6 +63,7 @@ from .probe import (
 __all__ = [
     "UnknownFeatureModelError",
     "LiveUpdate",
+    "ProbeRequest",
     "store_recipe",
     "store_geometry",
     "labels_for_store",
@@ -340,28 +341,44 @@ class LiveUpdate:
     message: str = ""
 
 
-def live_steps(
-    annotations: Sequence[Annotation],
-    store: Any,
-    class_names: Sequence[str],
-    colours: Any = None,
-    min_fraction: float = 0.5,
-    extra_labels: PatchLabels | None = None,
-    cv_folds: int = 5,
-    seed: int = 0,
-) -> Generator[LiveUpdate, None, None]:
+@dataclass(frozen=True, eq=False)
+class ProbeRequest:
+    """What a live probe run learns from (the widget gathers it; :func:`live_steps` and
+    :func:`napari_gpfm.jobs.probe.probe_job` take it).
+
+    Attributes:
+        annotations: the shapes, in level-0 pixels.
+        store: the slide's feature store.
+        class_names: the classes in palette order (no ``Ignore*``).
+        colours: (C, 3) RGB 0-255 of ``class_names``, or ``None``.
+        min_fraction: share of a patch a class's shapes must cover to label it.
+        extra_labels: the ``PatchLabels`` of a painted Labels layer, merged in.
+        cv_folds: cross-validation folds (< 2: none).
+        seed: of the cross-validation split.
+    """
+
+    annotations: Sequence[Annotation]
+    store: Any
+    class_names: Sequence[str]
+    colours: Any = None
+    min_fraction: float = 0.5
+    extra_labels: PatchLabels | None = None
+    cv_folds: int = 5
+    seed: int = 0
+
+
+def live_steps(request: ProbeRequest) -> Generator[LiveUpdate, None, None]:
     """Retrain and repaint after an annotation edit; each ``yield`` is a cancel point.
 
     Yields a "status" update when there is nothing to train yet (fewer than two classes with
     labelled patches), else a "prediction" (probe, labels, prediction, rasters) and then a
     "report" (cross-validation, or a "status" saying why there is none).
     """
-    coords, P, mpp = store_geometry(store)
-    labels = labels_from_annotations(annotations, coords, P, class_names, min_fraction)
-    if extra_labels is not None:
-        labels = merge_labels(labels, extra_labels)
+    store, names, cv_folds = request.store, list(request.class_names), request.cv_folds
+    labels = labels_for_store(request.annotations, store, names, request.min_fraction)
+    if request.extra_labels is not None:
+        labels = merge_labels(labels, request.extra_labels)
     counts = labels.counts
-    names = list(class_names)
     if sum(1 for v in counts.values() if v > 0) < 2:
         yield LiveUpdate("status", labels=labels, message=(
             "label patches of at least two classes to train (labelled: "
@@ -369,7 +386,7 @@ def live_steps(
             + "".join(f"; {w}" for w in unlabelled_reasons(labels, names))
         ))
         return
-    _, col = _class_setup(labels, names, colours)
+    _, col = _class_setup(labels, names, request.colours)
     require_finite(store)
     X = store.features
     probe = fit_probe(X, labels.labels, names, colours=col, recipe=store_recipe(store))
@@ -379,7 +396,8 @@ def live_steps(
     if cv_folds < 2:
         return
     try:
-        report = cv_report(X, labels.labels, folds=cv_folds, seed=seed, class_names=names)
+        report = cv_report(X, labels.labels, folds=cv_folds, seed=request.seed,
+                           class_names=names)
     except ValueError as exc:
         yield LiveUpdate("status", labels=labels, message=f"no cross-validation: {exc}")
         return

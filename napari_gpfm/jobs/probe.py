@@ -81,34 +81,22 @@ def _summary(result: ProbeResult) -> str:
     return text
 
 
-def probe_job(
-    annotations: Sequence[Any],
-    store: Any,
-    class_names: Sequence[str],
-    colours: Any = None,
-    min_fraction: float = 0.5,
-    extra_labels: Any = None,
-    cv_folds: int = 5,
-    seed: int = 0,
-) -> Generator[Progress, None, ProbeResult]:
-    """Fit a linear probe on ``store``'s features labelled by ``annotations`` (level-0 px),
-    predict every patch and cross-validate; yields :class:`Progress`, returns
-    :class:`ProbeResult`.
-
-    Arguments are those of :func:`~napari_gpfm.analyses.classify.live_steps`, in the same order:
-    ``class_names`` in palette order (no ``Ignore*``), ``colours`` (C, 3) RGB 0-255,
-    ``extra_labels`` the ``PatchLabels`` of a painted Labels layer.
+def probe_job(request: Any) -> Generator[Progress, None, ProbeResult]:
+    """Fit a linear probe on a store's features labelled by annotations (level-0 px), predict
+    every patch and cross-validate, as :func:`~napari_gpfm.analyses.classify.live_steps` does
+    for the same :class:`~napari_gpfm.analyses.classify.ProbeRequest`; yields
+    :class:`Progress`, returns :class:`ProbeResult`.
     """
     from ..analyses.classify import live_steps
 
+    cv_folds, class_names = request.cv_folds, request.class_names
     total = 2 if cv_folds >= 2 else 1
     result = ProbeResult()
     stage = TRAINING
     yield Progress(JOB, TRAINING, 0, total, status="started", unit="steps",
                    message=f"labelling patches and fitting a linear probe on "
                            f"{len(class_names)} classes")
-    steps = live_steps(annotations, store, class_names, colours, min_fraction, extra_labels,
-                       cv_folds, seed)
+    steps = live_steps(request)
     try:
         for update in steps:
             if update.labels is not None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from napari_gpfm.analyses.classify import (
+    ProbeRequest,
     check_recipe,
     labels_for_store,
     live_steps,
@@ -157,9 +158,9 @@ def test_classifier_file_refused_on_another_recipe(store, tmp_path):
 
 def test_live_steps_yield_prediction_then_report(store):
     anns = split_annotations(store)
-    steps = list(live_steps(anns[:1], store, ["Tumor", "Stroma"]))
+    steps = list(live_steps(ProbeRequest(anns[:1], store, ["Tumor", "Stroma"])))
     assert [s.kind for s in steps] == ["status"] and "two classes" in steps[0].message
-    steps = list(live_steps(anns, store, ["Tumor", "Stroma"], cv_folds=3))
+    steps = list(live_steps(ProbeRequest(anns, store, ["Tumor", "Stroma"], cv_folds=3)))
     assert [s.kind for s in steps] == ["prediction", "report"]
     assert set(steps[0].rasters) == {"classes", "entropy", "p:Tumor", "p:Stroma"}
     assert steps[1].report.class_names == ["Tumor", "Stroma"]

@@ -83,7 +83,7 @@ def _store():
 
 
 def test_the_probe_says_why_a_class_is_missing():
-    from napari_gpfm.analyses.classify import live_steps, train_probe
+    from napari_gpfm.analyses.classify import ProbeRequest, live_steps, train_probe
 
     anns = tissue_and_background()
     with pytest.raises(ValueError) as info:
@@ -91,7 +91,7 @@ def test_the_probe_says_why_a_class_is_missing():
     msg = str(info.value)
     assert "a probe needs labelled patches of at least two classes, got ['Tissue']" in msg
     assert OUTSIDE in msg
-    (status,) = list(live_steps(anns, _store(), ["Tissue", "Background"]))
+    (status,) = list(live_steps(ProbeRequest(anns, _store(), ["Tissue", "Background"])))
     assert status.kind == "status" and OUTSIDE in status.message
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from jobs_helpers import annotation, assert_progress, drive
 from napari_gpfm.analyses import classify
-from napari_gpfm.analyses.classify import LiveUpdate, live_steps
+from napari_gpfm.analyses.classify import LiveUpdate, ProbeRequest, live_steps
 from napari_gpfm.jobs import ProbeResult, probe_job
 
 NAMES = ["tumour", "stroma"]
@@ -35,7 +35,7 @@ ANNS = [annotation("tumour", 0, 0, 400, 400), annotation("stroma", 800, 800, 120
 
 
 def test_probe_job_matches_live_steps(store):
-    records, result = drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=3))
+    records, result = drive(probe_job(ProbeRequest(ANNS, store, NAMES, COLOURS, cv_folds=3)))
     assert_progress(records, "probe")
     assert [(r.stage, r.status, r.done, r.total) for r in records] == [
         ("training", "started", 0, 2), ("training", "running", 1, 2),
@@ -44,7 +44,7 @@ def test_probe_job_matches_live_steps(store):
     assert [r.data.kind for r in records[1:3]] == ["prediction", "report"]
     assert isinstance(result, ProbeResult) and records[-1].data is result and result.trained
 
-    direct = list(live_steps(ANNS, store, NAMES, COLOURS, cv_folds=3))
+    direct = list(live_steps(ProbeRequest(ANNS, store, NAMES, COLOURS, cv_folds=3)))
     pred, report = direct[0], direct[1]
     assert np.array_equal(result.probe.predict_proba(store.features),
                           pred.probe.predict_proba(store.features))
@@ -61,7 +61,8 @@ def test_probe_job_matches_live_steps(store):
 
 
 def test_one_class_is_a_note_and_no_probe(store):
-    records, result = drive(probe_job(ANNS[:1], store, NAMES, COLOURS, cv_folds=3))
+    request = ProbeRequest(ANNS[:1], store, NAMES, COLOURS, cv_folds=3)
+    records, result = drive(probe_job(request))
     assert_progress(records, "probe")
     assert [r.status for r in records] == ["started", "note", "done"]
     assert not result.trained and result.prediction is None and result.report is None
@@ -74,18 +75,18 @@ def test_closing_after_the_prediction_skips_cross_validation(store, monkeypatch)
     calls = []
     real = classify.cv_report
     monkeypatch.setattr(classify, "cv_report", lambda *a, **k: calls.append(1) or real(*a, **k))
-    gen = probe_job(ANNS, store, NAMES, COLOURS, cv_folds=3)
+    gen = probe_job(ProbeRequest(ANNS, store, NAMES, COLOURS, cv_folds=3))
     assert next(gen).status == "started" and next(gen).data.kind == "prediction"
     gen.close()
     assert calls == [] and gen.gi_frame is None
-    drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=3))
+    drive(probe_job(ProbeRequest(ANNS, store, NAMES, COLOURS, cv_folds=3)))
     assert calls == [1]  # the counter does see a run to the end
 
 
 def test_apply_job_classifies_each_slide_and_names_the_ones_it_cannot(store):
     from napari_gpfm.jobs.probe import apply_job
 
-    _, trained = drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=0))
+    _, trained = drive(probe_job(ProbeRequest(ANNS, store, NAMES, COLOURS, cv_folds=0)))
     other = SimpleNamespace(**{**vars(store), "model": "another-model", "path": "other.h5"})
     targets = [(1, "a", store), (2, "b", None), (3, "c", other)]
     records, results = drive(apply_job(trained.probe, targets))
@@ -102,7 +103,7 @@ def test_apply_job_classifies_each_slide_and_names_the_ones_it_cannot(store):
 def test_closing_apply_job_stops_before_the_next_slide(store, monkeypatch):
     from napari_gpfm.jobs.probe import apply_job
 
-    _, trained = drive(probe_job(ANNS, store, NAMES, COLOURS, cv_folds=0))
+    _, trained = drive(probe_job(ProbeRequest(ANNS, store, NAMES, COLOURS, cv_folds=0)))
     calls = []
     monkeypatch.setattr(type(trained.probe), "predict_store", lambda c, s: calls.append(s) or
                         classify.predict_features(c, s.features, s))
