@@ -45,8 +45,65 @@ TINY = "tiny-bench"
 JOBS = ("embed", "probe", "pathotune", "finetune", "pca", "umap")
 
 
+def _where(frame) -> tuple[str, bool]:
+    """One line for a main-thread stack: our innermost function, the library call it made and
+    the innermost function; and whether napari is adding (or removing) a layer in it."""
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    names = [(f.f_code.co_filename, f.f_code.co_name) for f in frames]  # innermost first
+
+    def short(fn: str, name: str) -> str:
+        return f"{Path(fn).stem}.{name}"
+
+    adding = any(fn.endswith(("components/viewer_model.py", "components/layerlist.py"))
+                 and (name.startswith("add_") or name in ("insert", "remove", "__delitem__"))
+                 for fn, name in names)  # fmt: skip
+    ours = next((i for i, (fn, _) in enumerate(names)
+                 if "napari_gpfm" in fn and "bench_stalls" not in fn), None)  # fmt: skip
+    inner = short(*names[0]) if names else "?"
+    if ours is None:
+        outer = next((short(fn, n) for fn, n in reversed(names)
+                      if "bench_stalls" not in fn and "/qtpy/" not in fn), inner)  # fmt: skip
+        return f"(not ours) {outer} … {inner}", adding
+    via = short(*names[ours - 1]) if ours > 0 else ""
+    text = short(*names[ours]) + (f" → {via}" if via else "")
+    if ours > 1:
+        text += f" … {inner}"
+    return text, adding
+
+
+class MainSampler(threading.Thread):
+    """Samples the main thread's Python stack every ``period`` s while it is late (no tick
+    for 30 ms): which of our functions (and which napari call under it) a stall was spent in."""
+
+    def __init__(self, monitor: "StallMonitor", period: float = 0.005):
+        super().__init__(name="stall-sampler", daemon=True)
+        self.monitor, self.period = monitor, period
+        self.main_id = threading.main_thread().ident
+        self.samples: list[tuple[float, str, bool]] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.wait(self.period):
+            now = time.perf_counter()
+            if not self.monitor.running or now - self.monitor._last < 0.03:
+                continue
+            frame = sys._current_frames().get(self.main_id)
+            if frame is not None:
+                where, adding = _where(frame)
+                self.samples.append((now, where, adding))
+            del frame
+
+
 class StallMonitor:
     """A 10 ms QTimer on the main thread: the largest gap between ticks beyond the interval.
+
+    Every gap over the goal is attributed from the main thread's stack samples
+    (:class:`MainSampler`) and the garbage collections that overlapped it: the functions it was
+    spent in, and whether napari was adding a layer (a gap is "napari add-layer" when at least
+    half its samples are inside napari's ``add_*``/layer-list insertion).
 
     With ``trace``, :mod:`faulthandler`'s C-level watchdog dumps every thread's stack
     once the main thread goes ``trace`` ms without a tick (it needs no GIL, so a thread holding
@@ -62,36 +119,73 @@ class StallMonitor:
         self.timer.timeout.connect(self._tick)
         self.trace = trace
         self.samples: list[tuple[float, str]] = []
+        self.running = False
         self._last = 0.0
         self._gaps: list[float] = []
+        self._starts: list[float] = []
+        self._late: list[tuple[float, float]] = []  # (start, end) of gaps over the goal
+        self._gcs: list[tuple[float, float, str, int]] = []  # (start, end, thread, generation)
+        self._gc_t0: dict[int, float] = {}
+        self.sampler = MainSampler(self)
+        self.sampler.start()
+        gc.callbacks.append(self._gc)
 
     def _tick(self) -> None:
         now = time.perf_counter()
-        self._gaps.append(now - self._last - self.interval)
+        gap = now - self._last - self.interval
+        self._gaps.append(gap)
+        self._starts.append(self._last)
+        if gap * 1000 > GOAL_MS and self.running:
+            self._late.append((self._last, now))
         self._last = now
         if self.trace:  # C-level watchdog: dumps every thread's stack even when the GIL is held
             faulthandler.dump_traceback_later(self.trace / 1000, file=self._dump)
 
     def _gc(self, phase: str, info: dict) -> None:
+        if not self.running:
+            return
+        tid = threading.get_ident()
         if phase == "start":
-            self._gc_t0 = time.perf_counter()
-        elif info.get("generation") == 2:
-            ms = 1000 * (time.perf_counter() - self._gc_t0)
-            if ms > 20:
-                where = threading.current_thread().name
-                self.samples.append((ms, f"--- full garbage collection in {where}: {ms:.0f} ms"))
+            self._gc_t0[tid] = time.perf_counter()
+            return
+        t0 = self._gc_t0.pop(tid, None)
+        if t0 is None:
+            return
+        t1 = time.perf_counter()
+        where = threading.current_thread().name
+        self._gcs.append((t0, t1, where, int(info.get("generation", -1))))
+        ms = 1000 * (t1 - t0)
+        if self.trace and info.get("generation") == 2 and ms > 20:
+            self.samples.append((ms, f"--- full garbage collection in {where}: {ms:.0f} ms"))
 
     def start(self) -> None:
-        self._gaps, self.samples = [], []
+        self._gaps, self.samples, self._late, self._gcs = [], [], [], []
+        self._starts: list[float] = []
+        self.sampler.samples = []
         if self.trace:
             self._dump = tempfile.TemporaryFile("w+")
-        if self.trace and self._gc not in gc.callbacks:
-            gc.callbacks.append(self._gc)
         self._last = time.perf_counter()
+        self.running = True
         self.timer.start()
+
+    def attribute(self, t0: float, t1: float) -> dict:
+        """What the main thread did between two ticks."""
+        from collections import Counter
+
+        inside = [(w, a) for t, w, a in self.sampler.samples if t0 <= t <= t1 + 0.005]
+        where = Counter(w for w, _ in inside)
+        adding = sum(a for _, a in inside)
+        gcs = [(1000 * (min(e, t1) - max(s, t0)), th, g) for s, e, th, g in self._gcs
+               if e > t0 and s < t1]  # fmt: skip
+        gc_ms = sum(ms for ms, _, _ in gcs)
+        return {"ms": 1000 * (t1 - t0 - self.interval), "samples": len(inside),
+                "napari_add": bool(inside) and adding >= 0.5 * len(inside),
+                "where": where.most_common(3), "gc_ms": gc_ms,
+                "gc": sorted(gcs, reverse=True)[:2]}  # fmt: skip
 
     def stop(self) -> dict:
         self.timer.stop()
+        self.running = False
         if self.trace:
             faulthandler.cancel_dump_traceback_later()
             self._dump.seek(0)
@@ -100,8 +194,15 @@ class StallMonitor:
             for block in dumped.split("Timeout (")[1:]:
                 self.samples.append((self.trace, "no tick for " + block))
         g = np.asarray(self._gaps[1:] or [0.0]) * 1000
+        late = [dict(self.attribute(a, b), t=a) for a, b in self._late]
+        added = {r["t"] for r in late if r["napari_add"]}
+        starts = np.asarray(self._starts[1:] or [0.0])
+        own = g[~np.isin(starts, list(added))] if added else g
+        late.sort(key=lambda r: -r["ms"])
         return {"max_ms": float(g.max()), "p99_ms": float(np.percentile(g, 99)),
-                "ticks": int(g.size)}  # fmt: skip
+                "ticks": int(g.size), "late": late,
+                "own_max_ms": float(own.max()) if own.size else 0.0,
+                "napari_add_ticks": sum(r["napari_add"] for r in late)}  # fmt: skip
 
 
 def run_event_loop(seconds: float | None = None, until=None, timeout: float = 600.0) -> None:
@@ -272,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="PathoTune epochs")
     ap.add_argument("--steps", type=int, default=3, help="finetune steps")
     ap.add_argument("--warm", action="store_true", help="import torch & co. before measuring")
+    ap.add_argument("--show", type=int, default=4, metavar="N",
+                    help="attribute the N worst stalls of each job (default 4)")
     ap.add_argument("--trace", type=float, default=0.0, metavar="MS",
                     help="print every thread's stack once the main thread is MS late")
     args = ap.parse_args(argv)
@@ -282,11 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     write_tiny_card(tmp / "models", TINY)
     os.environ["NAPARI_GPFM_MODELS_DIR"] = str(tmp / "models")
     os.environ["NAPARI_GPFM_FEATURES_DIR"] = str(tmp / "features")
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     if not os.environ.get("DISPLAY"):
         from napari_gpfm._qt._display import ensure_display
 
         ensure_display()
+    os.environ["QT_QPA_PLATFORM"] = "xcb"  # napari draws with OpenGL: 'offscreen' has none
     import napari
 
     from napari_gpfm._resources import sample_slide_path
@@ -343,7 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(name, start, panel, monitor, until=umap_shown if name == "umap" else None)
         results.append(res)
         print(f"  … {name}: {res['outcome']}, {res['wall_s']:.1f} s, worst stall "
-              f"{res['max_ms']:.0f} ms — {res['message']}", flush=True)  # fmt: skip
+              f"{res['max_ms']:.0f} ms, {res['own_max_ms']:.0f} ms without napari adding "
+              f"layers — {res['message']}", flush=True)  # fmt: skip
+        for r in res["late"][:args.show]:
+            kind = "napari add-layer" if r["napari_add"] else "ours"
+            where = "; ".join(f"{w} ×{n}" for w, n in r["where"]) or "no sample"
+            gcs = "".join(f"; GC gen{g} in {th} {ms:.0f} ms" for ms, th, g in r["gc"]
+                          if ms > 5)  # fmt: skip
+            print(f"      {r['ms']:.0f} ms [{kind}]: {where}{gcs}")
         if args.trace:
             print(f"    gc: {gc.get_count()} pending, {gc.get_freeze_count():,} frozen, "
                   f"{len(gc.get_objects()):,} tracked")
@@ -359,16 +469,18 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), napari "
           f"{napari.__version__}, Qt {os.environ.get('QT_QPA_PLATFORM')}"
           + ("" if warm is None else f", imports warmed ({warm:.1f} s)"))
-    print("\n| job (through its dock) | worst event-loop stall | p99 | job wall time | goal |")
-    print("|---|---:|---:|---:|---|")
-    print(f"| idle window (baseline) | {idle['max_ms']:.0f} ms | {idle['p99_ms']:.1f} ms | | |")
+    print("\n| job (through its dock) | worst event-loop stall | without napari's add-layer ticks "
+          "(how many) | p99 | job wall time | goal (ours) |")
+    print("|---|---:|---:|---:|---:|---|")
+    print(f"| idle window (baseline) | {idle['max_ms']:.0f} ms | | {idle['p99_ms']:.1f} ms | | |")
     print(f"| napari adds one Labels / one Image layer, no job (the floor under any painting) "
-          f"| {floor['labels']:.0f} / {floor['image']:.0f} ms | | | |")
+          f"| {floor['labels']:.0f} / {floor['image']:.0f} ms | | | | |")
     for r in results:
-        ok = "ok" if r["max_ms"] < GOAL_MS and r["outcome"] == "done" else (
+        ok = "ok" if r["own_max_ms"] < GOAL_MS and r["outcome"] == "done" else (
             r["outcome"] if r["outcome"] != "done" else "over")
-        print(f"| {labels[r['job']]} | {r['max_ms']:.0f} ms | {r['p99_ms']:.1f} ms | "
-              f"{r['wall_s']:.1f} s | < {GOAL_MS:.0f} ms: {ok} |")
+        print(f"| {labels[r['job']]} | {r['max_ms']:.0f} ms | {r['own_max_ms']:.0f} ms "
+              f"({r['napari_add_ticks']}) | {r['p99_ms']:.1f} ms | {r['wall_s']:.1f} s | "
+              f"< {GOAL_MS:.0f} ms: {ok} |")
     viewer.close()
     return 0
 

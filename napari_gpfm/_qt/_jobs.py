@@ -6,21 +6,68 @@ stage and message, rate and time left. Cancel closes the generator at its next y
 end the job with the message in the panel and a napari notification; whatever happens, the
 dock's buttons are enabled again when the job ends. A job tied to a slide is registered with
 the session, so removing the slide layer cancels it.
+
+While any job runs, Python makes no *full* garbage collection (:class:`JobGc`): a full
+collection of a napari + torch heap holds the GIL for 0.5-1 s, and since a worker thread that
+imports torch or builds a model triggers several, the window froze for that long (measured by
+``bench/bench_stalls.py --trace``). Young collections go on; what is alive when the first job
+starts and when the last one ends is frozen (``gc.freeze``), so later full collections skip
+napari's, Qt's and torch's long-lived objects.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
+from ..layers import convert
 from . import _workers
 
-__all__ = ["JobPanel", "fmt_time"]
+# colour bars of new result layers are built one event-loop turn after the layer (see convert)
+convert.set_deferrer(lambda fn: QTimer.singleShot(0, fn))
+
+__all__ = ["JobGc", "JobPanel", "fmt_time"]
+
+
+class JobGc:
+    """No full garbage collection while a job runs (process-wide, counted across panels).
+
+    :meth:`enter` (first job) freezes the objects alive now and raises the third generation's
+    threshold so that only young collections run; :meth:`leave` (last job) collects the young
+    generations, freezes what survived (imported modules, built models: long-lived) and
+    restores the threshold. Main thread only."""
+
+    #: generation-1 collections between full ones while a job runs: in effect never
+    HELD_THRESHOLD = 1 << 30
+    running = 0
+    _saved: tuple[int, int, int] | None = None
+
+    @classmethod
+    def enter(cls) -> None:
+        if cls.running == 0:
+            gc.freeze()
+            cls._saved = gc.get_threshold()
+            t0, t1, _ = cls._saved
+            gc.set_threshold(t0, t1, cls.HELD_THRESHOLD)
+        cls.running += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        if cls.running <= 0:
+            return
+        cls.running -= 1
+        if cls.running == 0:
+            gc.collect(1)
+            gc.freeze()
+            if cls._saved is not None:
+                gc.set_threshold(*cls._saved)
+            cls._saved = None
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -48,6 +95,12 @@ class JobPanel(QWidget):
 
     finished = Signal(str)
 
+    #: at most one progress repaint per this many seconds: a progress bar repaints itself at
+    #: once when its value changes, and in a window holding napari's OpenGL canvas every
+    #: repaint composes the window again (tens of ms, hundreds on a loaded machine), so a job
+    #: yielding many records a second kept the window busy (measured: ``bench_stalls.py``)
+    MIN_PAINT_S = 0.2
+
     def __init__(self, title: str, session: Any = None, buttons: Sequence[QWidget] = ()):
         super().__init__()
         self.title = title
@@ -60,6 +113,12 @@ class JobPanel(QWidget):
         self.cancel_latency_s: float | None = None
         self._cancel_t: float | None = None
         self._token: int | None = None
+        self._gc_held = False
+        self._pending: Any = None  # the newest record not shown yet
+        self._painted_t = 0.0
+        self._paint_timer = QTimer(self)
+        self._paint_timer.setSingleShot(True)
+        self._paint_timer.timeout.connect(self._show_pending)
         self._on_result: Callable[[Any], None] | None = None
         self._on_error: Callable[[BaseException], bool | None] | None = None
 
@@ -115,6 +174,8 @@ class JobPanel(QWidget):
         if slide is not None and self.session is not None:
             self._token = self.session.register_job(slide, self.cancel)
         self._set_running(True)
+        JobGc.enter()
+        self._gc_held = True
         self.bar.setRange(0, 0)  # busy until the first record with a total
         self.say(message or f"{self.title}…")
         self.worker.start()
@@ -143,7 +204,19 @@ class JobPanel(QWidget):
         self.cancel_button.setEnabled(running)
 
     def _progress(self, p: Any) -> None:
+        """A record from the worker: kept at once, shown at most every :data:`MIN_PAINT_S`."""
         self.last_progress = p
+        self._pending = p
+        if not self._paint_timer.isActive():
+            wait = self.MIN_PAINT_S - (time.perf_counter() - self._painted_t)
+            self._paint_timer.start(max(0, int(1000 * wait)))
+
+    def _show_pending(self) -> None:
+        p, self._pending = self._pending, None
+        self._paint_timer.stop()
+        if p is None:
+            return
+        self._painted_t = time.perf_counter()
         if p.total > 0:
             self.bar.setRange(0, max(int(p.total), 1))
             self.bar.setValue(int(p.done))
@@ -153,6 +226,7 @@ class JobPanel(QWidget):
         self.say(describe(p))
 
     def _returned(self, value: Any) -> None:
+        self._show_pending()
         self.outcome = "done"
         p = self.last_progress
         if p is not None and p.total > 0:  # full: "total / total <unit>"
@@ -169,6 +243,8 @@ class JobPanel(QWidget):
                 self._errored(exc)
 
     def _errored(self, exc: BaseException) -> None:
+        self._pending = None
+        self._paint_timer.stop()
         exc = getattr(exc, "original", exc)
         self.outcome = "error"
         self.last_error = exc
@@ -184,7 +260,12 @@ class JobPanel(QWidget):
         self.outcome = "cancelled"
 
     def _finished(self) -> None:
+        if self.outcome is None:
+            self._show_pending()  # cancelled: the last record (what was kept) is shown below
         self.worker = None
+        if self._gc_held:
+            self._gc_held = False
+            JobGc.leave()
         if self._token is not None and self.session is not None:
             self.session.job_done(self._token)
         self._token = None

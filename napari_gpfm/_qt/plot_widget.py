@@ -82,6 +82,7 @@ class EmbeddingPlotWidget(QWidget):
         self._gallery_of: tuple | None = None
         self.hover_index = -1
         self._drag: list[np.ndarray] = []
+        self._warmed = False
 
         self.slide_combo = QComboBox()
         self.method_combo = QComboBox()
@@ -175,6 +176,44 @@ class EmbeddingPlotWidget(QWidget):
         ev.selection.connect(self._selection_changed)
         ev.hover.connect(self._hover_changed)
         self._sessions_changed()
+
+    # ================================================================== first draw
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt name
+        super().showEvent(event)
+        if not self._warmed:
+            self._warmed = True
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(0, self.warm_draw)
+
+    def warm_draw(self) -> None:
+        """Draw every visual once, off screen, when the dock is first shown: the first draw of
+        the plot compiles its shaders and renders the axes' glyphs (seconds on a loaded
+        software-OpenGL machine), which otherwise froze the window when the first PCA arrived.
+        Nothing of it stays on screen."""
+        if self.xy is not None:
+            return
+        pts = np.array([[-1.5, -0.25], [0.75, 1.0]], np.float32)
+        labels = self.axis_labels
+        self.xaxis.axis.axis_label, self.yaxis.axis.axis_label = "UMAP1 PC2", "UMAP2 PC1"
+        self._show_axes(True)
+        for vis in (self.markers, self.selected, self.hover):
+            vis.set_data(pts, face_color=(1, 1, 0, 1), edge_color="white", edge_width=1, size=6)
+            vis.visible = True
+        self.path.set_data(pts)
+        self.path.visible = True
+        self.view.camera.set_range(x=(-2.0, 1.0), y=(-0.5, 1.5))
+        try:
+            self.canvas.render()
+        except Exception:  # noqa: BLE001 - an optimisation only: the first plot draws it then
+            pass
+        finally:
+            if self.xy is None:
+                self.xaxis.axis.axis_label, self.yaxis.axis.axis_label = labels
+                self._show_axes(False)
+                for vis in (self.markers, self.selected, self.hover, self.path):
+                    vis.visible = False
+                self.canvas.update()
 
     # ================================================================== data
     def _sessions_changed(self, event=None) -> None:

@@ -15,10 +15,15 @@ Legends: every heatmap carries ``metadata["napari_gpfm"]["legend"] = "colorbar"`
 :func:`upsert_layer` (the one way result layers reach the viewer) turns on napari's colour-bar
 overlay for it (``layer.colorbar``: the colormap with the contrast limits as its value range);
 cluster and class maps name their labels in ``layer.features`` (:func:`cluster_legend`).
+The colour bar of a newly added layer is turned on one turn of the event loop later when a
+deferrer is set (:func:`set_deferrer`; the Qt docks set one): napari builds the bar's visual
+(a texture) when it is first shown, and doing that in the tick that also added the layer made
+one stall of both.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +48,7 @@ __all__ = [
     "patch_boxes_world",
     "patch_centre_world",
     "patch_grid_layer_data",
+    "set_deferrer",
     "show_colorbar",
     "tissue_layer_data",
     "top_hits_layer_data",
@@ -162,11 +168,66 @@ def show_colorbar(layer: Any, visible: bool = True) -> None:
         bar.font_size = 11
 
 
+_WAITING: "weakref.WeakSet[Any]" = weakref.WeakSet()  # hidden layers waiting to be shown
+
+
 def apply_legend(layer: Any) -> None:
-    """Give a result layer the legend its metadata asks for (heatmaps: the colour bar)."""
+    """Give a result layer the legend its metadata asks for (heatmaps: the colour bar).
+
+    A hidden layer (probability and uncertainty maps are added hidden) gets its colour bar when
+    the user shows it: napari draws a colour bar only while its layer is visible, and building
+    the bar's visual for each hidden map made every classifier painting stall."""
     meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
-    if isinstance(meta, dict) and meta.get(LEGEND_KEY) == "colorbar":
+    if not (isinstance(meta, dict) and meta.get(LEGEND_KEY) == "colorbar"):
+        return
+    if layer.visible:
         show_colorbar(layer)
+        return
+    if layer in _WAITING:
+        return
+    _WAITING.add(layer)
+    ref = weakref.ref(layer)
+
+    def shown(event: Any = None) -> None:
+        la = ref()
+        if la is None or not la.visible:
+            return
+        la.events.visible.disconnect(shown)
+        _WAITING.discard(la)
+        show_colorbar(la)
+
+    layer.events.visible.connect(shown)
+
+
+#: ``fn -> None`` running ``fn`` in a later turn of the event loop (``None``: at once)
+_DEFER: list[Any] = [None]
+
+
+def set_deferrer(defer: Any) -> None:
+    """How to run work in a later turn of the GUI event loop (``defer(fn)``); ``None``: at
+    once (headless). The Qt side sets ``QTimer.singleShot(0, fn)``."""
+    _DEFER[0] = defer
+
+
+def _later(fn: Any) -> None:
+    defer = _DEFER[0]
+    if defer is None:
+        fn()
+    else:
+        defer(fn)
+
+
+def _legend_later(layer: Any, viewer: Any) -> None:
+    """:func:`apply_legend` in a later tick, if the layer is still in the viewer then."""
+
+    def run() -> None:
+        try:
+            if layer in viewer.layers:
+                apply_legend(layer)
+        except RuntimeError:  # the window closed meanwhile
+            pass
+
+    _later(run)
 
 
 def _label_colormap(colours: np.ndarray, shift: int = 1) -> dict:
@@ -519,5 +580,5 @@ def upsert_layer(viewer: Any, layer_data: LayerData) -> Any:
     swap = {id(existing): layer} if existing is not None else {}
     _restore_selection(layers, [swap.get(id(la), la) for la in selected],
                        swap.get(id(current), current))
-    apply_legend(layer)
+    _legend_later(layer, viewer)
     return layer

@@ -140,7 +140,7 @@ def test_heatmaps_have_colour_bars_with_their_range(embedded, qtbot):
     assert res is not None, dock.sim_jobs.status.text()
     for uid in res.scores:
         sim = viewer.layers[result_name(dock.session.slides[uid].name, "similarity")]
-        assert sim.colorbar.visible
+        qtbot.waitUntil(lambda sim=sim: sim.colorbar.visible, timeout=2000)  # the next tick
         lo, hi = sim.contrast_limits
         assert lo <= float(np.nanmin(sim.data)) and hi >= float(np.nanmax(sim.data))
         np.testing.assert_allclose(drawn_colorbar_range(viewer, sim), (lo, hi), rtol=1e-6)
@@ -155,7 +155,8 @@ def test_heatmaps_have_colour_bars_with_their_range(embedded, qtbot):
     dock.value_combo.setCurrentIndex(dock.value_combo.findData("distance_to_centre"))
     click(qtbot, dock.heatmap_button)
     heat = viewer.layers[result_name(s.name, "distance to centre")]
-    assert heat.colorbar.visible and dock.legend.layer is heat
+    qtbot.waitUntil(lambda: heat.colorbar.visible, timeout=2000)  # built in the next tick
+    assert dock.legend.layer is heat
     d = s.clusters.distances
     assert tuple(heat.contrast_limits) == pytest.approx((d.min(), d.max()), rel=1e-5)
     np.testing.assert_allclose(drawn_colorbar_range(viewer, heat), heat.contrast_limits, rtol=1e-6)

@@ -3,9 +3,11 @@ napari's own preference, and used when a file is opened without naming a plugin;
 by another reader is named, with a way to reopen it.
 
 napari 0.9's ``viewer.open(path)`` defaults to ``plugin="napari"`` (its builtin reader, no
-preference consulted); File › Open and drag-and-drop call ``viewer.open(paths, plugin=None)``,
-which follows the preference or raises ``MultipleReaderError`` (the GUI then shows its reader
-dialog). The tests open files both ways napari does without a plugin name."""
+preference consulted); File › Open and drag-and-drop (without Alt) call
+``viewer.open(paths, plugin=None)``, which uses the preferred reader of the file's extension, else
+the only reader that accepts the file, else raises ``MultipleReaderError`` (the GUI then shows
+its reader dialog). The tests open files both ways napari does without a plugin name, and check
+that the default ``viewer.open(path)`` still ignores the preference."""
 
 from __future__ import annotations
 
@@ -47,6 +49,12 @@ def test_offer_makes_napari_open_slides_with_napari_gpfm(napari_settings, make_n
     assert PLUGIN in (tmp_path / "napari" / "settings.yaml").read_text()  # napari saved it
     assert not panel.offer_box.isVisible()  # asked once
 
+    # a script's plain viewer.open(path) is napari's builtin reader whatever the preference
+    builtin = viewer.open(str(sample_svs))
+    assert builtin and all(la.source.reader_plugin == "napari" for la in builtin)
+    assert all(not la.multiscale for la in builtin)
+    for la in builtin:
+        viewer.layers.remove(la)
     (layer,) = viewer.open(str(sample_svs), plugin=None)  # no plugin named
     assert layer.multiscale and layer.source.reader_plugin == PLUGIN
     assert tuple(str(u) for u in layer.units) == ("micrometer", "micrometer")

@@ -188,3 +188,32 @@ def test_a_selected_layer_that_is_rebuilt_stays_selected():
     convert.upsert_layer(vm, _heat())
     convert.upsert_layer(vm, _heat(seed=2))
     assert vm.layers.selection.active is vm.layers["slide"]
+
+
+# --- colour bars: built a tick after the layer, and for hidden maps only once shown -------------
+
+
+def test_colour_bar_waits_for_the_next_tick_and_for_a_hidden_map_to_be_shown():
+    vm = ViewerModel()
+    queued = []
+    convert.set_deferrer(queued.append)  # what the Qt docks set: QTimer.singleShot(0, fn)
+    try:
+        shown = convert.upsert_layer(vm, _heat("shown"))
+        hidden_data = _heat("hidden")
+        hidden_data[1]["visible"] = False  # as probability and uncertainty maps are added
+        hidden = convert.upsert_layer(vm, hidden_data)
+        assert not shown.colorbar.visible and not hidden.colorbar.visible  # not in this tick
+        assert len(queued) == 2
+        for fn in queued:
+            fn()  # the next tick
+        assert shown.colorbar.visible and shown.colorbar.box
+        assert not hidden.colorbar.visible  # napari would build a bar nobody sees
+        hidden.visible = True  # the user ticks the map on
+        assert hidden.colorbar.visible
+        hidden.visible = False
+        hidden.visible = True  # shown once; no second hook
+        assert hidden.colorbar.visible
+    finally:
+        convert.set_deferrer(None)
+    later = convert.upsert_layer(vm, _heat("headless"))  # no deferrer: at once
+    assert later.colorbar.visible

@@ -1,0 +1,45 @@
+"""The JobPanel every dock runs its jobs with: no full garbage collection while a job runs (a
+full collection of napari's and torch's heap holds the GIL for up to a second, freezing the
+window), and a burst of progress records repaints the panel a few times, not once per record
+(each repaint recomposes a window holding napari's OpenGL canvas)."""
+
+from __future__ import annotations
+
+import gc
+
+from napari_gpfm._qt._jobs import JobGc, JobPanel
+from napari_gpfm.jobs.progress import Progress
+
+N = 300
+
+
+def test_a_job_runs_without_full_collections_and_repaints_its_progress_sparingly(qtbot):
+    panel = JobPanel("Test job")
+    qtbot.addWidget(panel)
+    panel.show()
+    shown: list[str] = []
+    say = panel.say
+    panel.say = lambda text, error=False: (shown.append(text), say(text, error))
+    seen: dict = {}
+
+    def job():
+        seen["threshold"] = gc.get_threshold()
+        for i in range(N):
+            yield Progress("test", "counting", i + 1, N, unit="items", message=f"item {i + 1}")
+        seen["still"] = gc.get_threshold()
+        return "result"
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    results = []
+    with qtbot.waitSignal(panel.finished, timeout=30_000) as blocker:
+        panel.run(job(), on_result=results.append)
+    assert blocker.args == ["done"] and results == ["result"]
+    # while it ran: young collections only; after: napari's settings back, survivors frozen
+    assert seen["threshold"][:2] == before[:2]
+    assert seen["threshold"][2] >= JobGc.HELD_THRESHOLD and seen["still"] == seen["threshold"]
+    assert gc.get_threshold() == before and JobGc.running == 0
+    assert gc.get_freeze_count() >= frozen
+    # every record kept, the last one shown, but far fewer repaints than records
+    assert panel.last_progress.done == N
+    assert shown[-1] == "item 300" and panel.bar.value() == N
+    assert len(shown) < N // 10, len(shown)
