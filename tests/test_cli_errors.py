@@ -22,10 +22,12 @@ import napari_gpfm
 from napari_gpfm import cli
 from napari_gpfm.errors import NapariGpfmError
 
-# Sub-commands that read no input file, so nothing can be missing.
+# Sub-commands that read no input file, so nothing can be missing: the bad input each gets
+# instead (an unknown model name), with why.
 NO_INPUT_FILE = {
-    "models": "lists model cards; --download takes a model name, not a file",
-    "demo": "always runs on the bundled sample slide",
+    "models": (["--download", "no-such-model"], "--download takes a model name, not a file"),
+    "demo": (["--headless", "--model", "no-such-model", "--out", "{out}"],
+             "always runs on the bundled sample slide"),
 }
 
 # Input files that argparse does not require (the command needs one of several, or has a
@@ -76,28 +78,51 @@ def _argv(name: str, parser: argparse.ArgumentParser, missing: Path, out: Path) 
     return argv + [a.format(missing=missing) for a in OPTIONAL_INPUTS.get(name, [])]
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+def _run_main(argv: list[str], capsys) -> tuple[int, list[str], str]:
+    try:
+        code = cli.main(argv)
+    finally:
+        if "napari" in sys.modules:  # `view` and `demo` open a (hidden) viewer
+            import napari
+
+            napari.Viewer.close_all()
+    err = capsys.readouterr().err
+    return code, err.splitlines(), err
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - set(NO_INPUT_FILE)))
 def test_missing_input_file_is_one_error_line_and_exit_2(name, tmp_path, capsys):
-    if name in NO_INPUT_FILE:
-        pytest.skip(f"reads no input file: {NO_INPUT_FILE[name]}")
     missing = tmp_path / "no-such-folder"
     argv = _argv(name, COMMANDS[name], missing, tmp_path / "out")
     if not any(str(missing) in a for a in argv):
         pytest.fail(f"`napari-gpfm {name}` was given no input file: list the option that names "
                     "its input in OPTIONAL_INPUTS, or the command in NO_INPUT_FILE")
-    try:
-        code = cli.main(argv)
-    finally:
-        if "napari" in sys.modules:  # `view` opens a (hidden) viewer before reading its slides
-            import napari
-
-            napari.Viewer.close_all()
-    err = capsys.readouterr().err
-    lines = err.splitlines()
+    code, lines, err = _run_main(argv, capsys)
     assert code == 2, err
     assert len(lines) == 1, err
     assert lines[0].startswith("error: "), err
-    assert str(missing) in lines[0], err  # names the missing file
+    given = [a for a in argv if a.startswith(str(missing))]
+    assert any(path in lines[0] for path in given), err  # names a missing file, whole
+
+
+# Known breaches of the rule, each failing its test today (strict: once fixed, the xfail fails and
+# the entry has to go). Owners: see the reason.
+KNOWN_GAPS = {
+    "models": "encoders/_cli.py catches EncoderError itself and returns exit code 1",
+    "demo": "_qt/gpfm_widget.set_model raises ValueError for an unknown model: a traceback",
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n]))
+    if n in KNOWN_GAPS else n for n in sorted(NO_INPUT_FILE)])
+def test_a_command_without_input_file_answers_a_bad_name_with_one_error_line(name, tmp_path,
+                                                                              capsys):
+    argv = [*name.split(), *(a.format(out=tmp_path / "out") for a in NO_INPUT_FILE[name][0])]
+    code, lines, err = _run_main(argv, capsys)
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "no-such-model" in lines[0], err
 
 
 def test_bad_input_error_maps_to_one_line_but_a_bug_keeps_its_traceback(capsys):
