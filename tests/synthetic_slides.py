@@ -1,5 +1,8 @@
 """Large synthetic pyramids for tests and benchmarks, made by tiling a real slide.
 
+Not part of the package (the wheel does not ship it): tests import it as ``synthetic_slides``
+(``tests/`` is on ``sys.path`` under pytest), bench scripts put ``tests/`` on ``sys.path`` first.
+
 ``make_large_pyramid`` writes a BigTIFF generic pyramid of any size in about a second: every
 level's tiles are JPEG-encoded once from a real slide region (the bundled sample by default)
 and the tile tables point many grid positions at the same compressed bytes. tiffslide, tifffile
@@ -81,12 +84,11 @@ def make_large_pyramid(
 ) -> Path:
     """Write a ``width`` x ``height`` generic tiled-JPEG pyramid (2x levels down to ``min_side``)
     built from real tissue. ``mpp=None`` writes no resolution tags (a slide without mpp)."""
-    from .open import open_slide
+    from napari_gpfm._resources import sample_slide_path
+    from napari_gpfm.slide import open_slide
 
     path = Path(path)
     if source is None:
-        from .._resources import sample_slide_path
-
         source = sample_slide_path()
     src = open_slide(source)
     w0, h0 = src.dimensions
