@@ -41,9 +41,9 @@ def image_dependent_information(probs: torch.Tensor) -> torch.Tensor:
     return (entropy(probs.mean(dim=0)) - entropy(probs).mean()).clamp_min(0.0)
 
 
-def collapse_message(step: int, window: int, value: float) -> str:
+def collapse_message(step: int, window: int, value: float, threshold: float) -> str:
     return (f"collapse guard: the teacher's image-dependent information has stayed below "
-            f"{COLLAPSE_NATS:g} nats for {window} steps (step {step + 1}: {value:.4f} nats): the "
+            f"{threshold:g} nats for {window} steps (step {step + 1}: {value:.4f} nats): the "
             "DINO targets no longer depend on the image and the DINO loss cannot teach the "
             "student anything. Small students need student.layerscale_init=1.0 with "
             "teacher.temp=0.04 (issue #11); lower the learning rate or raise "
@@ -53,8 +53,9 @@ def collapse_message(step: int, window: int, value: float) -> str:
 class CollapseGuard:
     """Feed :meth:`update` each step's information; it returns a warning once per collapse."""
 
-    def __init__(self, threshold: float = COLLAPSE_NATS, window: int = COLLAPSE_WINDOW) -> None:
-        self.threshold, self.window = threshold, window
+    def __init__(self, threshold: float | None = None, window: int | None = None) -> None:
+        self.threshold = COLLAPSE_NATS if threshold is None else threshold
+        self.window = COLLAPSE_WINDOW if window is None else window
         self.below = 0
         self.warned = False
 
@@ -67,7 +68,7 @@ class CollapseGuard:
         self.below += 1
         if self.below >= self.window and not self.warned:
             self.warned = True
-            return collapse_message(step, self.window, value)
+            return collapse_message(step, self.window, value, self.threshold)
         return None
 
     @property
