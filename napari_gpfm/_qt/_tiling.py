@@ -1,5 +1,5 @@
-"""The tiling controls (preset, target mpp, patch size, overlap, device, random weights) that
-the GPFM and Project docks both show, and the ``GridSpec`` they describe."""
+"""The tiling controls (preset, target mpp, patch size, overlap, device, precision, random
+weights) that the GPFM and Project docks both show, and the ``GridSpec`` they describe."""
 
 from __future__ import annotations
 
@@ -7,15 +7,26 @@ from typing import Any
 
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox
 
-__all__ = ["CUSTOM", "DEVICES", "apply_preset", "build_tiling_controls", "mark_custom", "spec_of"]
+__all__ = [
+    "CUSTOM",
+    "DEVICES",
+    "PRECISIONS",
+    "apply_preset",
+    "build_tiling_controls",
+    "mark_custom",
+    "show_card_tiling",
+    "spec_of",
+]
 
 CUSTOM = "custom"
 DEVICES = ("auto", "cpu", "cuda")
+#: ``napari_gpfm.encoders.device.PRECISION_CHOICES`` (no torch import to build a dock).
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def build_tiling_controls(dock: Any) -> None:
     """Give ``dock`` the widgets ``random_check``, ``preset_combo``, ``mpp_spin``, ``size_spin``,
-    ``overlap_spin`` and ``device_combo`` (the dock lays them out)."""
+    ``overlap_spin``, ``device_combo`` and ``precision_combo`` (the dock lays them out)."""
     from ..tiles import PRESETS
 
     dock.random_check = QCheckBox("Random weights (testing)")
@@ -36,6 +47,12 @@ def build_tiling_controls(dock: Any) -> None:
     dock.overlap_spin.setSuffix(" px")
     dock.device_combo = QComboBox()
     dock.device_combo.addItems(DEVICES)
+    dock.precision_combo = QComboBox()
+    dock.precision_combo.addItems(PRECISIONS)
+    dock.precision_combo.setToolTip(
+        "What the model computes in; part of the feature file's recipe, so a file made in "
+        "another precision is not reused or resumed. auto: fp16 on a GPU (closest to fp32 at "
+        "the speed of bf16), fp32 on the CPU.")  # fmt: skip
 
 
 def apply_preset(dock: Any, name: str) -> bool:
@@ -51,6 +68,28 @@ def apply_preset(dock: Any, name: str) -> bool:
         spin.setValue(v)
         spin.blockSignals(False)
     return True
+
+
+def show_card_tiling(dock: Any, card: Any) -> None:
+    """Show the model card's recommended tiling: its preset when one matches (GPFM: the
+    authors' gpfm-40x-512to224), else "custom" with its values (no signals)."""
+    from ..tiles import PRESETS
+
+    rec = getattr(card, "recommended_tiles", None)
+    if rec is None:
+        return
+    name = next((n for n, p in PRESETS.items()
+                 if (p.target_mpp, p.patch_size, p.overlap) == (rec.target_mpp, rec.patch_size, 0)),
+                CUSTOM)  # fmt: skip
+    dock.preset_combo.blockSignals(True)
+    dock.preset_combo.setCurrentText(name)
+    dock.preset_combo.blockSignals(False)
+    if not apply_preset(dock, name):
+        for spin, v in ((dock.mpp_spin, rec.target_mpp), (dock.size_spin, rec.patch_size),
+                        (dock.overlap_spin, 0)):  # fmt: skip
+            spin.blockSignals(True)
+            spin.setValue(v)
+            spin.blockSignals(False)
 
 
 def mark_custom(dock: Any) -> None:

@@ -49,7 +49,7 @@ from ..layers import convert
 from ..layers.gallery import exemplar_tiles, hit_tiles
 from ..layers.session import HEATMAP_LABELS, session_for
 from ._jobs import JobPanel, fit_width, settle_width, wrap_in_scroll
-from ._tiling import apply_preset, build_tiling_controls, mark_custom, spec_of
+from ._tiling import apply_preset, build_tiling_controls, mark_custom, show_card_tiling, spec_of
 from .gallery import ColourBarLegend, TileGallery, centre_on_patch
 
 TISSUE_CHOICES = (("Auto", "auto"), ("Whole image", "none"), ("Otsu (older stores)", "otsu"))
@@ -194,6 +194,7 @@ class GPFMWidget(QWidget):
         form.addRow("Overlap", self.overlap_spin)
         form.addRow("Tissue", self.tissue_combo)
         form.addRow("Device", self.device_combo)
+        form.addRow("Precision", self.precision_combo)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out_edit)
         out_row.addWidget(self.out_button)
@@ -315,8 +316,9 @@ class GPFMWidget(QWidget):
         self.preset_combo.currentTextChanged.connect(self._recipe_changed)
         for spin in (self.mpp_spin, self.size_spin, self.overlap_spin):
             spin.valueChanged.connect(self._spec_edited)
-        self.model_combo.currentIndexChanged.connect(self._recipe_changed)
+        self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.tissue_combo.currentIndexChanged.connect(self._recipe_changed)
+        self.precision_combo.currentIndexChanged.connect(self._recipe_changed)
         self.random_check.toggled.connect(lambda _: self.refresh_models())
         self.out_button.clicked.connect(self._choose_out)
         self.out_edit.editingFinished.connect(
@@ -357,6 +359,8 @@ class GPFMWidget(QWidget):
         i = self.model_combo.findData(preferred) if preferred else -1
         self.model_combo.setCurrentIndex(max(i, 0))
         self.model_combo.blockSignals(False)
+        if self.model_name() != current:  # a first or another model: its tiling
+            self._model_changed()
 
     def model_name(self) -> str | None:
         return self.model_combo.currentData()
@@ -370,6 +374,16 @@ class GPFMWidget(QWidget):
 
     def set_preset(self, name: str) -> None:
         apply_preset(self, name)
+
+    def _model_changed(self, *_) -> None:
+        """Another model: show its card's recommended tiling (GPFM: its authors' 128 µm
+        field), which the user may then change."""
+        from ..encoders import get_card
+
+        name = self.model_name()
+        if name:
+            show_card_tiling(self, get_card(name))
+        self._recipe_changed()
 
     def _spec_edited(self) -> None:
         mark_custom(self)
@@ -503,6 +517,7 @@ class GPFMWidget(QWidget):
             out_dir=self.session.out_dir, device=self.device_combo.currentText(),
             allow_random=self.random_check.isChecked(), batch_size=self.batch_size,
             num_workers=self.num_workers, overwrite=overwrite,
+            precision=self.precision_combo.currentText(),
         )  # fmt: skip
         uid = s.uid
         return self.jobs.run(
@@ -527,7 +542,7 @@ class GPFMWidget(QWidget):
         self._refresh_results()
 
     def _on_error(self, uid: int, exc: BaseException) -> bool:
-        from ..embeddings import RecipeMismatchError, SlideMismatchError
+        from ..embeddings import PrecisionMismatchError, RecipeMismatchError, SlideMismatchError
         from ..embeddings.store import format_diff
         from ..slide import MissingMppError
 
@@ -548,6 +563,8 @@ class GPFMWidget(QWidget):
         if isinstance(exc, RecipeMismatchError) and s is not None:
             question = (f"{name}: a feature file for this model and tiling already exists "
                         f"({exc.path}), made with different settings: {format_diff(exc.diff)}.")
+            if isinstance(exc, PrecisionMismatchError):  # names both precisions, or "unknown"
+                question = f"{name}: the feature file {exc.path} {exc.problem}."
             if self.confirm_overwrite(question):
                 self._overwrite_next = True  # run again once this job has ended
                 self.say("Replacing the feature file…")

@@ -312,3 +312,35 @@ def test_missing_mpp_points_to_slide_info(make_napari_viewer, nompp_tif, tmp_pat
     assert "Slide info" in w.status.text() and "pixel size" in w.status.text()
     assert w.preview_tissue() is None and "Slide info" in w.status.text()
     assert not w.jobs.busy and w.compute_button.isEnabled()
+
+
+def test_precision_choice_reaches_the_store_and_its_recipe(docked, out_dir):
+    w = docked.w
+    assert [w.precision_combo.itemText(i) for i in range(w.precision_combo.count())] == \
+        ["auto", "fp32", "fp16", "bf16"]  # fmt: skip
+    assert w.precision_combo.currentText() == "auto"
+    assert docked.embedded().store.precision == "fp32"  # auto on the CPU
+    w.precision_combo.setCurrentText("bf16")
+    asked = []
+    w.confirm_overwrite = lambda q: asked.append(q) or False
+    with docked.qtbot.waitSignal(w.run_finished, timeout=60_000):
+        assert w.compute() is not None
+    (question,) = asked  # the fp32 store at that path is not a bf16 store: replace it?
+    assert str(docked.w.session_state().store.path) in question
+    assert "computed in fp32 but this run asks for bf16" in question, question
+    assert "Kept it" in w.status.text()
+
+
+def test_choosing_a_model_shows_its_cards_tiling(make_napari_viewer):
+    from napari_gpfm._qt.gpfm_widget import GPFMWidget
+
+    w = GPFMWidget(make_napari_viewer(), allow_random=True)
+    w.set_model("gpfm")  # its authors' field: 512 px at 0.25 µm/px, resized to 224
+    assert w.preset_combo.currentText() == "gpfm-40x-512to224"
+    assert (w.mpp_spin.value(), w.size_spin.value()) == (0.25, 512)
+    assert w.spec().field_um == 128
+    w.set_model(TINY)  # 112 px at 0.5 µm/px: no preset has it
+    assert w.preset_combo.currentText() == "custom"
+    assert (w.mpp_spin.value(), w.size_spin.value()) == (0.5, 112)
+    w.set_model("gpfm-demo-student-vit-ti14")  # the demo's tiling is TRIDENT's
+    assert w.preset_combo.currentText() == "gpfm-20x-224"
