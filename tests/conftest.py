@@ -6,8 +6,11 @@ comes from a private Xvfb display when the machine has no screen.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -34,6 +37,21 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def sample_svs() -> Path:
     return sample_slide_path()
+
+
+@pytest.fixture(scope="session")
+def sample_path(sample_svs) -> Path:
+    """The sample slide under the name the tiles, embeddings and jobs tests use."""
+    assert sample_svs.exists(), f"sample slide missing: {sample_svs}"
+    return sample_svs
+
+
+@pytest.fixture
+def white_tiff(tmp_path: Path) -> Path:
+    """A blank white 1536x1024 slide at 0.5 µm/px (no tissue at all)."""
+    from synthetic_slides import write_tiff
+
+    return write_tiff(tmp_path / "blank.tif", np.full((1024, 1536, 3), 255, np.uint8))
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +120,25 @@ def large_pyramid(tmp_path_factory) -> Path:
     from synthetic_slides import make_large_pyramid
 
     return make_large_pyramid(tmp_path_factory.mktemp("large") / "large.tif", 100_000, 100_000)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (Linux, root); unmounted afterwards."""
+    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs Linux and root")
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        gc.collect()
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -1,4 +1,5 @@
-"""Large synthetic pyramids for tests and benchmarks, made by tiling a real slide.
+"""Slide files for tests and benchmarks: small tiled TIFFs of given pixels (`write_tiff`) and
+large synthetic pyramids made by tiling a real slide (`make_large_pyramid`).
 
 Not part of the package (the wheel does not ship it): tests import it as ``synthetic_slides``
 (``tests/`` is on ``sys.path`` under pytest), bench scripts put ``tests/`` on ``sys.path`` first.
@@ -23,6 +24,17 @@ JPEG_QUALITY = 80
 SHORT, LONG, RATIONAL, ASCII, LONG8 = 3, 4, 5, 2, 16
 _TYPE_SIZE = {SHORT: 2, LONG: 4, RATIONAL: 8, ASCII: 1, LONG8: 8}
 _TYPE_FMT = {SHORT: "H", LONG: "I", LONG8: "Q"}
+
+
+def write_tiff(path: Path, rgb: np.ndarray, mpp: float | None = 0.5) -> Path:
+    """Tiled RGB TIFF, with resolution tags (µm/px) when ``mpp`` is given."""
+    import tifffile
+
+    kw = {}
+    if mpp is not None:
+        kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kw)
+    return path
 
 
 def _tile_bank(source: np.ndarray, levels: int) -> list[list[bytes]]:

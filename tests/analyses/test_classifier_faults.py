@@ -18,7 +18,6 @@ import gc
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -197,25 +196,6 @@ def test_classifier_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkey
     assert str(e.value).startswith(f"{path}: cannot write: no space left on device (ENOSPC)")
     assert "the previous clf.npz is untouched" in str(e.value)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["clf.npz"]
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (Linux, root); unmounted afterwards."""
-    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs Linux and root")
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        gc.collect()
-        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_outputs_on_a_full_tmpfs_in_a_subprocess(tiny_disk):

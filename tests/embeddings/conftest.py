@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from embed_helpers import SAMPLE, TINY, write_card_dir, write_tiff
+from embed_helpers import SAMPLE, TINY, write_card_dir
+from synthetic_slides import write_tiff
 
 
 @pytest.fixture(autouse=True)
@@ -24,17 +24,6 @@ def encoder(tiny_models_dir):
     from napari_gpfm.encoders import load_encoder
 
     return load_encoder(TINY, allow_random=True)
-
-
-@pytest.fixture
-def sample_path() -> Path:
-    assert SAMPLE.exists(), f"sample slide missing: {SAMPLE}"
-    return SAMPLE
-
-
-@pytest.fixture
-def white_tiff(tmp_path: Path) -> Path:
-    return write_tiff(tmp_path / "blank.tif", np.full((1024, 1536, 3), 255, np.uint8))
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
-"""Helpers for the embeddings tests: a tiny model card, TIFF writer, failing encoder."""
+"""Helpers for the embeddings tests: a tiny model card, failing encoders, store surgery."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tiny_models import tiny_card
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,17 +18,6 @@ def write_card_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tiny-test.yaml").write_text(TINY_CARD)
     return directory
-
-
-def write_tiff(path: Path, rgb: np.ndarray, mpp: float | None = 0.5) -> Path:
-    """Tiled RGB TIFF, with resolution tags (µm/px) when ``mpp`` is given."""
-    import tifffile
-
-    kw = {}
-    if mpp is not None:
-        kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kw)
-    return path
 
 
 class FailingEncoder:

@@ -8,7 +8,8 @@ import os
 import h5py
 import numpy as np
 import pytest
-from embed_helpers import FailingEncoder, strip_integrity, write_tiff
+from embed_helpers import FailingEncoder, strip_integrity
+from synthetic_slides import write_tiff
 
 from napari_gpfm.embeddings import (
     RecipeMismatchError,

@@ -98,7 +98,7 @@ def test_demo_student_keeps_tridents_tiling():
 
 def test_embed_with_level0_tiling_records_the_exact_field(encoder, tmp_path):
     import numpy as np
-    from embed_helpers import write_tiff
+    from synthetic_slides import write_tiff
 
     from napari_gpfm.embeddings import embed, open_store
     from napari_gpfm.tiles import TissueParams

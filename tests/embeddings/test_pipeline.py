@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from embed_helpers import SAMPLE, write_tiff
+from embed_helpers import SAMPLE
+from synthetic_slides import write_tiff
 
 import napari_gpfm.embeddings.pipeline as pipeline
 from napari_gpfm.embeddings import embed, embed_slide, open_store

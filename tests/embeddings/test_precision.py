@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from embed_helpers import SAMPLE, write_tiff
+from embed_helpers import SAMPLE
+from synthetic_slides import write_tiff
 
 from napari_gpfm.embeddings import (
     PrecisionMismatchError,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from embed_helpers import NaNEncoder, flip_byte, strip_integrity, write_tiff
+from embed_helpers import NaNEncoder, flip_byte, strip_integrity
+from synthetic_slides import write_tiff
 
 import napari_gpfm.embeddings.run as run_mod
 import napari_gpfm.embeddings.store as store_mod
@@ -279,25 +279,6 @@ def test_batch_goes_on_after_a_disk_error_in_a_subprocess(tmp_path, crop):
         assert f.attrs["gpfm_n_done"] == 1 and not f.attrs["gpfm_complete"]
     assert embed_main([str(a), "--out", str(out), *QUICK]) == 0  # resumes
     assert np.isfinite(open_store(store_path(out, TINY, "A", TILING)).features).all()
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (Linux, root); unmounted afterwards."""
-    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs Linux and root")
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        gc.collect()
-        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def fill(disk: Path, leave: int) -> None:

@@ -106,7 +106,7 @@ def test_missing_mpp_refused_with_instructions_and_override_works():
 
 
 def test_missing_mpp_on_a_real_file(tmp_path):
-    from tiles_helpers import write_tiff
+    from synthetic_slides import write_tiff
 
     path = write_tiff(tmp_path / "nompp.tif", np.full((600, 600, 3), 200, np.uint8), mpp=None)
     slide = open_slide(path)

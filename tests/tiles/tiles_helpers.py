@@ -10,17 +10,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
 
 
-def write_tiff(path: Path, rgb: np.ndarray, mpp: float | None = 0.5) -> Path:
-    """Tiled RGB TIFF, with resolution tags (µm/px) when ``mpp`` is given."""
-    import tifffile
-
-    kw = {}
-    if mpp is not None:
-        kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kw)
-    return path
-
-
 class FakeSlide:
     """In-memory slide with the parts of the Slide contract that tiles use."""
 
