@@ -37,12 +37,6 @@ def tiny_models_dir(tmp_path_factory, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def sample_path() -> Path:
-    assert SAMPLE.exists(), f"sample slide missing: {SAMPLE}"
-    return SAMPLE
-
-
-@pytest.fixture
 def nompp_tiff(tmp_path: Path) -> Path:
     """A slide without mpp: part of the sample slide, no resolution tags."""
     import tifffile
