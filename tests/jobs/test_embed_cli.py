@@ -311,3 +311,25 @@ def test_max_patches_refuses_an_oversized_grid_and_names_the_flag(tmp_path, samp
     assert not list(out.glob("*/features_*/*.h5"))
     assert main([*args, "--max-patches", "0"]) == 0
     assert len(list(out.glob("*/features_*/*.h5"))) == 1
+
+
+def test_precision_flag_is_recorded_and_another_precision_is_refused(tmp_path, sample_path,
+                                                                    capsys):  # fmt: skip
+    (slide,) = links(tmp_path, sample_path, ["p.svs"])
+    out = tmp_path / "out"
+    opts = [*QUICK, "--target-mpp", "1.0", "--batch-size", "auto"]
+    assert main([slide, "--out", str(out), *opts, "--precision", "bf16"]) == 0
+    final = store_path(out, TINY, "p", tiling_dir_name(1.0, 224))
+    assert open_store(final).precision == "bf16"
+    capsys.readouterr()
+    assert main([slide, "--out", str(out), *opts]) == 1  # auto: fp32 on this CPU
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("FAILED: "))
+    assert str(final) in line and "computed in bf16 but this run asks for fp32" in line, line
+    assert main([slide, "--out", str(out), *opts, "--precision", "bf16"]) == 0  # same: skipped
+    assert "skipped (already done)" in capsys.readouterr().out
+
+
+def test_bad_batch_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["s.svs", "--out", "o", "--batch-size", "0"])
+    assert e.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
