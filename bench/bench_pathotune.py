@@ -71,7 +71,7 @@ def load_tiles(size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def probe_row(encoder, imgs, y, classes, folds) -> dict:
     import torch
 
-    from napari_gpfm.pathotune import balanced_accuracy
+    from napari_gpfm.analyses.probe import balanced_accuracy
     from napari_gpfm.analyses.probe import fit_probe
 
     t = time.perf_counter()
@@ -94,6 +94,7 @@ def probe_row(encoder, imgs, y, classes, folds) -> dict:
 
 def prompt_row(encoder, imgs, y, classes, folds, config, args) -> dict:
     from napari_gpfm import pathotune as pt
+    from napari_gpfm.analyses.probe import balanced_accuracy
 
     cfg = pt.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          val_fraction=args.val_fraction, patience=args.patience,
@@ -106,7 +107,7 @@ def prompt_row(encoder, imgs, y, classes, folds, config, args) -> dict:
         t = time.perf_counter()
         proba = pt.predict_arrays(clf, imgs[te], batch_size=32)
         pred_rates.append(len(te) / (time.perf_counter() - t))
-        scores.append(pt.balanced_accuracy(y[te], proba.argmax(1)))
+        scores.append(balanced_accuracy(y[te], proba.argmax(1)))
         rates.append(res.train_patches_per_s)
         trainable = clf.model.n_trainable()
         print(f"  {config.label} fold {k + 1}: bal acc {scores[-1]:.3f}, "

@@ -34,7 +34,7 @@ _EXPORTS = {
               "build_classifier", "backbone_identity"),
     "train": ("TrainConfig", "TrainProgress", "TrainResult", "TuneOptions", "tune",
               "train_from_arrays", "train_from_slide", "read_patches", "stratified_split",
-              "balanced_accuracy", "run"),
+              "run"),
     "predict": ("PredictProgress", "GeometryMismatchError", "predict_arrays", "predict_slide",
                 "store_patches"),
     "io": ("save_classifier", "load_pathotune", "read_header", "ClassifierFileError",

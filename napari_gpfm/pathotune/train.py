@@ -52,7 +52,6 @@ __all__ = [
     "TrainResult",
     "TuneOptions",
     "augment_batch",
-    "balanced_accuracy",
     "encode_labels",
     "read_patches",
     "run",

@@ -264,3 +264,31 @@ def test_geojson_classifier_files_and_apply_to_open_slides(make_napari_viewer, q
     assert w.load_classifier(tmp_path / "bad.npz") is None
     assert errors and "another model or recipe" in errors[-1] and "gpfm" in errors[-1]
     assert "another model or recipe" in w.status_label.text()
+
+
+def test_a_pathotune_file_loads_and_paints_in_the_annotate_dock(make_napari_viewer, qtbot,
+                                                               sample_svs, tmp_path, errors):
+    """The dock reads classifier files through the one loader: a PathoTune ``.safetensors``
+    (trained on this store's grid) is applied like a probe; a file of no kind is named."""
+    from napari_gpfm import pathotune as pt
+    from napari_gpfm.analyses.classify import store_recipe
+    from napari_gpfm.encoders import load_encoder
+
+    viewer = make_napari_viewer()
+    slide = open_slide(viewer, sample_svs)
+    store = embed(qtbot, setup_gpfm(viewer, tmp_path / "project"), slide)
+    w = add_dock(viewer, "annotate")
+    encoder = load_encoder(store.model, allow_random=True)  # the store's random tiny backbone
+    clf = pt.build_classifier(encoder, ["Tumor", "Stroma"], pt.PromptConfig(ttp=False, n_tvp=2),
+                              colours=np.array([[255, 0, 0], [0, 128, 0]]))
+    clf.info["tiles"] = {"patch_size_level0": store.patch_size_level0, "mpp": store.mpp,
+                         "recipe": store_recipe(store)}
+    path = clf.save(tmp_path / "tumour")
+    assert w.load_classifier(path) is not None and w.probe.kind == "pathotune"
+    classes = viewer.layers[f"{slide.name} · probe classes"]
+    assert (np.asarray(classes.data) > 0).sum() == store.n_patches and not errors
+
+    junk = tmp_path / "notes.npz"
+    junk.write_text("not a classifier")
+    assert w.load_classifier(junk) is None
+    assert errors and str(junk) in errors[-1] and "not a classifier file" in errors[-1]

@@ -148,6 +148,13 @@ def test_trains_on_the_embedded_grid_beside_the_probe(make_napari_viewer, qtbot,
     path = pt.save(tmp_path / "clf")
     assert path.exists() and pt.load(path) is not None
     assert "loaded clf.safetensors" in pt.scores.text()
+    # the one loader reads a linear probe too, but this dock predicts pixels: refused, pointed on
+    from napari_gpfm.analyses.probe import fit_probe
+
+    probe = fit_probe(np.eye(4, dtype=np.float32), [0, 1, 0, 1], ["a", "b"]).save(
+        tmp_path / "probe.npz")
+    assert pt.load(probe) is None and "Annotate dock" in pt.status.text()
+    assert pt.classifier is not None and pt.classifier.kind == "pathotune"
 
 
 def test_too_few_classes_is_shown_and_cancel_stops_training(make_napari_viewer, qtbot,
