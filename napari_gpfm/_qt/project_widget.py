@@ -9,8 +9,10 @@ listed slide, open or not, with a progress bar per slide and Cancel (the headles
 
 The project folder is the session's output folder: Save writes the session state there
 (:func:`~napari_gpfm.layers.project.save_project`), Open… restores a saved project into this
-window (:func:`~napari_gpfm.layers.project.restore_project`): slides, clusters, classes,
-annotation layers and the current classifier.
+window as a job (:func:`~napari_gpfm.layers.project.restore_job`: files read and classifiers
+applied in the worker, each layer added in its own turn of the event loop, progress and
+Cancel): slides, clusters, classes, annotation and class-paint layers, heatmaps, and the
+classifiers (linear probe or PathoTune) with their predictions.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, QSize, Qt, Signal
+from qtpy.QtCore import QObject, QSize, Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -82,6 +84,20 @@ def _icon(rgb: np.ndarray | None) -> QIcon:
     painter.drawPixmap((THUMB - scaled.width()) // 2, (THUMB - scaled.height()) // 2, scaled)
     painter.end()
     return QIcon(pix)
+
+
+def in_ticks(steps: list) -> None:
+    """Run ``steps`` (callables) one per turn of the Qt event loop, the first at once: each adds
+    a layer, which costs napari a good fraction of a second on a busy machine."""
+    queue = list(steps)
+
+    def run() -> None:
+        if queue:
+            queue.pop(0)()
+        if queue:
+            QTimer.singleShot(0, run)
+
+    run()
 
 
 class _Relay(QObject):
@@ -659,13 +675,26 @@ class ProjectWidget(QWidget):
             return None
         try:
             data = proj.load_project(folder)
-            report = proj.restore_project(self.session, folder)
         except proj.ProjectError as exc:
             self._error(str(exc))
             return None
-        self.last_report = report
         self.entries = {proj.same_path(e["path"]): e for e in data.get("slides", [])
                         if isinstance(e, dict) and e.get("path")}  # fmt: skip
+        relay = _Relay()
+        relay.record.connect(self._on_restore_record)
+        self._restore_relay = relay
+        self._kind = "restore"
+        return self.jobs.run(tap(proj.restore_job(self.session, folder), relay.record.emit),
+                             on_result=self._restored,
+                             message=f"Opening the project {folder}…")  # fmt: skip
+
+    def _on_restore_record(self, p: Any) -> None:
+        """A restore's main-thread step (one layer at most), in its own event-loop turn."""
+        if isinstance(p.data, proj.RestoreStep):
+            p.data.run()
+
+    def _restored(self, report: proj.RestoreReport) -> None:
+        self.last_report = report
         self.apply_settings(report.settings)
         self.add_paths(report.slides)
         for r in self.rows:
@@ -676,7 +705,6 @@ class ProjectWidget(QWidget):
         self.jobs.say(report.summary(), error=bool(report.problems))
         if report.problems:
             self.problems.setText("\n".join(report.problems))
-        return report
 
     def save(self) -> Path | None:
         """Save the session into the project folder (project.json and its files)."""
@@ -834,8 +862,8 @@ class ProjectWidget(QWidget):
                                                        Path(store.path).parent.parent.name))
         elif result is not None and result.prediction is not None and s is not None:
             pred = result.prediction
-            self.session.set_prediction(s.uid, SOURCE, pred.rasters(), pred.class_names,
-                                        pred.colours)  # fmt: skip
+            in_ticks(self.session.prediction_steps(s.uid, SOURCE, pred.rasters(),
+                                                   pred.class_names, pred.colours))  # fmt: skip
 
     def _on_result(self, steps: list) -> None:
         self.last_steps = steps

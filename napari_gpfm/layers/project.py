@@ -8,12 +8,18 @@ As a QuPath project, the **project folder** (the session's output folder,
     <project>/<tiling>/features_<model>/   the feature stores (<slide>.h5)
     <project>/annotations/<slide>.geojson  the annotations of each slide (QuPath GeoJSON)
     <project>/clusters/<slide>.npz         k-means results (labels, centres, distances)
-    <project>/classifiers/<source>.npz     the current classifier(s) (linear probe files)
+    <project>/classifiers/<source>.npz     the current classifier(s): linear probe (.npz) or
+    <project>/classifiers/<source>.safetensors   PathoTune (read by jobs.classifiers)
+    <project>/paint/<slide>.npz            class-paint Labels layers (cells, classes, cell size)
+    <project>/heatmaps/<slide>.npz         per-patch heatmap values (+ colormap and range in
+                                           project.json)
     <project>/predictions/<slide>.geojson  "Apply classifier to all" outputs (+ _patches.csv)
 
 :func:`save_project` writes the session's plain data there; :func:`restore_project` opens a
 project in a viewer (slides reopened with napari-gpfm's reader, stores attached, clusters,
-classes, annotation layers, the current classifier and its predictions back). Slides listed
+classes, annotation and class-paint layers, heatmaps, the current classifiers and their
+predictions back). :func:`restore_job` does the same as a job: files read and classifiers
+loaded and applied in the worker, each layer added by a main-thread step of its own. Slides listed
 but not open (a folder of slides) stay closed and keep their entries.
 
 Long work over many slides is a job (plain generators of :class:`~napari_gpfm.jobs.Progress`,
@@ -53,6 +59,8 @@ __all__ = [
     "find_slides",
     "load_project",
     "read_slide_info",
+    "RestoreStep",
+    "restore_job",
     "restore_project",
     "same_path",
     "save_project",
@@ -62,8 +70,8 @@ __all__ = [
 
 PROJECT_FILE = "project.json"
 FORMAT = "napari-gpfm-project/1"
-ANNOTATIONS, CLUSTERS, CLASSIFIERS, PREDICTIONS = (
-    "annotations", "clusters", "classifiers", "predictions")  # fmt: skip
+ANNOTATIONS, CLUSTERS, CLASSIFIERS, PREDICTIONS, PAINT, HEATMAPS = (
+    "annotations", "clusters", "classifiers", "predictions", "paint", "heatmaps")  # fmt: skip
 PLUGIN = "napari-gpfm"
 THUMB_SIDE = 96
 
@@ -517,9 +525,10 @@ def save_project(session: Any, slides: Iterable[str | os.PathLike] = (),
     ``slides`` listed but not open, the classes, the current classifiers and ``settings`` (the
     dock's embedding settings). Entries of slides not open now are kept. Returns
     ``project.json``."""
-    from ..analyses.probe import LinearProbe
     from ..annotations.classes import palette_path
     from ..annotations.geojson import write_geojson
+    from ..embeddings.store import safe_name
+    from ..jobs.classifiers import KINDS
 
     folder = Path(session.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -576,16 +585,20 @@ def save_project(session: Any, slides: Iterable[str | os.PathLike] = (),
                 path.unlink()  # the user deleted every annotation
             e["annotations"] = None
         e["predictions"] = sorted(s.predictions)
+        e["paint"] = _save_paint(session, s, folder, stem)
+        e["heatmaps"] = _save_heatmaps(session, s, folder, stem)
 
     if len(session.palette):
         session.palette.save(palette_path(folder))
     classifiers = {}
     for source, clf in session.classifiers.items():
-        if isinstance(clf, LinearProbe):
-            path = folder / CLASSIFIERS / f"{source}.npz"
-            path.parent.mkdir(exist_ok=True)
-            clf.save(path)
-            classifiers[source] = _rel(path, folder)
+        suffix = KINDS.get(getattr(clf, "kind", None))
+        if suffix is None or not callable(getattr(clf, "save", None)):
+            continue  # not a classifier kind napari-gpfm can read back
+        path = folder / CLASSIFIERS / f"{safe_name(source)}{suffix}"
+        path.parent.mkdir(exist_ok=True)
+        clf.save(path)
+        classifiers[source] = _rel(path, folder)
     data = {
         "format": FORMAT,
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -599,6 +612,62 @@ def save_project(session: Any, slides: Iterable[str | os.PathLike] = (),
     return path
 
 
+def _slide_layers(session: Any, uid: int, kind: str) -> list[Any]:
+    """Result layers of a slide (tagged with its uid) of one ``kind``."""
+    out = []
+    for la in session.viewer.layers:
+        meta = la.metadata.get(META) if isinstance(la.metadata, dict) else None
+        if isinstance(meta, dict) and meta.get("slide_uid") == uid and meta.get("kind") == kind:
+            out.append(la)
+    return out
+
+
+def _savez(path: Path, **arrays: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def _save_paint(session: Any, s: Any, folder: Path, stem: str) -> list[dict]:
+    """Each class-paint Labels layer of the slide: ``paint/<stem>[-k].npz`` (the painted
+    cells, and a header naming its classes, cell size and layer name)."""
+    out = []
+    m = 1.0 if s.mpp is None else float(s.mpp)
+    for k, la in enumerate(_slide_layers(session, s.uid, "class-paint")):
+        path = folder / PAINT / (f"{stem}.npz" if k == 0 else f"{stem}-{k + 1}.npz")
+        meta = la.metadata[META]
+        head = {"name": la.name, "classes": list(meta.get("classes") or session.palette.names),
+                "cell": int(round(float(la.scale[-1]) / m)), "visible": bool(la.visible)}
+        _savez(path, data=np.asarray(la.data, dtype=np.uint8),
+               header=np.asarray(json.dumps(head)))  # fmt: skip
+        out.append({"file": _rel(path, folder), "name": la.name})
+    return out
+
+
+def _save_heatmaps(session: Any, s: Any, folder: Path, stem: str) -> dict | None:
+    """The slide's per-patch values (similarity, distance to centre, ...) in
+    ``heatmaps/<stem>.npz`` and each heatmap layer's look (colormap, range, opacity,
+    visibility)."""
+    path = folder / HEATMAPS / f"{stem}.npz"
+    values = {k: np.asarray(v) for k, v in s.values.items() if k != "cluster"}
+    if not values or s.store is None:
+        if path.exists():
+            path.unlink()
+        return None
+    _savez(path, **values)
+    maps = []
+    for la in _slide_layers(session, s.uid, "heatmap"):
+        value = la.metadata[META].get("value")
+        if value not in values:
+            continue
+        maps.append({"value": value, "colormap": la.colormap.name,
+                     "contrast_limits": [float(v) for v in la.contrast_limits],
+                     "opacity": float(la.opacity), "visible": bool(la.visible)})  # fmt: skip
+    return {"file": _rel(path, folder), "maps": maps}
+
+
 @dataclass
 class RestoreReport:
     """What :func:`restore_project` brought back, and what it could not (in words)."""
@@ -609,6 +678,8 @@ class RestoreReport:
     stores: int = 0
     clusters: int = 0
     annotations: int = 0
+    paint: int = 0
+    heatmaps: int = 0
     classifiers: list[str] = field(default_factory=list)
     predictions: int = 0
     settings: dict = field(default_factory=dict)
@@ -617,6 +688,10 @@ class RestoreReport:
     def summary(self) -> str:
         parts = [f"{len(self.opened)} slide(s) open", f"{self.stores} feature file(s)",
                  f"{self.clusters} cluster map(s)", f"{self.annotations} annotation layer(s)"]
+        if self.paint:
+            parts.append(f"{self.paint} class-paint layer(s)")
+        if self.heatmaps:
+            parts.append(f"{self.heatmaps} heatmap(s)")
         if self.classifiers:
             parts.append("classifier " + ", ".join(self.classifiers))
         if self.predictions:
@@ -636,131 +711,347 @@ def _open_layer(session: Any, path: str) -> Any:
     return layers[0] if layers else None
 
 
-def restore_project(session: Any, folder: str | os.PathLike) -> RestoreReport:
-    """Open the project in ``folder`` in the session's viewer (main thread): the project folder
-    becomes the output folder; the classes, the slides that were open (reopened with
-    napari-gpfm's reader, pixel-size override and position as saved), their stores, clusters
-    (painted), annotation layers, the classifiers and the predictions come back. A slide or
-    file that cannot be restored is named in the report and the rest goes on."""
-    from ..analyses.clusters import ClusterResult
-    from ..analyses.probe import load_probe
-    from ..annotations.classes import ClassPalette
-    from ..annotations.geojson import read_geojson
-    from .annotation_layers import annotation_layer_data
-    from .reader import set_layer_mpp
-    from .session import result_name
+class RestoreStep:
+    """Main-thread work of a restore (at most one layer added): the job yields it in a record's
+    ``data`` and waits until it has run. ``run()`` (main thread) keeps the value or the error
+    in words; a failing step is named in the report and the restore goes on."""
 
+    def __init__(self, what: str, fn: Any):
+        import threading
+
+        self.what, self.fn = what, fn
+        self.value: Any = None
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def run(self) -> Any:
+        if self.done.is_set():
+            return self.value
+        try:
+            self.value = self.fn()
+        except Exception as exc:  # noqa: BLE001 - named in the report, the restore goes on
+            self.error = str(exc) or type(exc).__name__
+        finally:
+            self.done.set()
+        return self.value
+
+
+#: how long the job waits for the main thread to run a step before giving up on it
+STEP_WAIT_S = 120.0
+
+
+@dataclass
+class _Read:
+    """What the worker read for one reopened slide (plain data, no layer)."""
+
+    uid: int
+    name: str
+    entry: dict
+    store: Any = None
+    clusters: Any = None
+    annotations: list | None = None
+    paint: list = field(default_factory=list)  # (data, header dict)
+    values: dict = field(default_factory=dict)  # per-patch heatmap values
+    maps: list = field(default_factory=list)  # heatmap layers: value, colormap, limits, ...
+
+
+def restore_job(session: Any, folder: str | os.PathLike
+                ) -> Generator[Progress, None, RestoreReport]:  # fmt: skip
+    """Restore the project in ``folder`` into the session's viewer (see :func:`restore_project`)
+    as a job: files are read and classifiers loaded and applied here (a worker thread); what
+    touches the viewer or the session comes as :class:`RestoreStep` records (``data``), one
+    layer at most each, which the caller runs on the main thread (one per turn of the event
+    loop) while the job waits. Closing the job between steps stops the restore there."""
     folder = Path(folder).expanduser()
     data = load_project(folder)
     report = RestoreReport(folder, settings=dict(data.get("settings") or {}))
-    session.set_out_dir(folder)
+    entries = [e for e in data.get("slides", []) if isinstance(e, dict) and e.get("path")]
+    report.slides = [same_path(e["path"]) for e in entries]
+    wanted = [e for e in entries if e.get("open")]
+    total = 2 + 3 * len(wanted) + len(data.get("classifiers") or {})
+    done = [0]
+
+    def step(what: str, fn: Any) -> Generator[Progress, None, Any]:
+        st = RestoreStep(what, fn)
+        yield Progress("project", "restoring", done[0], total, unit="steps", message=what,
+                       data=st)  # fmt: skip
+        if not st.done.wait(STEP_WAIT_S):
+            raise TimeoutError(f"restoring {folder}: '{what}' was not run on the main thread")
+        done[0] += 1
+        if st.error is not None:
+            report.problems.append(f"{what}: {st.error}")
+        return st.value
+
+    def note(what: str) -> Progress:
+        return Progress("project", "reading", done[0], total, unit="steps", message=what)
+
+    yield Progress("project", "restoring", 0, total, status="started", unit="steps",
+                   message=f"opening the project {folder}…")  # fmt: skip
+    palette = None
     if data.get("classes"):
+        from ..annotations.classes import ClassPalette
+
         try:
-            session.palette.update_from(ClassPalette.load(_abs(data["classes"], folder)))
+            palette = ClassPalette.load(_abs(data["classes"], folder))
         except (OSError, ValueError) as exc:
             report.problems.append(f"classes: {exc}")
 
-    restored: list[tuple[Any, dict]] = []
-    for e in data.get("slides", []):
-        if not isinstance(e, dict) or not e.get("path"):
-            continue
+    def start() -> None:
+        session.set_out_dir(folder)
+        if palette is not None:
+            session.palette.update_from(palette)
+
+    yield from step("output folder and classes", start)
+
+    # --- slides (main thread: napari opens them), then their files (here) ---
+    reads: list[_Read] = []
+    for e in wanted:
         path = same_path(e["path"])
-        report.slides.append(path)
-        if not e.get("open"):
-            continue
         name = e.get("name") or Path(path).stem
         if not Path(path).exists():
             report.problems.append(f"{name}: the slide file {path} is gone")
             continue
-        try:
-            layer = _open_layer(session, path)
-        except Exception as exc:  # noqa: BLE001 - named, the other slides go on
-            report.problems.append(f"{name}: {exc}")
+        uid = yield from step(f"{name}: opening the slide", lambda p=path, e=e: _reopen(
+            session, p, e))
+        if uid is None:
             continue
-        if layer is None or int(layer.unique_id) not in session.slides:
-            report.problems.append(f"{name}: napari-gpfm's reader did not open {path}")
-            continue
-        if e.get("mpp"):
-            set_layer_mpp(layer, float(e["mpp"]))
-        if e.get("translate") and any(e["translate"]):
-            t = np.asarray(layer.translate, dtype=float)
-            t[-2:] = e["translate"]
-            layer.translate = t
-        report.opened.append(layer.name)
-        restored.append((session.slides[int(layer.unique_id)], e))
+        state = session.slides[uid]
+        report.opened.append(state.name)
+        reads.append(_Read(uid, state.name, e))
+    for r in reads:
+        yield note(f"{r.name}: reading its files…")
+        _read_slide(session, folder, r, report)
 
-    for s, e in restored:
-        store = None
-        if e.get("store"):
-            try:
-                store = session.use_store_file(s.uid, _abs(e["store"], folder))
-            except Exception as exc:  # noqa: BLE001
-                report.problems.append(f"{s.name}: feature file not used ({exc})")
-        if store is None and e.get("model"):
-            store = session.find_store(s.uid, e["model"])
-        if store is None:
+    # --- per slide: store and clusters, then one layer per step ---
+    for r in reads:
+        if r.store is None:
             continue
-        report.stores += 1
-        if e.get("clusters"):
-            try:
-                with np.load(_abs(e["clusters"], folder), allow_pickle=False) as z:
-                    labels = np.asarray(z["labels"])
-                    res = ClusterResult(labels, np.asarray(z["centres"]),
-                                        np.asarray(z["distances"]), str(z["method"]),
-                                        str(z["normalise"]) or None)  # fmt: skip
-                if len(labels) != s.n:
-                    raise ValueError(f"{len(labels)} labels for {s.n} patches")
-                session.set_clusters(s.uid, res)
-                session.show_clusters(s.uid)
-                report.clusters += 1
-            except (OSError, ValueError, KeyError) as exc:
-                report.problems.append(f"{s.name}: clusters not restored ({exc})")
+        yield from step(f"{r.name}: feature file", lambda r=r: _attach(session, r, report))
+        if r.clusters is not None:
+            yield from step(f"{r.name}: cluster map", lambda r=r: _show_clusters(session, r,
+                                                                                 report))
+        if r.annotations is not None:
+            yield from step(f"{r.name}: annotations", lambda r=r: _add_annotations(
+                session, r, report))
+        for i, (arr, head) in enumerate(r.paint):
+            yield from step(f"{r.name}: {head.get('name') or 'class paint'}",
+                            lambda r=r, a=arr, h=head: _add_paint(session, r, a, h, report))
+        for m in r.maps:
+            yield from step(f"{r.name}: heatmap {m['value']}", lambda r=r, m=m: _show_map(
+                session, r, m, report))
 
-    for s, e in restored:
-        if not e.get("annotations"):
-            continue
-        name = result_name(s.name, "annotations")
-        viewer = session.viewer
-        if name in viewer.layers:
-            continue  # already there (the project was reopened in the same window)
-        try:
-            anns = read_geojson(_abs(e["annotations"], folder))
-        except (OSError, ValueError) as exc:
-            report.problems.append(f"{s.name}: annotations not restored ({exc})")
-            continue
-        for a in anns:
-            if a.class_name:
-                session.palette.ensure(a.class_name, a.color)
-        ld, kwargs, _ = annotation_layer_data(list(anns), session.palette, s.mpp, name, s.name)
-        t = np.asarray(kwargs.get("translate", (0.0, 0.0)), dtype=float) + np.asarray(s.offset)
-        kwargs["translate"] = tuple(float(v) for v in t)
-        kwargs["metadata"][META].update(slide_uid=s.uid, slide_layer=s.name)
-        viewer.add_shapes(ld, **kwargs)
-        report.annotations += 1
-
+    # --- classifiers (loaded here: PathoTune builds its backbone) and their predictions ---
+    loaded: dict[str, Any] = {}
     for source, rel in (data.get("classifiers") or {}).items():
+        yield note(f"loading the classifier {source}…")
         try:
-            probe = load_probe(_abs(rel, folder))
+            from ..jobs.classifiers import load_classifier
+
+            loaded[source] = load_classifier(_abs(rel, folder))
         except Exception as exc:  # noqa: BLE001 - a damaged file is named
             report.problems.append(f"classifier {source}: {exc}")
             continue
-        session.set_classifier(source, probe)
-        report.classifiers.append(source)
-
-    for s, e in restored:
-        for source in e.get("predictions") or []:
-            clf = session.classifiers.get(source)
-            if clf is None or s.store is None:
+        yield from step(f"classifier {source}", lambda s_=source, c=loaded[source]: (
+            session.set_classifier(s_, c), report.classifiers.append(s_)))
+    for r in reads:
+        for source in r.entry.get("predictions") or []:
+            clf = loaded.get(source)
+            if clf is None or r.store is None:
                 continue
+            yield note(f"{r.name}: predicting with {source}…")
             try:
-                pred = clf.predict_store(s.store)
+                pred = clf.predict_store(r.store)
+                rasters = pred.rasters()
             except Exception as exc:  # noqa: BLE001
-                report.problems.append(f"{s.name}: prediction not restored ({exc})")
+                report.problems.append(f"{r.name}: prediction not restored ({exc})")
                 continue
-            session.set_prediction(s.uid, source, pred.rasters(), pred.class_names,
-                                   pred.colours)  # fmt: skip
+            if r.uid not in session.slides:
+                continue
+            steps = yield from step(f"{r.name}: {source} maps", lambda r=r, s_=source, p=pred,
+                                    ra=rasters: session.prediction_steps(
+                                        r.uid, s_, ra, p.class_names, p.colours))  # fmt: skip
+            for k, fn in enumerate(steps or []):
+                yield from step(f"{r.name}: {source} map {k + 1}/{len(steps)}", fn)
             report.predictions += 1
+    yield Progress("project", "restoring", total, total, status="done", unit="steps",
+                   message=report.summary())  # fmt: skip
     return report
+
+
+def _reopen(session: Any, path: str, e: dict) -> int | None:
+    """Main thread: the slide open (napari-gpfm's reader), with its saved mpp and position."""
+    from .reader import set_layer_mpp
+
+    layer = _open_layer(session, path)
+    if layer is None or int(layer.unique_id) not in session.slides:
+        raise ValueError(f"napari-gpfm's reader did not open {path}")
+    if e.get("mpp"):
+        set_layer_mpp(layer, float(e["mpp"]))
+    if e.get("translate") and any(e["translate"]):
+        t = np.asarray(layer.translate, dtype=float)
+        t[-2:] = e["translate"]
+        layer.translate = t
+    return int(layer.unique_id)
+
+
+def _read_slide(session: Any, folder: Path, r: _Read, report: RestoreReport) -> None:
+    """Worker: the slide's store, clusters, annotations, paint layers and heatmap values."""
+    from ..analyses.clusters import ClusterResult
+    from ..annotations.geojson import read_geojson
+    from ..embeddings import open_store
+
+    e = r.entry
+    state = session.slides.get(r.uid)
+    if state is None:
+        return
+    slide = state.slide
+    if e.get("store"):
+        try:
+            r.store = open_store(_abs(e["store"], folder), expected_slide=slide)
+        except Exception as exc:  # noqa: BLE001 - named, the rest goes on
+            report.problems.append(f"{r.name}: feature file not used ({exc})")
+    if r.store is None and e.get("model"):
+        found = slide_stores(session.out_dir, slide, e["model"])
+        if found:
+            r.store = open_store(found[0].path, expected_slide=slide)
+    if r.store is None:
+        return
+    n = int(r.store.n_patches)
+    if e.get("clusters"):
+        try:
+            with np.load(_abs(e["clusters"], folder), allow_pickle=False) as z:
+                labels = np.asarray(z["labels"])
+                r.clusters = ClusterResult(labels, np.asarray(z["centres"]),
+                                           np.asarray(z["distances"]), str(z["method"]),
+                                           str(z["normalise"]) or None)  # fmt: skip
+            if len(labels) != n:
+                raise ValueError(f"{len(labels)} labels for {n} patches")
+        except (OSError, ValueError, KeyError) as exc:
+            r.clusters = None
+            report.problems.append(f"{r.name}: clusters not restored ({exc})")
+    if e.get("annotations"):
+        try:
+            r.annotations = list(read_geojson(_abs(e["annotations"], folder)))
+        except (OSError, ValueError) as exc:
+            report.problems.append(f"{r.name}: annotations not restored ({exc})")
+    for item in e.get("paint") or []:
+        try:
+            with np.load(_abs(item["file"], folder), allow_pickle=False) as z:
+                head = json.loads(str(z["header"]))
+                r.paint.append((np.asarray(z["data"]), head))
+        except (OSError, ValueError, KeyError) as exc:
+            report.problems.append(f"{r.name}: class paint not restored ({exc})")
+    heat = e.get("heatmaps") or {}
+    if heat.get("file"):
+        try:
+            with np.load(_abs(heat["file"], folder), allow_pickle=False) as z:
+                values = {k: np.asarray(z[k]) for k in z.files}
+            bad = [k for k, v in values.items() if len(v) != n]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: not one value per patch ({n})")
+            r.values = values
+            r.maps = [m for m in heat.get("maps") or [] if m.get("value") in values]
+        except (OSError, ValueError, KeyError) as exc:
+            report.problems.append(f"{r.name}: heatmaps not restored ({exc})")
+
+
+def _attach(session: Any, r: _Read, report: RestoreReport) -> None:
+    session.attach_store(r.uid, r.store)
+    report.stores += 1
+    s = session.slides[r.uid]
+    if r.clusters is not None:
+        session.set_clusters(r.uid, r.clusters)
+    s.values.update(r.values)
+
+
+def _show_clusters(session: Any, r: _Read, report: RestoreReport) -> None:
+    session.show_clusters(r.uid)
+    report.clusters += 1
+
+
+def _add_annotations(session: Any, r: _Read, report: RestoreReport) -> None:
+    from .annotation_layers import annotation_layer_data
+    from .session import result_name
+
+    s = session.slides[r.uid]
+    name = result_name(s.name, "annotations")
+    viewer = session.viewer
+    if name in viewer.layers:
+        return  # already there (the project was reopened in the same window)
+    for a in r.annotations:
+        if a.class_name:
+            session.palette.ensure(a.class_name, a.color)
+    ld, kwargs, _ = annotation_layer_data(list(r.annotations), session.palette, s.mpp, name,
+                                          s.name)  # fmt: skip
+    t = np.asarray(kwargs.get("translate", (0.0, 0.0)), dtype=float) + np.asarray(s.offset)
+    kwargs["translate"] = tuple(float(v) for v in t)
+    kwargs["metadata"][META].update(slide_uid=s.uid, slide_layer=s.name)
+    viewer.add_shapes(ld, **kwargs)
+    report.annotations += 1
+
+
+def _add_paint(session: Any, r: _Read, data: np.ndarray, head: dict,
+               report: RestoreReport) -> None:  # fmt: skip
+    """A class-paint Labels layer as the Annotate dock makes it, holding the saved paint; the
+    painted values follow the classes by name (the palette may list them in another order)."""
+    from .annotation_layers import paint_layer_data
+    from .session import result_name
+
+    s = session.slides[r.uid]
+    name = head.get("name") or result_name(s.name, "class paint")
+    viewer = session.viewer
+    if name in viewer.layers:
+        return
+    saved = list(head.get("classes") or [])
+    for c in saved:
+        session.palette.ensure(c)
+    names = session.palette.names
+    lookup = np.zeros(max(len(saved), int(data.max(initial=0))) + 1, dtype=np.uint8)
+    for i, c in enumerate(saved):
+        lookup[i + 1] = names.index(c) + 1
+    ld, kwargs, _ = paint_layer_data(s.slide.dimensions, s.mpp, session.palette,
+                                     int(head["cell"]), name)  # fmt: skip
+    if ld.shape != data.shape:
+        raise ValueError(f"saved paint is {data.shape[1]}×{data.shape[0]} cells, this slide "
+                         f"needs {ld.shape[1]}×{ld.shape[0]}")
+    t = np.asarray(kwargs["translate"], dtype=float) + np.asarray(s.offset)
+    kwargs["translate"] = tuple(float(v) for v in t)
+    kwargs["metadata"][META].update(slide_uid=s.uid, slide_layer=s.name)
+    kwargs["visible"] = bool(head.get("visible", True))
+    viewer.add_labels(lookup[data], **kwargs)
+    report.paint += 1
+
+
+def _show_map(session: Any, r: _Read, m: dict, report: RestoreReport) -> None:
+    lo_hi = m.get("contrast_limits")
+    layer = session.show_heatmap(
+        r.uid, m["value"], colormap=m.get("colormap") or "viridis",
+        opacity=float(m.get("opacity", 0.6)),
+        contrast_limits=tuple(float(v) for v in lo_hi) if lo_hi else None)  # fmt: skip
+    if m.get("visible") is False:
+        layer.visible = False
+    report.heatmaps += 1
+
+
+def restore_project(session: Any, folder: str | os.PathLike) -> RestoreReport:
+    """Open the project in ``folder`` in the session's viewer (main thread, at once; a dock runs
+    :func:`restore_job` instead): the project folder becomes the output folder; the classes,
+    the slides that were open (reopened with napari-gpfm's reader, pixel-size override and
+    position as saved), their stores, clusters (painted), annotation and class-paint layers,
+    heatmaps (colormap and range as saved), the classifiers (linear probe or PathoTune) and
+    their predictions come back. A slide or file that cannot be restored is named in the report
+    and the rest goes on."""
+    job = restore_job(session, folder)
+    try:
+        while True:
+            try:
+                p = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(p.data, RestoreStep):
+                p.data.run()
+    finally:
+        job.close()
 
 
 def predicted_file(folder: str | os.PathLike, name: str) -> Path:

@@ -594,23 +594,42 @@ class ViewerSession:
                        colours: Any, label: str | None = None) -> list[Any]:  # fmt: skip
         """Keep a classifier's prediction of a slide and paint it (class map, probabilities,
         uncertainty), aligned with the slide's scale and translate."""
+        steps = self.prediction_steps(key, source, rasters, class_names, colours, label)
+        return [step() for step in steps][:-1]
+
+    def prediction_steps(self, key: Any, source: str, rasters: dict,
+                         class_names: Sequence[str], colours: Any, label: str | None = None
+                         ) -> list[Callable[[], Any]]:  # fmt: skip
+        """:meth:`set_prediction` as steps of at most one layer each (class map first), for
+        the main thread to run one per turn of the event loop: adding a layer costs napari a
+        good fraction of a second on a busy machine. The last step records the prediction
+        (``prediction`` event); each step returns its layer (the last: ``None``)."""
         from .annotation_layers import prediction_layer_data
 
         s = self.slide(key)
-        s.predictions[source] = (rasters, list(class_names), colours)
+        uid = s.uid
+        value = (rasters, list(class_names), colours)
         prefix = result_name(s.name, label or source)
-        layers = []
-        for data in prediction_layer_data(rasters, class_names, colours, prefix,
-                                          offset=s.offset):  # fmt: skip
-            data[1]["metadata"][META]["slide_uid"] = s.uid
+        items = prediction_layer_data(rasters, class_names, colours, prefix, offset=s.offset)
+        for data in items:
+            data[1]["metadata"][META]["slide_uid"] = uid
             data[1]["metadata"][META]["source"] = source
             if data[1]["metadata"][META].get("kind") == "class-map":
                 data[1]["features"] = {"index": np.arange(len(class_names) + 1),
                                        "class": ["none", *class_names]}
-            layers.append(self._upsert(data))
-        self._publish(s)
-        self.events.prediction(value=(s.uid, source))
-        return layers
+
+        def add(data: Any) -> Callable[[], Any]:
+            return lambda: self._upsert(data) if uid in self.slides else None
+
+        def record() -> None:
+            state = self.slides.get(uid)
+            if state is None:
+                return
+            state.predictions[source] = value
+            self._publish(state)
+            self.events.prediction(value=(uid, source))
+
+        return [add(d) for d in items] + [record]
 
     # --- layers (main thread) -------------------------------------------------------------
     def _upsert(self, layer_data: convert.LayerData) -> Any:

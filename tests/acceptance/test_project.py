@@ -136,7 +136,23 @@ def annotate_and_train(viewer, qtbot, state):
     with qtbot.waitSignal(annotate.jobs.finished, timeout=60_000):
         click(qtbot, annotate.train_button)
     assert annotate.session.classifiers.get("probe") is not None, annotate.status_label.text()
-    return shapes
+    # a class-paint layer with a few cells painted in the second class (napari's Labels.paint,
+    # what the brush calls)
+    click(qtbot, annotate.new_paint_button)
+    paint = annotate.paint_layer()
+    assert paint is not None and paint.metadata["napari_gpfm"]["kind"] == "class-paint"
+    stroma = annotate.session.palette.names.index("Stroma") + 1
+    paint.brush_size = 1
+    for cell in ((2, 3), (2, 4), (5, 7)):
+        paint.paint(cell, stroma, refresh=False)
+    paint.refresh()
+    return shapes, paint
+
+
+def wait_restored(qtbot, dock) -> str:
+    """Open… restores in a job (files read in the worker, one layer per event-loop turn)."""
+    qtbot.waitUntil(lambda: not dock.jobs.busy, timeout=120_000)
+    return dock.jobs.outcome
 
 
 def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, sample_svs,
@@ -157,7 +173,17 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     with qtbot.waitSignal(gpfm.cluster_jobs.finished, timeout=60_000):
         click(qtbot, gpfm.cluster_button)
     labels = state.clusters.labels.copy()
-    shapes = annotate_and_train(viewer, qtbot, state)
+    # a heatmap (distance to centre) in magma, its range changed by the user
+    gpfm.value_combo.setCurrentIndex(gpfm.value_combo.findData("distance_to_centre"))
+    gpfm.cmap_combo.setCurrentText("magma")
+    click(qtbot, gpfm.heatmap_button)
+    heat = viewer.layers[f"{layer.name} · distance to centre"]
+    heat.contrast_limits = (0.0, 2.5)
+    distances = state.values["distance_to_centre"].copy()
+    shapes, paint = annotate_and_train(viewer, qtbot, state)
+    painted = np.asarray(paint.data).copy()
+    assert (painted > 0).sum() == 3
+    placed = (np.asarray(paint.scale).copy(), np.asarray(paint.translate).copy())
     probe = dock.session.classifiers["probe"]
     classes = list(dock.session.palette.names)
     assert cell(dock, 0, ANNOTATED) == "2\nStroma, Tumour"
@@ -168,6 +194,7 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     assert (study / "project.json").is_file() and (study / "classes.json").is_file()
     assert list((study / "annotations").glob("*.geojson"))
     assert list((study / "classifiers").glob("probe.npz"))
+    assert list((study / "paint").glob("*.npz")) and list((study / "heatmaps").glob("*.npz"))
     n_shapes = len(shapes.data)
     viewer.close()
 
@@ -177,6 +204,8 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     assert not dock2.session.slides and not dock2.session.classifiers
     choose_folder(monkeypatch, study)
     click(qtbot, dock2.open_button)
+    assert dock2.jobs.busy  # a job: progress and Cancel while it restores
+    assert wait_restored(qtbot, dock2) == "done", dock2.jobs.status.text()
     session = dock2.session
     assert session.out_dir == study
     (s2,) = session.slides.values()
@@ -192,6 +221,16 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     assert clf.class_names == probe.class_names
     assert np.allclose(clf.weight, probe.weight)
     assert "probe" in s2.predictions  # the class map painted again
+    # the heatmap, with its colormap and range, and the class paint (classes by name)
+    heat2 = viewer2.layers[f"{s2.name} · distance to centre"]
+    assert heat2.colormap.name == "magma"
+    assert tuple(heat2.contrast_limits) == pytest.approx((0.0, 2.5))
+    np.testing.assert_allclose(s2.values["distance_to_centre"], distances)
+    paint2 = viewer2.layers[f"{s2.name} · class paint"]
+    assert paint2.metadata["napari_gpfm"]["kind"] == "class-paint"
+    assert np.array_equal(np.asarray(paint2.data), painted)
+    assert np.allclose(paint2.scale, placed[0]) and np.allclose(paint2.translate, placed[1])
+    assert "class-paint" in dock2.jobs.status.text() or "class paint" in dock2.jobs.status.text()
     assert dock2.table.rowCount() == 1 and cell(dock2, 0, ANNOTATED) == "2\nStroma, Tumour"
     assert not dock2.problems.text(), dock2.problems.text()
     snap(viewer2, "project_reopened")
