@@ -217,12 +217,18 @@ class JobPanel(QWidget):
         if p is None:
             return
         self._painted_t = time.perf_counter()
-        if p.total > 0:
-            self.bar.setRange(0, max(int(p.total), 1))
-            self.bar.setValue(int(p.done))
-            self.bar.setFormat(f"%v / %m {p.unit}".rstrip())
-        else:
-            self.bar.setRange(0, 0)
+        # QProgressBar.setValue repaints at once (synchronously); with updates off and on again
+        # the repaint joins the window's next one instead
+        self.bar.setUpdatesEnabled(False)
+        try:
+            if p.total > 0:
+                self.bar.setRange(0, max(int(p.total), 1))
+                self.bar.setValue(int(p.done))
+                self.bar.setFormat(f"%v / %m {p.unit}".rstrip())
+            else:
+                self.bar.setRange(0, 0)
+        finally:
+            self.bar.setUpdatesEnabled(True)
         self.say(describe(p))
 
     def _returned(self, value: Any) -> None:
