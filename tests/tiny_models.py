@@ -1,12 +1,18 @@
-"""A tiny random DINOv2-style ViT as a model card, shared by tests that need a fast encoder.
+"""Tiny stand-ins for models, shared by tests that need a fast encoder.
 
-Tests write the card into a temporary folder named by ``NAPARI_GPFM_MODELS_DIR`` and load it with
-``load_encoder(name, allow_random=True)``: 48-d, 2 blocks, 56 px input, patch 14.
+- `tiny_card`: a tiny random DINOv2-style ViT as a model card. Tests write it into a temporary
+  folder named by ``NAPARI_GPFM_MODELS_DIR`` and load it with
+  ``load_encoder(name, allow_random=True)``: 48-d, 2 blocks, 56 px input, patch 14.
+- `embed_sample`: a real feature store of a slide made with such a model.
+- `FakeText`: a deterministic stand-in for PathoTune's MiniLM sentence encoder.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+import numpy as np
 
 
 def tiny_card(name: str = "tiny-test", patch_size: int = 112,
@@ -34,3 +40,34 @@ def write_tiny_card(directory: Path, name: str = "tiny-test", patch_size: int = 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.yaml").write_text(tiny_card(name, patch_size))
     return directory
+
+
+def embed_sample(slide: Path, model: str, out_dir: Path):
+    """A real feature store of ``slide`` made with the (registered) tiny random model ``model``
+    at its recommended tiling, on one thread and without loader workers."""
+    import torch
+
+    from napari_gpfm.embeddings import embed, open_store
+    from napari_gpfm.encoders import load_encoder
+    from napari_gpfm.tiles import TissueParams
+
+    torch.set_num_threads(1)
+    enc = load_encoder(model, allow_random=True)
+    path = embed(slide, enc, None, out_dir, tissue_params=TissueParams(thumbnail_max_side=512),
+                 num_workers=0, batch_size=64)
+    return open_store(path)
+
+
+class FakeText:
+    """Deterministic stand-in for MiniLM: a unit vector seeded by the sentence's hash."""
+
+    name = "fake-text"
+    dim = 384
+
+    def encode(self, sentences):
+        out = []
+        for s in sentences:
+            seed = int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            out.append(v / np.linalg.norm(v))
+        return np.stack(out)

@@ -21,9 +21,11 @@ from napari_gpfm.analyses.classify import (
     write_outputs,
 )
 from napari_gpfm.jobs.classifiers import load_classifier
+from napari_gpfm.analyses.classifier import Classifier
 from napari_gpfm.analyses.probe import RecipeMismatchError, fit_probe, load_probe
 from napari_gpfm.annotations.geojson import Annotation, read_geojson, write_geojson
-from tiny_models import tiny_card
+from level0_shapes import rect
+from tiny_models import embed_sample, tiny_card
 
 TINY = "tiny-test"
 TINY_CARD = tiny_card(TINY, 112)
@@ -41,22 +43,7 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(models_dir, sample_svs, tmp_path_factory):
     """A real feature store of the sample slide (tiny random ViT, 112 px at 0.5 µm/px)."""
-    import torch
-
-    from napari_gpfm.embeddings import embed, open_store
-    from napari_gpfm.encoders import load_encoder
-    from napari_gpfm.tiles import TissueParams
-
-    torch.set_num_threads(1)
-    enc = load_encoder(TINY, allow_random=True)
-    out = tmp_path_factory.mktemp("features")
-    path = embed(sample_svs, enc, None, out, tissue_params=TissueParams(thumbnail_max_side=512),
-                 num_workers=0, batch_size=64)
-    return open_store(path)
-
-
-def rect(x0, y0, x1, y1):
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+    return embed_sample(sample_svs, TINY, tmp_path_factory.mktemp("features"))
 
 
 def split_annotations(store, colours=True):
@@ -246,6 +233,12 @@ def test_cli_classify_applies_both_classifier_kinds(store, sample_svs, tmp_path,
     assert header["class_names"] == ["Tumor", "Stroma"] and header["backbone"]["name"] == TINY
     renamed = tmp_path / "tumour.classifier"  # the kind comes from the content, not the name
     renamed.write_bytes((tmp_path / "pt.safetensors").read_bytes())
+
+    for clf, kind in ((linear, "linear"), (renamed, "pathotune")):  # one protocol, two kinds
+        loaded = load_classifier(clf)
+        assert isinstance(loaded, Classifier) and loaded.kind == kind
+        assert {k: loaded.recipe[k] for k in ("model", "target_mpp", "patch_size")} == {
+            "model": TINY, "target_mpp": 0.5, "patch_size": 112}
 
     columns = ["x", "y", "class", "class_name", "prob_Tumor", "prob_Stroma", "uncertainty"]
     for clf, kind in ((linear, "linear"), (renamed, "pathotune")):

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from level0_shapes import rect
 
 from napari_gpfm.annotations.geojson import Annotation
 from napari_gpfm.annotations.labels import (
@@ -19,10 +20,6 @@ P = 100
 COORDS = np.array([[x, y] for y in range(0, 1000, P) for x in range(0, 1000, P)], np.int64)
 OUTSIDE = ("class 'Background': 2 annotations cover no embedded patch — they lie outside the "
            "detected tissue; embed with the whole image (tissue 'none') to include them")
-
-
-def rect(x0, y0, x1, y1):
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
 def tissue_and_background():

@@ -1,13 +1,12 @@
-"""Shared by the job tests: driving a generator, a tiny PathoTune backbone card, a fake text
-encoder, rectangles in level-0 px, and where the 32 labelled H&E tiles live."""
+"""Shared by the job tests: driving a generator, a tiny PathoTune backbone card, rectangle
+annotations in level-0 px, and where the 32 labelled H&E tiles live."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from level0_shapes import rect
 
 from napari_gpfm.jobs import Progress
 
@@ -58,25 +57,6 @@ def tiny_card(name: str = "jobs-tiny") -> dict:
         "license": "Apache-2.0", "gated": False,
         "recommended_tiles": {"target_mpp": 0.5, "patch_size": 224}, "provenance": {},
     }
-
-
-class FakeText:
-    """Deterministic stand-in for MiniLM: a unit vector seeded by the sentence's hash."""
-
-    name = "fake-text"
-    dim = 384
-
-    def encode(self, sentences):
-        out = []
-        for s in sentences:
-            seed = int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            out.append(v / np.linalg.norm(v))
-        return np.stack(out)
-
-
-def rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
 def annotation(cls: str, x0: float, y0: float, x1: float, y1: float):

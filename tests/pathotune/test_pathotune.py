@@ -7,7 +7,6 @@ matters) stands in for GPFM; the 32 labelled CRC-VAL-HE-7K tiles (8 classes) are
 from __future__ import annotations
 
 import csv
-import hashlib
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny_models import FakeText
 
 from napari_gpfm import pathotune as pt
 from napari_gpfm.analyses.classifier import PatchSet
@@ -63,21 +63,6 @@ def encoder(models_dir):
     from napari_gpfm.encoders import load_encoder
 
     return load_encoder("pt-tiny", allow_random=True, seed=0)
-
-
-class FakeText:
-    """Deterministic stand-in for MiniLM: a unit vector seeded by the sentence's hash."""
-
-    name = "fake-text"
-    dim = 384
-
-    def encode(self, sentences):
-        out = []
-        for s in sentences:
-            seed = int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            out.append(v / np.linalg.norm(v))
-        return np.stack(out)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from napari_gpfm.annotations.geojson import Annotation, write_geojson
-from tiny_models import tiny_card
+from level0_shapes import rect
+from tiny_models import embed_sample, tiny_card
 
 TINY = "tiny-device"
 
@@ -27,22 +28,7 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(models_dir, sample_svs, tmp_path_factory):
     """A real feature store of the sample slide (tiny random ViT, 112 px at 0.5 µm/px)."""
-    import torch
-
-    from napari_gpfm.embeddings import embed, open_store
-    from napari_gpfm.encoders import load_encoder
-    from napari_gpfm.tiles import TissueParams
-
-    torch.set_num_threads(1)
-    enc = load_encoder(TINY, allow_random=True)
-    out = tmp_path_factory.mktemp("features")
-    path = embed(sample_svs, enc, None, out, tissue_params=TissueParams(thumbnail_max_side=512),
-                 num_workers=0, batch_size=64)
-    return open_store(path)
-
-
-def _rect(x0, y0, x1, y1):
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+    return embed_sample(sample_svs, TINY, tmp_path_factory.mktemp("features"))
 
 
 def _annotations(store, path):
@@ -52,8 +38,8 @@ def _annotations(store, path):
     lo, hi = xs[len(xs) // 3], xs[2 * len(xs) // 3]
     y0, y1 = c[:, 1].min(), c[:, 1].max() + P
     write_geojson(path, [
-        Annotation([[_rect(c[:, 0].min(), y0, lo, y1)]], class_name="Tumor", color=(200, 0, 0)),
-        Annotation([[_rect(hi, y0, c[:, 0].max() + P, y1)]], class_name="Stroma",
+        Annotation([[rect(c[:, 0].min(), y0, lo, y1)]], class_name="Tumor", color=(200, 0, 0)),
+        Annotation([[rect(hi, y0, c[:, 0].max() + P, y1)]], class_name="Stroma",
                    color=(150, 200, 150)),
     ])
     return path
