@@ -1,21 +1,33 @@
-"""Benchmark the embed pipeline: does patch loading keep the model fed, and is memory bounded?
+"""Benchmark the embed pipeline: model-only against end-to-end patches/s in each precision.
 
-Measures, in one run:
+Measures, in one run, for each precision (fp32, fp16, bf16; ``--precisions``):
 
-1. **CPU throughput.** End-to-end patches/s (slide file → finished feature store, through
-   ``napari_gpfm.embeddings.embed_slide`` with loader worker processes) against model-only
-   patches/s (the same encoder, ``preprocess`` + ``embed`` on the same patches pre-loaded in
-   memory, same batch size and threads). Goal: steady-state ratio ≥ 0.9.
-2. **Peak memory** (main process + loader workers, PSS) while embedding a whole large synthetic
-   pyramid (``tests/synthetic_slides.make_large_pyramid``, 100,000² px, tens of thousands
-   of tissue patches) with a tiny model, sampled along the run: it must stay flat as patches
-   accumulate (goal: peak < 3 GB). ``--large-batches N`` stops after N batches instead.
-3. **GPU** (only when CUDA is available): the same comparison with autocast.
+1. **model-only** patches/s: uint8 patches already in (pinned) host memory go through the very
+   forward the pipeline runs (:class:`napari_gpfm.embeddings.pipeline.BatchForward`: uint8 copy
+   to the device, normalisation there, the network under the precision's autocast, features
+   back to the host), batch after batch, with the pipeline's batches in flight;
+2. **end-to-end** patches/s: slide file → finished feature store through
+   :func:`napari_gpfm.embeddings.embed_slide` (loader worker processes, the same batch size,
+   precision and forward), steady state after the first batch, and wall time including tissue
+   detection and start-up;
+3. the ratio end-to-end / model-only (goal ≥ 0.9; on an H100/H200 also ≥ 2,500 patches/s for
+   ViT-L/14 at 224, whose compute limit is ≈ 5,000).
 
-Random weights (no download). Prints a markdown table. Example::
+Models (random weights, no download): ``--model vit-l`` is GPFM's network (timm
+``vit_large_patch14_dinov2``, 224 px, LayerScale 1e-5): the GPU figure. ``--model tiny`` (a
+2-block 48-d ViT at 56 px) and ``--model small`` (ViT-S/14 at 112 px) make a CPU run finish in
+a minute. The slide is a synthetic tiled pyramid cut from the sample slide, sized for
+``--patches`` patches, every patch embedded (no tissue step in the count).
 
-    python bench/bench_embed.py                  # ViT-S/14 at 112 px, 4096² synthetic slide
-    python bench/bench_embed.py --img-size 224 --slide sample_data/CMU-1-Small-Region.svs
+``--memory`` adds the memory section: peak memory (main process + loader workers, PSS) while a
+tiny model embeds a whole 100,000² px synthetic pyramid, sampled along the run (goal: flat,
+< 3 GB).
+
+Examples::
+
+    python bench/bench_embed.py --model tiny --patches 256            # CPU, ~1 minute
+    python bench/bench_embed.py --model vit-l --device cuda --patches 20000 --batch-size auto
+    python bench/bench_embed.py --model small --memory                 # + the large-slide run
 """
 
 from __future__ import annotations
@@ -38,10 +50,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # synthetic_slides
 
 from napari_gpfm.embeddings import embed_slide  # noqa: E402
-from napari_gpfm.embeddings.run import cpu_threads_for  # noqa: E402
-from napari_gpfm.encoders.device import autocast, precision_name  # noqa: E402
+from napari_gpfm.embeddings.pipeline import BatchForward  # noqa: E402
+from napari_gpfm.embeddings.run import cpu_threads_for, resolve_batch_size  # noqa: E402
+from napari_gpfm.encoders.device import resolve_device, resolve_precision  # noqa: E402
 from napari_gpfm.slide import open_slide  # noqa: E402
-from napari_gpfm.tiles import PRESETS, TissueParams, detect_tissue, make_grid  # noqa: E402
+from napari_gpfm.tiles import PRESETS, GridSpec, TissueParams, make_grid  # noqa: E402
 
 
 CARD = """\
@@ -82,7 +95,7 @@ def _kw(extra: str) -> dict:
     out = {}
     for part in filter(None, (p.strip() for p in extra.split(","))):
         k, v = (s.strip() for s in part.split(":"))
-        out[k] = int(v)
+        out[k] = float(v) if any(c in v for c in ".e") else int(v)
     return out
 
 
@@ -128,38 +141,44 @@ class RssSampler:
         self._thread.join()
 
 
-def model_only_rate(encoder, patches: np.ndarray, batch_size: int, device: torch.device,
-                    repeats: int = 1) -> float:
-    """patches/s of preprocess + embed on pre-loaded uint8 patches."""
-    x = torch.from_numpy(patches)
-    with torch.inference_mode():  # warm-up
-        with autocast(device):
-            encoder.embed(encoder.preprocess(x[:batch_size].to(device)))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    n = 0
-    for _ in range(repeats):
-        for i in range(0, len(x), batch_size):
-            with torch.inference_mode():
-                xb = encoder.preprocess(x[i : i + batch_size].to(device, non_blocking=True))
-                with autocast(device):
-                    f = encoder.embed(xb)
-                f.float().cpu()
-            n += min(batch_size, len(x) - i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - t)
+#: name -> (timm architecture, input size, extra timm kwargs as the card writes them)
+MODELS = {
+    "vit-l": ("vit_large_patch14_dinov2", 224, ", init_values: 1.0e-5"),
+    "small": ("vit_small_patch14_dinov2", 112, ""),
+    "tiny": ("vit_small_patch14_dinov2", 56, ", embed_dim: 48, depth: 2, num_heads: 2"),
+}
 
 
-def end_to_end(encoder, slide_path: Path, out: Path, batch_size: int, workers: int,
-               device: str, tissue: TissueParams) -> dict:
-    """Run embed_slide once; wall-clock and steady-state (after the first batch) rates."""
+def model_only_rate(forward: BatchForward, patches: torch.Tensor, batch_size: int,
+                    device: torch.device, seconds: float) -> tuple[float, int]:
+    """patches/s of ``forward`` over pre-loaded uint8 patches (pinned on CUDA), looping over
+    them for at least ``seconds`` after one warm-up batch; returns (rate, patches timed)."""
+    batches = [patches[i : i + batch_size] for i in range(0, len(patches), batch_size)]
+    forward.submit(batches[0])  # warm-up (allocator, cuDNN/cuBLAS choice, compilation)
+    forward.drain()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n, t = 0, time.perf_counter()
+    while True:
+        for b in batches:
+            forward.submit(b)
+            n += len(b)
+        forward.drain()
+        if time.perf_counter() - t >= seconds:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n / (time.perf_counter() - t), n
+
+
+def end_to_end(encoder, slide_path: Path, out: Path, spec: GridSpec, batch_size: int,
+               workers: int, device: str, precision: str, compile: bool) -> dict:
+    """One embed_slide run (every patch, overwrite); wall-clock and steady-state rates."""
     t0 = time.perf_counter()
     records = []
-    for rec in embed_slide(slide_path, encoder, PRESETS["gpfm-20x-224"], out,
-                           tissue_params=tissue, batch_size=batch_size, num_workers=workers,
-                           device=device, overwrite=True):
+    for rec in embed_slide(slide_path, encoder, spec, out, tissue_params=TissueParams(method="none"),
+                           batch_size=batch_size, num_workers=workers, device=device,
+                           overwrite=True, precision=precision, compile=compile):
         records.append((time.perf_counter(), rec))
     wall = time.perf_counter() - t0
     running = [(t, r) for t, r in records if r.status == "running"]
@@ -170,46 +189,60 @@ def end_to_end(encoder, slide_path: Path, out: Path, batch_size: int, workers: i
             "first_batch_s": t_first - t0}
 
 
-def throughput_section(args, slide_path: Path, device: str, batch_size: int, workers: int,
-                       models_dir: Path, rows: list[tuple[str, str]]) -> None:
-    dev = torch.device(device)
-    encoder = make_encoder(models_dir, f"bench-{device}", args.arch, args.img_size, device)
-    tissue = TissueParams(thumbnail_max_side=1024)
-    threads = cpu_threads_for(workers) if dev.type == "cpu" else torch.get_num_threads()
-    torch.set_num_threads(threads)
+def synthetic_slide(path: Path, n_patches: int, input_size: int) -> tuple[Path, GridSpec]:
+    """A pyramid of ``k × k ≥ n_patches`` patches of 224 px at 0.5 µm/px (mpp 0.499 level 0),
+    and the spec that cuts them."""
+    from synthetic_slides import make_large_pyramid
 
+    k = max(2, int(np.ceil(np.sqrt(n_patches))))
+    spec = GridSpec(target_mpp=0.5, patch_size=224, min_tissue=0.0, input_size=input_size)
+    side0 = int(np.ceil(k * 224 * 0.5 / 0.499)) + 2
+    return make_large_pyramid(path, side0, side0, min_side=min(1024, side0)), spec
+
+
+def throughput_section(args, models_dir: Path, rows: list[list[str]], info: list[str]) -> None:
+    dev = resolve_device(args.device)
+    arch, size, extra = MODELS[args.model]
+    encoder = make_encoder(models_dir, f"bench-{args.model}", arch, size, str(dev), extra)
+    from napari_gpfm.tiles.loader import default_num_workers
+
+    workers = default_num_workers(dev) if args.num_workers is None else args.num_workers
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads_for(workers))
+    slide_path, spec = synthetic_slide(models_dir / "bench.tif", args.patches, size)
     slide = open_slide(slide_path)
-    grid = make_grid(slide, PRESETS["gpfm-20x-224"], detect_tissue(slide, tissue),
-                     encoder_input=args.img_size)
-    patches = slide.read_patches(grid.coords, grid.patch_size_level0, grid.out_size)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # Interleave so that load from other processes on the machine hits both alike.
+    grid = make_grid(slide, spec, None, encoder_input=size)
+    patches = torch.from_numpy(slide.read_patches(grid.coords, grid.patch_size_level0,
+                                                  grid.out_size))  # fmt: skip
+    if dev.type == "cuda":
+        patches = patches.pin_memory()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} torch threads"  # fmt: skip
+    info += [f"device: {dev} ({where})",
+             f"model: {arch} at {size} px, random weights, dim {encoder.embed_dim}"
+             f"{', torch.compile' if args.compile else ''}",
+             f"workload: {len(grid)} patches of a synthetic pyramid, {workers} loader workers, "
+             f"{args.repeats} repeat(s), median"]  # fmt: skip
+    for name in args.precisions:
+        try:
+            precision = resolve_precision(name, dev)
+        except Exception as exc:  # e.g. bf16 on a GPU without it: say so in the table
+            rows.append([name, "-", "-", "-", "-", f"not run: {exc}"])
+            continue
+        batch = resolve_batch_size(args.batch_size, encoder, dev, precision)
+        forward = BatchForward(encoder, dev, precision, compiled=args.compile)
         model_rates, e2e = [], []
-        for _ in range(args.repeats):
-            model_rates.append(model_only_rate(encoder, patches, batch_size, dev))
-            e2e.append(end_to_end(encoder, slide_path, Path(tmp), batch_size, workers, device,
-                                  tissue))
-    model = float(np.median(model_rates))
-    steady = float(np.median([r["steady"] for r in e2e]))
-    overall = float(np.median([r["overall"] for r in e2e]))
-    first = float(np.median([r["first_batch_s"] for r in e2e]))
-    tag = "GPU" if dev.type == "cuda" else "CPU"
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{threads} torch threads"
-    rows += [
-        (f"{tag} device", f"{device} ({where}), precision {precision_name(dev)}"),
-        (f"{tag} model", f"{args.arch} @ {args.img_size}px, random weights, "
-                         f"dim {encoder.embed_dim}"),
-        (f"{tag} workload", f"{Path(slide_path).name}: {e2e[0]['patches']} patches, batch "
-                            f"{batch_size}, {workers} loader workers, {args.repeats} repeats "
-                            "(median)"),
-        (f"{tag} model-only patches/s", f"{model:.1f}"),
-        (f"{tag} end-to-end patches/s (steady, after 1st batch)", f"{steady:.1f}"),
-        (f"{tag} end-to-end patches/s (wall, incl. tissue + startup)",
-         f"{overall:.1f} (first batch after {first:.2f} s)"),
-        (f"{tag} ratio steady / model-only (goal ≥ 0.9)", f"**{steady / model:.2f}**"),
-        (f"{tag} ratio wall / model-only", f"{overall / model:.2f}"),
-    ]
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.repeats):  # interleaved: load from elsewhere hits both alike
+                model_rates.append(model_only_rate(forward, patches, batch, dev,
+                                                   args.min_seconds)[0])  # fmt: skip
+                e2e.append(end_to_end(encoder, slide_path, Path(tmp), spec, batch, workers,
+                                      str(dev), precision, args.compile))  # fmt: skip
+        model = float(np.median(model_rates))
+        steady = float(np.median([r["steady"] for r in e2e]))
+        overall = float(np.median([r["overall"] for r in e2e]))
+        rows.append([precision, str(batch), f"{model:,.1f}", f"{steady:,.1f}",
+                     f"{overall:,.1f}", f"**{steady / model:.2f}**"])  # fmt: skip
 
 
 def rss_section(args, models_dir: Path, rows: list[tuple[str, str]]) -> None:
@@ -256,54 +289,55 @@ def rss_section(args, models_dir: Path, rows: list[tuple[str, str]]) -> None:
     ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--slide", type=Path, default=None,
-                   help="slide for the CPU section (default: a synthetic pyramid of --cpu-side, "
-                        "else the sample slide)")
-    p.add_argument("--cpu-side", type=int, default=4096)
-    p.add_argument("--arch", default="vit_small_patch14_dinov2")
-    p.add_argument("--img-size", type=int, default=112,
-                   help="model input; 112 makes the model ~5x cheaper than at 224, so loading "
-                        "weighs more: a stricter test of the loader")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--gpu-batch-size", type=int, default=256)
-    p.add_argument("--gpu-side", type=int, default=16_000,
-                   help="side of the synthetic slide used for the GPU section")
+    p.add_argument("--model", choices=sorted(MODELS), default="vit-l",
+                   help="vit-l: GPFM's ViT-L/14 at 224 (the GPU figure); tiny/small: CPU runs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precisions", default="fp32,fp16,bf16",
+                   help="comma-separated precisions to measure (default: all three)")
+    p.add_argument("--patches", type=int, default=2048,
+                   help="patches in the synthetic slide (rounded up to a square grid)")
+    p.add_argument("--batch-size", default="auto", help="N or auto (free GPU memory)")
     p.add_argument("--num-workers", type=int, default=None,
-                   help="loader workers (default: the embed default, min(2, CPUs))")
-    p.add_argument("--repeats", type=int, default=2)
+                   help="loader workers (default: the embed default for the device)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="time model-only for at least this long (loops over the patches)")
+    p.add_argument("--memory", action="store_true",
+                   help="also run the memory section on a large synthetic pyramid")
     p.add_argument("--large-side", type=int, default=100_000)
     p.add_argument("--large-batches", type=int, default=0, help="stop after N batches (0: all)")
-    p.add_argument("--skip-large", action="store_true")
-    args = p.parse_args()
-    from napari_gpfm.tiles.loader import default_num_workers
-
-    workers = default_num_workers() if args.num_workers is None else args.num_workers
-    args.num_workers = workers
-    rows: list[tuple[str, str]] = []
+    args = p.parse_args(argv)
+    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if args.batch_size != "auto":
+        args.batch_size = int(args.batch_size)
+    rows: list[list[str]] = []
+    info: list[str] = [f"load average before: {os.getloadavg()[0]:.2f}"]
     with tempfile.TemporaryDirectory() as models:
         models_dir = Path(models)
-        if not args.skip_large:  # first, so the baseline holds no benchmark arrays
-            rss_section(args, models_dir, rows)
-        cpu_slide = args.slide
-        if cpu_slide is None:
-            from synthetic_slides import make_large_pyramid
+        if args.memory:  # first, so the baseline holds no benchmark arrays
+            mem_rows: list[tuple[str, str]] = []
+            if args.num_workers is None:
+                from napari_gpfm.tiles.loader import default_num_workers
 
-            cpu_slide = make_large_pyramid(models_dir / "cpu.tif", args.cpu_side, args.cpu_side)
-        throughput_section(args, cpu_slide, "cpu", args.batch_size, workers, models_dir, rows)
-        if torch.cuda.is_available():
-            gpu_workers = max(workers, min(8, (os.cpu_count() or 2) - 1))
-            from synthetic_slides import make_large_pyramid
-
-            gpu_slide = make_large_pyramid(models_dir / "gpu.tif", args.gpu_side, args.gpu_side)
-            throughput_section(args, gpu_slide, "cuda", args.gpu_batch_size, gpu_workers,
-                               models_dir, rows)
-        else:
-            rows.append(("GPU", "no CUDA device: section skipped"))
-    print("| measure | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
+                args.num_workers = default_num_workers()
+            rss_section(args, models_dir, mem_rows)
+            print("| memory | value |\n|---|---|")
+            for k, v in mem_rows:
+                print(f"| {k} | {v} |")
+            print()
+        throughput_section(args, models_dir, rows, info)
+    info.append(f"load average after: {os.getloadavg()[0]:.2f}")
+    for line in info:
+        print(f"- {line}")
+    print()
+    print("| precision | batch | model-only patches/s | end-to-end patches/s (steady) | "
+          "end-to-end incl. start-up | end-to-end / model-only (goal ≥ 0.9) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
     return 0
 
 
