@@ -41,12 +41,9 @@ def config_overrides(overrides: list[str], init: str | None) -> list[str]:
     then the command line's own overrides (which win)."""
     if init is None:
         return list(overrides)
-    import json
+    from .config import init_dotlist
 
-    from .config import init_overrides
-
-    pairs = [f"{k}={json.dumps(v)}" for k, v in init_overrides(init).items()]
-    return pairs + list(overrides)
+    return init_dotlist(init) + list(overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -385,6 +385,7 @@ SCHEMA: dict[str, Spec] = {
     "experts.models": MAPPING,  # each entry: see _check_experts
     "supervised.weight": WEIGHT,
     "supervised.label_smoothing": Num(0.0, 1.0, hi_open=True),
+    "supervised.require_labels": BOOL,
     "crops.global_size": Int(1),  # and a multiple of the student's patch size
     "crops.global_scale": Pair(0.0, 1.0, lo_open=True),
     "crops.local_number": Int(0),
@@ -413,6 +414,7 @@ SCHEMA: dict[str, Spec] = {
     "data.multi_mpp": Spec(lambda v: isinstance(v, list) and all(POSITIVE.check(x) for x in v),
                            "a list of mpp > 0 (may be empty)"),
     "data.random_position": BOOL,
+    "data.annotations": BOOL,
     "data.patch_size": Int(8),
     "data.min_tissue": PROB,
     "data.num_workers": Int(0),
@@ -662,6 +664,11 @@ def init_overrides(value: str | None) -> dict[str, Any]:
     layerscale = kwargs.pop("init_values", None)
     return {"student.init": value, "student.arch": arch.timm_name, "student.kwargs": kwargs,
             "student.layerscale_init": layerscale}
+
+
+def init_dotlist(value: str | None) -> list[str]:
+    """:func:`init_overrides` as ``key=value`` strings (values in JSON, which is YAML)."""
+    return [f"{k}={json.dumps(v)}" for k, v in init_overrides(value).items()]
 
 
 def _check_init(cfg: Config) -> None:

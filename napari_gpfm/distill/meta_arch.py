@@ -172,9 +172,19 @@ class DistillMetaArch(nn.Module):
         student["expert_heads"] = nn.ModuleDict(
             {name: ExpertHead(dim, x.cls_dim, head_dim) for name, x in experts.items()}
         )
+        self.build_notes: list[str] = []
+        if self.w["supervised"] > 0 and n_classes < 2:
+            if cfg["supervised"]["require_labels"]:
+                raise ConfigError(
+                    f"supervised.weight > 0 needs >= 2 labelled classes (found {n_classes}): "
+                    "tiles in class sub-folders, or slides with <slide>.geojson annotations "
+                    "(data.annotations); or set supervised.require_labels=false",
+                    key="supervised.weight", value=self.w["supervised"])
+            self.w["supervised"] = 0.0
+            self.build_notes.append(
+                f"supervised.weight > 0 but the data hold {n_classes} labelled class(es) "
+                "(supervised.require_labels is false): supervised term switched off")
         if self.w["supervised"] > 0:
-            if n_classes < 2:
-                raise ConfigError("supervised.weight > 0 needs tiles in >= 2 class folders")
             student["supervised_head"] = nn.Linear(dim, n_classes)
 
         self.student, self.teacher = student, teacher.requires_grad_(False)

@@ -102,11 +102,23 @@ def expand_slide_paths(items: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def annotation_file(slide: Path) -> Path | None:
+    """``<slide name>.geojson`` beside the slide (QuPath's export, or the Annotate dock's
+    save), if there is one."""
+    for candidate in (slide.with_suffix(".geojson"), slide.parent / f"{slide.name}.geojson"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 class SlidePatchSource:
     """Tissue patches of local slides on an exact-mpp grid (napari_gpfm.slide / .tiles).
 
     The grid of every slide is computed once at construction; patches are read on demand at
-    ``data.patch_size`` pixels.
+    ``data.patch_size`` pixels. With ``data.annotations: true`` a slide whose annotations sit
+    beside it (:func:`annotation_file`) labels its patches by class (half a patch inside a
+    class's shapes, :func:`napari_gpfm.annotations.labels_from_annotations`); the supervised
+    term then uses them. Other patches are unlabelled.
     """
 
     def __init__(self, slides: Sequence[str | Path], cfg: Config) -> None:
@@ -125,18 +137,38 @@ class SlidePatchSource:
         )
         self.size0: list[int] = []
         coords: list[np.ndarray] = []
+        named: list[tuple[np.ndarray, list[str]]] = []
+        self.annotation_files: list[str] = []
         for path in self.paths:
             slide = open_slide(path, mpp=self.mpp)
             grid = make_grid(slide, spec, detect_tissue(slide, TissueParams()))
             self.size0.append(int(grid.patch_size_level0))
             coords.append(np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
+            named.append(self._annotation_labels(path, coords[-1], self.size0[-1], data))
         self.index = np.concatenate(
             [np.column_stack([np.full(len(c), i), c]) for i, c in enumerate(coords)]
         )
         if not len(self.index):
             raise ValueError(f"no tissue patches found in {len(self.paths)} slide(s)")
-        self.classes: list[str] = []
+        self.classes = sorted({c for _, names in named for c in names})
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        self._labels = np.concatenate([
+            np.array([lookup[names[i]] if i >= 0 else UNLABELLED for i in labels], dtype=np.int64)
+            for labels, names in named]) if named else np.zeros(0, dtype=np.int64)
         self._open: dict[int, Any] = {}
+
+    def _annotation_labels(self, path: Path, coords: np.ndarray, size0: int, data: Config
+                           ) -> tuple[np.ndarray, list[str]]:
+        """(per-patch class index into the names, -1 unlabelled; class names) of one slide."""
+        unlabelled = (np.full(len(coords), UNLABELLED, dtype=np.int64), [])
+        found = annotation_file(path) if data.get("annotations", False) else None
+        if found is None or not len(coords):
+            return unlabelled
+        from napari_gpfm.annotations import labels_from_annotations, read_geojson
+
+        labels = labels_from_annotations(read_geojson(found), coords, size0)
+        self.annotation_files.append(str(found))
+        return np.asarray(labels.labels, dtype=np.int64), list(labels.class_names)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -154,10 +186,14 @@ class SlidePatchSource:
         return _as_rgb(np.asarray(patch))
 
     def label(self, index: int) -> int:
-        return UNLABELLED
+        return int(self._labels[index])
 
     def describe(self) -> dict[str, Any]:
-        return {"slides": [str(p) for p in self.paths], "n_patches": len(self)}
+        out: dict[str, Any] = {"slides": [str(p) for p in self.paths], "n_patches": len(self)}
+        if self.annotation_files:
+            out.update(annotations=self.annotation_files, classes=self.classes,
+                       n_labelled=int((self._labels != UNLABELLED).sum()))
+        return out
 
 
 class ConcatSource:

@@ -166,6 +166,8 @@ class TrainingRun:
         experts, expert_weights = build_experts(cfg, self.device, expert_specs)
         self.meta = DistillMetaArch(cfg, experts, expert_weights, len(self.source.classes),
                                     load_init=resume_from is None)
+        for note in self.meta.build_notes:
+            self.note(note)
         if self.meta.init_report is not None:
             self.note(self.meta.init_report.message())
         elif cfg["student"]["init"] is not None:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from napari_gpfm.distill.config import ConfigError, init_overrides, load_config
+from napari_gpfm.distill.config import ConfigError, init_overrides, load_config, merge, nest_dotted
 from napari_gpfm.distill.student_init import StudentInitError
 from napari_gpfm.distill.train import TrainingRun
 
@@ -157,3 +157,69 @@ def test_cli_init_sets_the_registry_architecture_before_the_overrides():
     parsed = parse_dotlist(config_overrides(["student.init_strict=false"], "gpfm"))
     assert parsed["student"] == {"init": "gpfm", "arch": "vit_large_patch14_dinov2",
                                  "kwargs": {}, "layerscale_init": 1e-5, "init_strict": False}
+
+
+def test_continue_gpfm_config_starts_from_gpfm_and_keeps_it_as_expert(tmp_path, monkeypatch):
+    from napari_gpfm.encoders import WeightsNotFoundError
+
+    monkeypatch.setenv("GPFM_WEIGHTS", str(tmp_path / "absent.pth"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/napari-gpfm/weights/GPFM.pth
+    cfg = load_config("continue_gpfm", [f"data.tiles=[{tmp_path}]"])
+    assert cfg["student"]["init"] == "gpfm" and cfg["student"]["arch"] == init_overrides(
+        "gpfm")["student.arch"]
+    assert cfg["experts"]["models"]["gpfm"]["encoder"] == "gpfm"
+    assert cfg["supervised"]["weight"] > 0 and not cfg["supervised"]["require_labels"]
+    with pytest.raises(WeightsNotFoundError, match="gpfm"):
+        TrainingRun(merge(cfg, nest_dotted({"output.dir": str(tmp_path / "run")})))
+
+
+def test_slide_annotations_label_patches_for_the_supervised_term(tiny_config, tmp_path):
+    import json
+    import shutil
+
+    repo = Path(__file__).resolve().parents[2]
+    sample = repo / "sample_data" / "CMU-1-Small-Region.svs"
+    if not sample.is_file():
+        pytest.skip(f"sample slide {sample} not found")
+    slide = tmp_path / sample.name
+    shutil.copy(sample, slide)
+    from napari_gpfm.slide import open_slide
+
+    w, h = open_slide(slide).level_dimensions[0]
+    def square(x0, x1, name):
+        ring = [[x0, 0], [x1, 0], [x1, h], [x0, h], [x0, 0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": name}}}
+    (tmp_path / "CMU-1-Small-Region.geojson").write_text(json.dumps(
+        {"type": "FeatureCollection", "features": [square(0, w // 2, "Left"),
+                                                   square(w // 2, w, "Right")]}))
+    from napari_gpfm.distill.sources import build_source
+
+    cfg = tiny_config(**{"data.tiles": [], "data.slides": [str(slide)]})
+    source = build_source(cfg)
+    assert source.classes == ["Left", "Right"]
+    labels = [source.label(i) for i in range(len(source))]
+    assert set(labels) <= {-1, 0, 1} and labels.count(0) and labels.count(1)
+    assert source.describe()["n_labelled"] == sum(v >= 0 for v in labels)
+    cfg = tiny_config(**{"data.tiles": [], "data.slides": [str(slide)],
+                         "data.annotations": False})
+    assert build_source(cfg).classes == []
+
+
+def test_supervised_term_without_labels_is_switched_off_when_allowed(tiny_config, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    from napari_gpfm.distill.sources import build_source
+
+    src = build_source(tiny_config(**{"train.steps": 1}))
+    for i in range(8):  # tiles without class folders
+        from PIL import Image
+
+        Image.fromarray(src.read(i)).save(flat / f"t{i}.png")
+    cfg = tiny_config(**{"data.tiles": [str(flat)], "supervised.weight": 1.0})
+    with pytest.raises(ConfigError, match="supervised.weight > 0 needs >= 2 labelled classes"):
+        TrainingRun(cfg)
+    run = TrainingRun(tiny_config(**{"data.tiles": [str(flat)], "supervised.weight": 1.0,
+                                     "supervised.require_labels": False}))
+    assert "supervised_head" not in run.meta.student
+    assert any("supervised term switched off" in n for n in run.notes)
