@@ -40,25 +40,6 @@ def assert_progress(records: list, job: str, first: str = "started") -> None:
             assert r.done <= r.total, r
 
 
-def tiny_card(name: str = "jobs-tiny") -> dict:
-    """A tiny random DINOv2-style ViT (48-d, 3 blocks, 56 px; LayerScale 1 so blocks matter)
-    whose recommended tiling is 224 px at 0.5 µm/px."""
-    return {
-        "name": name, "display_name": name, "is_gpfm": False,
-        "architecture": {"timm_name": "vit_small_patch14_dinov2",
-                         "kwargs": {"img_size": 56, "embed_dim": 48, "depth": 3, "num_heads": 2,
-                                    "num_classes": 0, "init_values": 1.0}},
-        "checkpoint_layout": "timm",
-        "input": {"size": 56, "interpolation": "bicubic",
-                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "embed_dim": 48,
-        "weights": {"file": None, "env": None, "default_path": None, "hf_hub": None,
-                    "url": None, "sha256": None},
-        "license": "Apache-2.0", "gated": False,
-        "recommended_tiles": {"target_mpp": 0.5, "patch_size": 224}, "provenance": {},
-    }
-
-
 def annotation(cls: str, x0: float, y0: float, x1: float, y1: float):
     from napari_gpfm.annotations.geojson import Annotation
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from jobs_helpers import SAMPLE, annotation, assert_progress, drive, tiny_card
+from jobs_helpers import SAMPLE, annotation, assert_progress, drive
+from tiny_models import layerscale_card
 from napari_gpfm import pathotune as pt
 from napari_gpfm.jobs import JobResult, NotEnoughClassesError, PathoTuneJob, pathotune_job
 from napari_gpfm.jobs.pathotune import STAGES
@@ -29,7 +30,7 @@ NAMES = ["tumour", "stroma"]
 @pytest.fixture(scope="module", autouse=True)
 def models_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("jobs-models")
-    (d / f"{MODEL}.yaml").write_text(yaml.safe_dump(tiny_card(MODEL), sort_keys=False))
+    (d / f"{MODEL}.yaml").write_text(yaml.safe_dump(layerscale_card(MODEL), sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NAPARI_GPFM_MODELS_DIR", str(d))
         mp.setenv("HF_HUB_OFFLINE", "1")

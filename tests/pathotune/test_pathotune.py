@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny_models import FakeText
+from tiny_models import FakeText, layerscale_card
 
 from napari_gpfm import pathotune as pt
 from napari_gpfm.analyses.classifier import PatchSet
@@ -25,32 +25,12 @@ from napari_gpfm.pathotune.train import augment_batch
 TILES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tiles" / "crc-he"
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
-ARCH = {"timm_name": "vit_small_patch14_dinov2",
-        "kwargs": {"img_size": 56, "embed_dim": 48, "depth": 3, "num_heads": 2, "num_classes": 0,
-                   # LayerScale 1 (timm's DINOv2 default 1e-5 would make random blocks invisible)
-                   "init_values": 1.0}}
-
-
-def _card(name: str, depth: int = 3) -> dict:
-    arch = {"timm_name": ARCH["timm_name"], "kwargs": {**ARCH["kwargs"], "depth": depth}}
-    return {
-        "name": name, "display_name": name, "is_gpfm": False, "architecture": arch,
-        "checkpoint_layout": "timm",
-        "input": {"size": 56, "interpolation": "bicubic",
-                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "embed_dim": 48,
-        "weights": {"file": None, "env": None, "default_path": None, "hf_hub": None,
-                    "url": None, "sha256": None},
-        "license": "Apache-2.0", "gated": False,
-        "recommended_tiles": {"target_mpp": 0.5, "patch_size": 224}, "provenance": {},
-    }
-
-
 @pytest.fixture(scope="module", autouse=True)
 def models_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("pt-models")
     for name, depth in (("pt-tiny", 3), ("pt-tiny-d2", 2)):
-        (d / f"{name}.yaml").write_text(yaml.safe_dump(_card(name, depth), sort_keys=False))
+        card = layerscale_card(name, depth)
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NAPARI_GPFM_MODELS_DIR", str(d))
         mp.setenv("HF_HUB_OFFLINE", "1")
