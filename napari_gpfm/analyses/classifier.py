@@ -6,7 +6,7 @@ on a frozen backbone over the patches' pixels
 (:class:`~napari_gpfm.pathotune.model.PathoTuneClassifier`, a ``.safetensors`` file). Both
 
 - fit from labelled patches (a :class:`PatchSet` of one slide and one label per patch;
-  ``analyses.classify.fit_probe_on_store`` and ``pathotune.train_from_slide``) into one
+  ``analyses.classify.train_probe`` and ``pathotune.train_from_slide``) into one
   :class:`TrainResult`;
 - save to one file bound to the recipe they were trained on (``recipe``: model, weights SHA-256,
   target mpp, patch size...) and are read back by one loader,
