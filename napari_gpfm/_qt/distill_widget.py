@@ -16,6 +16,11 @@ starting again resumes).
 - **Each config says what it is and how long it takes here**: the first comment line of its
   file, and steps × seconds per step (measured by an earlier run of this config on this
   machine, else the project's benchmark), for the steps still to run.
+- **Start from a model**: "Start from" picks the config's own random start, any registry model
+  (its architecture replaces the config's: ``student.init`` and ``--init`` of the command line)
+  or a weights file; the teacher starts as a copy.
+- **Collapse guard**: every step shows the teacher's image-dependent information (nats); when
+  it stays near 0 the dock shows the run's warning in red and napari shows it as a notification.
 """
 
 from __future__ import annotations
@@ -48,10 +53,20 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "distill" / "configs" / 
 DEFAULT_RUNS_DIR = Path.home() / "napari-gpfm-runs" / "finetune"
 
 
+RANDOM_START = "Random (as the config says)"
+FILE_START = "Weights file…"
+
+
 def run_overrides(slides: list[str], tiles: str, out_dir: str, steps: int, extra: str,
-                  model_name: str | None = None) -> list[str]:  # fmt: skip
-    """The ``key=value`` overrides a run from this dock adds to its experiment config."""
+                  model_name: str | None = None, init: str | None = None) -> list[str]:  # fmt: skip
+    """The ``key=value`` overrides a run from this dock adds to its experiment config
+    (``init``: a registry model or weights file to start from; the typed overrides come last
+    and win)."""
     overrides = [f"data.slides={json.dumps(slides)}", f"output.dir={json.dumps(out_dir)}"]
+    if init:
+        from ..distill.config import init_dotlist
+
+        overrides += init_dotlist(init)
     if tiles:
         overrides.append(f"data.tiles={json.dumps([tiles])}")
     if steps > 0:
@@ -119,6 +134,7 @@ class DistillWidget(QWidget):
         self.session = session_for(napari_viewer)
         self.stop_event = threading.Event()
         self.result = None
+        self.collapse_warning = ""  # the collapse guard's warning of the current run
         self._auto_name = ""  # the default name shown (replaced when the config changes)
         self._names: set[str] = set()  # the registry's model names (refresh_models)
 
@@ -130,6 +146,14 @@ class DistillWidget(QWidget):
         browse.clicked.connect(lambda: self._browse_config())
         self.config_info = QLabel("")
         self.config_info.setWordWrap(True)
+        self.init_combo = QComboBox()
+        self.init_combo.setToolTip(
+            "Start the student (and its teacher, a copy) from a registry model, e.g. GPFM to "
+            "continue its pretraining on your slides, or from a weights file; the model's "
+            "architecture replaces the config's.")
+        self.init_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.init_combo.setMinimumContentsLength(12)
         self.name_edit = QLineEdit()
         self.name_edit.setToolTip(
             "The finetuned model's name in every model list (lower case, letters, digits, "
@@ -167,6 +191,7 @@ class DistillWidget(QWidget):
         form = QFormLayout()
         form.addRow("Config", config_row)
         form.addRow(self.config_info)
+        form.addRow("Start from", self.init_combo)
         form.addRow("Model name", self.name_edit)
         form.addRow("Slides", self.slide_list)
         form.addRow("Tiles", self.tiles_edit)
@@ -187,6 +212,7 @@ class DistillWidget(QWidget):
 
         self.start_button.clicked.connect(lambda: self.start())
         self.config_combo.currentTextChanged.connect(lambda _: self._config_changed())
+        self.init_combo.activated.connect(lambda _: self._init_chosen())
         self.steps_spin.valueChanged.connect(lambda _: self.update_info())
         self.extra_edit.editingFinished.connect(lambda: self.update_info())
         self.name_edit.editingFinished.connect(lambda: self.update_info())
@@ -197,6 +223,7 @@ class DistillWidget(QWidget):
             emitter.connect(cb)
         self.destroyed.connect(_disconnect(hooks))
         self._update_slides()
+        self._fill_init_choices()
         self._config_changed()
         self.refresh_models()
         settle_width(self)
@@ -207,6 +234,49 @@ class DistillWidget(QWidget):
                                               "YAML (*.yaml *.yml)")  # fmt: skip
         if path:
             self.config_combo.setEditText(path)
+
+    def _fill_init_choices(self) -> None:
+        """Random, every registry model a student can start from, a file (kept selected)."""
+        from ..jobs.distill import init_choices
+
+        current = self.init_value()
+        self.init_combo.blockSignals(True)
+        self.init_combo.clear()
+        self.init_combo.addItem(RANDOM_START, None)
+        try:
+            choices = init_choices()
+        except Exception:  # noqa: BLE001 - a broken card must not break the dock
+            choices = []
+        for name, label in choices:
+            self.init_combo.addItem(f"{name} — {label}", name)
+        if current and self.init_combo.findData(current) < 0:
+            self.init_combo.addItem(Path(current).name, current)
+        self.init_combo.addItem(FILE_START, FILE_START)
+        index = self.init_combo.findData(current) if current else 0
+        self.init_combo.setCurrentIndex(max(index, 0))
+        self.init_combo.blockSignals(False)
+
+    def init_value(self) -> str | None:
+        """The registry model or weights file chosen in "Start from" (None: random)."""
+        value = self.init_combo.currentData()
+        return None if value in (None, FILE_START) else str(value)
+
+    def set_init(self, value: str | None) -> None:
+        """Choose a registry model or a weights file (None: random) as the start."""
+        if value is not None and self.init_combo.findData(value) < 0:
+            self.init_combo.insertItem(self.init_combo.count() - 1, Path(value).name, value)
+        self.init_combo.setCurrentIndex(max(self.init_combo.findData(value), 0)
+                                        if value is not None else 0)
+        self.update_info()
+
+    def _init_chosen(self) -> None:
+        if self.init_combo.currentData() == FILE_START:
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Weights to start from", "",
+                "Weights (*.pth *.pt *.bin *.safetensors);;All files (*)")
+            self.set_init(path or None)
+            return
+        self.update_info()
 
     def _update_slides(self, event=None) -> None:
         checked = set(self.selected_slides())
@@ -249,7 +319,8 @@ class DistillWidget(QWidget):
     def _overrides(self) -> list[str]:
         return run_overrides(self.selected_slides(), self.tiles_edit.text().strip(),
                              str(self.run_dir()), self.steps_spin.value(),
-                             self.extra_edit.text(), self.model_name() or None)  # fmt: skip
+                             self.extra_edit.text(), self.model_name() or None,
+                             self.init_value())  # fmt: skip
 
     def update_info(self) -> None:
         """The config's one-line description and how long its steps still to run take here."""
@@ -282,6 +353,10 @@ class DistillWidget(QWidget):
                 if estimate is None else f" ≈ {fmt_duration(estimate[0])} ({estimate[1]})")
         resume = f", resuming at step {done + 1}" if done else ""
         lines.append(f"{todo:,} of {steps:,} steps to run{resume}{when}.")
+        init = self.init_value()
+        if init:
+            lines.append(f"Student and teacher start from {init} "
+                         f"({cfg['student']['arch']}).")
         name = self.model_name()
         if name and name in self._names:
             lines.append(f"A model named '{name}' exists: a finished run replaces it.")
@@ -305,6 +380,7 @@ class DistillWidget(QWidget):
         except Exception:  # noqa: BLE001 - a broken card must not break the dock
             cards = []
         self._names = {c.name for c in cards}
+        self._fill_init_choices()
         for card in cards:
             if card.path is None or card.path.parent.resolve() != user:
                 continue
@@ -344,6 +420,7 @@ class DistillWidget(QWidget):
             return
         self.stop_event = threading.Event()
         self.result = None
+        self.collapse_warning = ""
         self.plot.set_history(loss_history(self.run_dir()) if cfg["train"]["resume"] else [])
         resumed = f" (resuming at step {self.plot.steps[-1] + 2})" if self.plot.steps else ""
         self.jobs.run(distill_job(cfg, self.stop_event, timing_key=config),
@@ -361,12 +438,16 @@ class DistillWidget(QWidget):
         record = p.data
         if p.status != "running" or record is None or not hasattr(record, "losses"):
             return
+        from ..jobs.distill import step_message
+
         self.plot.add(record.losses["total"], record.step)
-        terms = ", ".join(f"{k} {v:.3f}" for k, v in record.losses.items() if k != "total")
-        self.jobs.say(
-            f"step {record.step + 1}/{record.total_steps}: loss {record.losses['total']:.4f} "
-            f"({terms}); {record.images_per_s:.1f} images/s"
-        )
+        if record.warning:
+            self.collapse_warning = record.warning
+            _notify_warning(record.warning)
+        text = step_message(record)
+        if self.collapse_warning and not record.warning:
+            text += f"\n⚠ {self.collapse_warning}"
+        self.jobs.say(text, error=bool(self.collapse_warning))
 
     def _on_done(self, result) -> None:
         self.result = result
@@ -381,6 +462,15 @@ class DistillWidget(QWidget):
                 f"{result.output_dir}. Start again to resume."
             )
             self.update_info()
+
+
+def _notify_warning(text: str) -> None:
+    """A napari warning notification (the dock shows the text too)."""
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:  # pragma: no cover - napari is a dependency of the dock
+        return
+    show_warning(text)
 
 
 def _disconnect(hooks: list[tuple[Any, Any]]):

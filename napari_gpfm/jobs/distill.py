@@ -4,7 +4,9 @@ Records (``job="distill"``, ``stage="training"``, ``unit="steps"``, ``total`` = 
 ``started`` before the model and data are built, ``running`` after every optimiser step
 (``done`` = steps completed, counting a resumed run's earlier steps; ``data`` the
 :class:`~napari_gpfm.distill.StepRecord`: ``losses`` dict with ``"total"``, ``schedule``,
-``images_per_s``), and ``done`` at the end (``data`` the
+``images_per_s``, ``diagnostics`` with the teacher's image-dependent information
+``teacher_info`` and ``warning``, the collapse guard's warning on the step it fired, which the
+message repeats after a ⚠), and ``done`` at the end (``data`` the
 :class:`~napari_gpfm.distill.DistillResult`, also the generator's return value: ``finished``,
 ``next_step``, ``checkpoint``, ``card_path``/``weights_path`` of the exported student).
 
@@ -37,7 +39,8 @@ from .pathotune import quiet_gc
 from .progress import Meter, Progress
 
 __all__ = ["config_description", "default_model_name", "distill_job", "estimate_duration",
-           "loss_history", "preview_config", "record_timing", "timings_path"]
+           "init_choices", "loss_history", "preview_config", "record_timing", "step_message",
+           "timings_path"]
 
 JOB = "distill"
 STAGE = "training"
@@ -161,6 +164,21 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def init_choices() -> list[tuple[str, str]]:
+    """(registry name, label) of the models a student can start from: every card whose
+    architecture a student can keep (no LayerNorm epsilon override), weights present or not
+    (the label says which; a missing file stops the run with how to get it)."""
+    from ..encoders import list_cards
+
+    out = []
+    for card in list_cards():
+        if card.architecture.norm_eps is not None:
+            continue
+        present = card.resolve_weights(None) is not None
+        out.append((card.name, f"{card.display_name}" + ("" if present else " (no weights here)")))
+    return out
+
+
 def loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
     """(step, total loss) of every step a run logged (``<run_dir>/log.csv``), in order."""
     from ..distill.runlog import LOG_FILE
@@ -178,6 +196,20 @@ def loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
         except (KeyError, TypeError, ValueError):
             continue
     return out
+
+
+def step_message(record: Any) -> str:
+    """One step in words: loss and terms, the teacher's image-dependent information (the
+    collapse guard's measure, nats), images/s, and the guard's warning when it fired."""
+    losses = record.losses
+    terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "total")
+    info = getattr(record, "diagnostics", {}).get("teacher_info")
+    msg = (f"step {record.step + 1}/{record.total_steps}: loss {losses['total']:.4f}"
+           + (f" ({terms})" if terms else "")
+           + (f"; teacher info {info:.3f} nats" if info is not None else "")
+           + f"; {record.images_per_s:.1f} images/s")
+    warning = getattr(record, "warning", None)
+    return f"{msg}\n⚠ {warning}" if warning else msg
 
 
 def _config(config: Any, overrides: Sequence[str] | Mapping[str, Any] | None) -> dict:
@@ -245,11 +277,7 @@ def distill_job(
             stamps.append(time.perf_counter())
             if meter is None:  # rate over this run's steps (a resumed run starts later)
                 meter = Meter(JOB, STAGE, record.total_steps, "steps", start_done=done)
-            losses = record.losses
-            terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "total")
-            msg = (f"step {done}/{record.total_steps}: loss {losses['total']:.4f}"
-                   + (f" ({terms})" if terms else "") + f"; {record.images_per_s:.1f} images/s")
-            yield meter.progress(done, "running", msg, record)
+            yield meter.progress(done, "running", step_message(record), record)
     except GeneratorExit:
         # closed at a record: let the loop finish its step, save a checkpoint and end
         stop_event.set()

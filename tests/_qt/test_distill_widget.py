@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from napari_gpfm._qt.distill_widget import DistillWidget, run_overrides
@@ -63,3 +65,49 @@ def test_stop_saves_a_checkpoint_and_start_resumes(widget, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     # resumed: a restart from scratch would stop at step 0 or 1
     assert widget.result.next_step in (first.next_step, first.next_step + 1)
+
+
+def test_start_from_a_registry_model_or_a_file(widget, tmp_path):
+    from napari_gpfm._qt.distill_widget import RANDOM_START
+
+    combo = widget.init_combo
+    assert combo.itemText(0) == RANDOM_START and widget.init_value() is None
+    names = [combo.itemData(i) for i in range(combo.count())]
+    assert "gpfm" in names and "uni" in names  # registry models a student can start from
+    widget.set_init("gpfm")
+    assert widget.init_value() == "gpfm"
+    overrides = widget._overrides()
+    assert "student.init=\"gpfm\"" in overrides
+    assert "student.arch=\"vit_large_patch14_dinov2\"" in overrides
+    # the typed overrides come last, so they still win
+    assert overrides.index("student.arch=\"vit_large_patch14_dinov2\"") < overrides.index(
+        "train.batch_size=4")
+    assert "start from gpfm (vit_large_patch14_dinov2)" in widget.config_info.text()
+    weights = tmp_path / "my.safetensors"
+    weights.write_bytes(b"")
+    widget.set_init(str(weights))
+    assert widget.init_value() == str(weights)
+    assert f"student.init={json.dumps(str(weights))}" in widget._overrides()
+    widget.set_init(None)
+    assert not any(o.startswith("student.init") for o in widget._overrides())
+
+
+def test_the_dock_shows_the_teacher_information_and_the_collapse_warning(widget, qtbot,
+                                                                          monkeypatch):
+    from napari_gpfm.distill import collapse
+
+    monkeypatch.setattr(collapse, "COLLAPSE_NATS", 1e9)  # every step counts as collapsed
+    monkeypatch.setattr(collapse, "COLLAPSE_WINDOW", 2)
+    shown: list[tuple[str, bool]] = []
+    say = widget.jobs.say
+    monkeypatch.setattr(widget.jobs, "say", lambda text, error=False: (
+        shown.append((text, error)), say(text, error))[-1])
+    widget.steps_spin.setValue(3)
+    widget.start_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    steps = [(t, e) for t, e in shown if t.startswith("step ")]
+    assert len(steps) == 3 and all("teacher info" in t and "nats" in t for t, _ in steps)
+    assert [e for _, e in steps] == [False, True, True]  # red from the warning on
+    assert "⚠ collapse guard" in steps[1][0] and "⚠ collapse guard" in steps[2][0]
+    assert widget.collapse_warning.startswith("collapse guard")
+    assert widget.result.finished
