@@ -68,7 +68,7 @@ class EmbedRequest:
     (fp16 on CUDA, fp32 elsewhere), ``"fp32"``, ``"fp16"`` or ``"bf16"``: the resolved value is
     part of the recipe, so a store of another precision is not this request's store.
     ``batch_size`` is a number, ``"auto"`` (from free GPU memory on CUDA) or ``None`` (the
-    dock's small CPU batches, 64 on CUDA); ``compile`` runs the network through
+    dock's small CPU batches, ``"auto"`` on CUDA); ``compile`` runs the network through
     ``torch.compile``.
     """
 
@@ -283,10 +283,11 @@ def _encoder(req: EmbedRequest, dev: str) -> Any:
     return _ENCODERS[key]
 
 
-def batch_size_for(card: Any, device: str) -> int:
-    """Small CPU batches keep Cancel prompt (a batch is the cancel granularity)."""
+def batch_size_for(card: Any, device: str) -> int | str:
+    """Small CPU batches keep Cancel prompt (a batch is the cancel granularity); on CUDA
+    ``"auto"``: sized from the free GPU memory when the run starts."""
     if device.startswith("cuda"):
-        return 64
+        return "auto"
     from ..embeddings.pipeline import cpu_batch_size
 
     return cpu_batch_size(card.embed_dim)

@@ -333,3 +333,13 @@ def test_bad_batch_size_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["s.svs", "--out", "o", "--batch-size", "0"])
     assert e.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
+
+
+def test_dock_batches_small_on_cpu_and_from_free_memory_on_cuda():
+    from types import SimpleNamespace
+
+    from napari_gpfm.jobs.embed import batch_size_for
+
+    assert batch_size_for(SimpleNamespace(embed_dim=1024), "cpu") == 4
+    assert batch_size_for(SimpleNamespace(embed_dim=384), "cpu") == 16
+    assert batch_size_for(SimpleNamespace(embed_dim=1024), "cuda:1") == "auto"
