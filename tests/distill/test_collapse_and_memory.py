@@ -97,3 +97,16 @@ def test_only_the_last_blocks_train(tiny_config):
     grads = _grads(tiny_config("frozen", **{"student.trainable_blocks": 1}))
     assert not any(n.startswith(("backbone.vit.blocks.0.", "backbone.vit.patch_embed"))
                    for n in grads)
+
+
+def test_layerscale_1e5_starts_uninformative_and_1_0_informative(tiny_config):
+    """Issue #11: with LayerScale 1e-5 every image's CLS token (and so the teacher's target) is
+    the same at the start; 1.0, as the small-student configs now use, is image-dependent."""
+    from napari_gpfm.distill.config import load_config
+
+    tiny = TrainingRun(tiny_config("ls-small", **{"student.layerscale_init": 1e-5}))
+    one = TrainingRun(tiny_config("ls-one", **{"student.layerscale_init": 1.0}))
+    assert _teacher_info(tiny) < collapse.COLLAPSE_NATS < _teacher_info(one)
+    for name in ("tiny_cpu", "vits14_expert_uni"):
+        cfg = load_config(name, ["data.tiles=[/x]"])
+        assert cfg["student"]["layerscale_init"] == 1.0 and cfg["teacher"]["temp"] == 0.04
