@@ -1,4 +1,8 @@
-"""What a user does, as functions: open a slide, add a dock from the Plugins menu, click."""
+"""What a user does, as functions: open a slide, add a dock from the Plugins menu, click.
+
+The first steps (``open_slide``, ``add_dock``, ``click``) are tests/_qt/plugin_docks.py's, shared
+with the dock tests; this module adds the acceptance suite's scenes.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from gpfm_helpers import TINY
+from plugin_docks import PLUGIN, add_dock, click, open_slide
 from qtpy.QtCore import Qt
 
-PLUGIN = "napari-gpfm"
+__all__ = ["PLUGIN", "add_class", "add_dock", "choose_class", "class_maps", "click", "compute",
+           "gpfm_dock", "new_window", "open_slide", "region", "snap", "tick", "two_regions",
+           "write_white_slide"]
 
 
 def new_window(make_napari_viewer):
@@ -17,34 +24,6 @@ def new_window(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1280, 800)
     return viewer
-
-
-def open_slide(viewer, path):
-    """File > Open with napari-gpfm's reader; returns the slide layer."""
-    layers = viewer.open(str(path), plugin=PLUGIN)
-    assert len(layers) == 1
-    return layers[0]
-
-
-def add_dock(viewer, name: str, qtbot=None):
-    """Plugins > napari-gpfm > <name>; returns the dock's widget (shown: napari shows a new
-    dock on the next turn of the event loop)."""
-    from qtpy.QtWidgets import QApplication
-
-    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-    for _ in range(20):
-        QApplication.processEvents()
-        if dock.isVisible():
-            break
-    return widget
-
-
-def click(qtbot, button) -> None:
-    from qtpy.QtCore import Qt
-
-    assert button.isVisible(), f"{button.text()!r} is not visible"
-    assert button.isEnabled(), f"{button.text()!r} is disabled"
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
 def tick(qtbot, box) -> None:
