@@ -176,7 +176,8 @@ def end_to_end(encoder, slide_path: Path, out: Path, spec: GridSpec, batch_size:
     """One embed_slide run (every patch, overwrite); wall-clock and steady-state rates."""
     t0 = time.perf_counter()
     records = []
-    for rec in embed_slide(slide_path, encoder, spec, out, tissue_params=TissueParams(method="none"),
+    every = TissueParams(method="none")
+    for rec in embed_slide(slide_path, encoder, spec, out, tissue_params=every,
                            batch_size=batch_size, num_workers=workers, device=device,
                            overwrite=True, precision=precision, compile=compile):
         records.append((time.perf_counter(), rec))

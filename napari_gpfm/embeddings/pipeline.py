@@ -73,7 +73,7 @@ def _vit_geometry(model: Any, input_size: int) -> tuple[int, int, int, int]:
 def per_patch_bytes(model: Any, input_size: int, precision: str) -> int:
     """Device memory one patch needs during an inference forward, a stated over-estimate:
 
-    ``2 × (tokens × (3·width + mlp_hidden + 2·width) × b + heads × tokens² × 4) + 5 × 3 × S²``
+    ``2 × (tokens × (3·width + hidden + 2·width) × b + heads × tokens² × 4) + 5 × 3 × S²``
 
     — the activations alive in one transformer block (q, k, v; the MLP's hidden layer; the
     residual stream and its norm) at ``b`` bytes per element (2 under fp16/bf16 autocast, 4 in

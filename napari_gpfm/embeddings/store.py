@@ -1732,8 +1732,9 @@ def find_store(out_dir: str | Path, slide: Any, recipe: EmbeddingRecipe) -> Feat
     Never returns a wrong store: raises :class:`SlideMismatchError` when the store there was
     computed from another file of the same name, :class:`RecipeMismatchError` when it has another
     recipe (same tiling, other model weights or tissue settings; :class:`PrecisionMismatchError`
-    when only the precision differs, or the store records none and no device), and :class:`StoreError` when the
-    file there is unreadable or was not written by napari-gpfm (recipe unknown).
+    when only the precision differs, or the store records none and no device), and
+    :class:`StoreError` when the file there is unreadable or was not written by napari-gpfm
+    (recipe unknown).
     """
     path = recipe_store_path(out_dir, recipe, slide.name)
     if not path.exists():

@@ -19,7 +19,6 @@ from napari_gpfm.embeddings import (
     find_store,
     make_recipe,
     open_store,
-    partial_path,
 )
 from napari_gpfm.embeddings.store import meta_digest
 from napari_gpfm.encoders.device import (
