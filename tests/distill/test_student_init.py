@@ -223,3 +223,23 @@ def test_supervised_term_without_labels_is_switched_off_when_allowed(tiny_config
                                      "supervised.require_labels": False}))
     assert "supervised_head" not in run.meta.student
     assert any("supervised term switched off" in n for n in run.notes)
+
+
+def test_cli_init_reports_a_misfit_file_as_one_error_line(tiny_config, tmp_path, capsys):
+    import argparse
+
+    from napari_gpfm.distill import _cli
+
+    wide = tmp_path / "wide.safetensors"
+    save_file(dict(_vit(seed=1, embed_dim=96, num_heads=3).state_dict()), wide)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config()))
+    parser = argparse.ArgumentParser()
+    _cli.register(parser.add_subparsers())
+    args = parser.parse_args(["distill", "--config", str(config), "--init", str(wide)])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(wide) in err and "wrong shapes" in err
+    args = parser.parse_args(["distill", "--config", str(config), "--init", "nonesuch"])
+    assert args.func(args) == 2
+    assert "student.init = 'nonesuch'" in capsys.readouterr().err
