@@ -12,13 +12,13 @@ from user import (
     class_maps,
     click,
     compute,
+    draw_two_classes,
     gpfm_dock,
     new_window,
     open_slide,
-    region,
     snap,
+    start_annotating,
     tick,
-    two_regions,
 )
 
 
@@ -29,19 +29,10 @@ def test_draw_two_classes_and_see_the_live_class_map(make_napari_viewer, qtbot, 
     compute(qtbot, dock)
     annotate = add_dock(viewer, "Annotate and classify")
     state = annotate.session.slide(layer)
-    add_class(qtbot, annotate, "Tumour")
-    add_class(qtbot, annotate, "Stroma")
-    click(qtbot, annotate.new_layer_button)
-    shapes = annotate.annotation_layer()
+    shapes = start_annotating(viewer, qtbot, annotate)
     assert shapes is not None and type(shapes).__name__ == "Shapes"
     tick(qtbot, annotate.live_check)
-    viewer.reset_view()
-    qtbot.wait(100)
-    top, bottom = two_regions(state)
-    choose_class(qtbot, annotate, "Tumour")
-    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
-    choose_class(qtbot, annotate, "Stroma")
-    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    top, bottom = draw_two_classes(viewer, qtbot, annotate, shapes, state)
     # each shape took the class active when it was drawn
     assert list(shapes.features["class"]) == ["Tumour", "Stroma"]
     # the live probe paints a class map on the embedded grid
@@ -71,17 +62,8 @@ def test_class_maps_follow_a_translated_second_slide(make_napari_viewer, qtbot, 
     annotate = add_dock(viewer, "Annotate and classify")
     annotate.slide_combo.setCurrentIndex(annotate.slide_combo.findText(a.name))
     sa, sb = annotate.session.slide(a), annotate.session.slide(b)
-    add_class(qtbot, annotate, "Tumour")
-    add_class(qtbot, annotate, "Stroma")
-    click(qtbot, annotate.new_layer_button)
-    shapes = annotate.annotation_layer()
-    viewer.reset_view()
-    qtbot.wait(100)
-    top, bottom = two_regions(sa)
-    choose_class(qtbot, annotate, "Tumour")
-    draw_rectangle(qtbot, viewer, shapes, *region(sa, top))
-    choose_class(qtbot, annotate, "Stroma")
-    draw_rectangle(qtbot, viewer, shapes, *region(sa, bottom))
+    shapes = start_annotating(viewer, qtbot, annotate)
+    top, bottom = draw_two_classes(viewer, qtbot, annotate, shapes, sa)
     click(qtbot, annotate.train_button)
     qtbot.waitUntil(lambda: bool(class_maps(viewer, sa.uid)), timeout=30_000)
     click(qtbot, annotate.apply_button)
@@ -132,17 +114,8 @@ def test_results_are_published_as_plain_data(make_napari_viewer, qtbot, sample_s
         click(qtbot, dock.cluster_button)
     annotate = add_dock(viewer, "Annotate and classify")
     state = annotate.session.slide(layer)
-    add_class(qtbot, annotate, "Tumour")
-    add_class(qtbot, annotate, "Stroma")
-    click(qtbot, annotate.new_layer_button)
-    shapes = annotate.annotation_layer()
-    viewer.reset_view()
-    qtbot.wait(100)
-    top, bottom = two_regions(state)
-    choose_class(qtbot, annotate, "Tumour")
-    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
-    choose_class(qtbot, annotate, "Stroma")
-    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    shapes = start_annotating(viewer, qtbot, annotate)
+    top, bottom = draw_two_classes(viewer, qtbot, annotate, shapes, state)
     with qtbot.waitSignal(annotate.jobs.finished, timeout=30_000):
         click(qtbot, annotate.train_button)
     results = layer.metadata["napari_gpfm"]["results"]

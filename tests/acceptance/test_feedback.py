@@ -12,7 +12,6 @@ import tifffile
 from mouse import draw_rectangle
 from qtpy.QtWidgets import QFileDialog, QInputDialog
 from user import (
-    add_class,
     add_dock,
     choose_class,
     click,
@@ -20,6 +19,7 @@ from user import (
     gpfm_dock,
     new_window,
     open_slide,
+    start_annotating,
     tick,
 )
 
@@ -72,12 +72,8 @@ def annotated_window(make_napari_viewer, qtbot, sample_svs):
     compute(qtbot, gpfm)
     annotate = add_dock(viewer, "Annotate and classify")
     state = annotate.session.slide(layer)
-    add_class(qtbot, annotate, "Tumour")
-    add_class(qtbot, annotate, "Stroma")
-    click(qtbot, annotate.new_layer_button)
-    viewer.reset_view()
-    qtbot.wait(100)
-    return viewer, layer, gpfm, annotate, state, annotate.annotation_layer()
+    shapes = start_annotating(viewer, qtbot, annotate)
+    return viewer, layer, gpfm, annotate, state, shapes
 
 
 def draw(qtbot, viewer, annotate, state, shapes, cls: str, indices) -> None:

@@ -8,19 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpfm_helpers import TINY
-from mouse import draw_rectangle
 from user import (
-    add_class,
     add_dock,
-    choose_class,
     click,
+    draw_two_classes,
     gpfm_dock,
     new_window,
     open_slide,
-    region,
     snap,
+    start_annotating,
     tick,
-    two_regions,
 )
 
 from napari_gpfm._qt import project_widget
@@ -122,17 +119,8 @@ def test_embed_all_over_open_and_listed_slides(make_napari_viewer, qtbot, sample
 def annotate_and_train(viewer, qtbot, state):
     """Two classes drawn on the slide in the Annotate dock and the probe trained."""
     annotate = add_dock(viewer, "Annotate and classify")
-    add_class(qtbot, annotate, "Tumour")
-    add_class(qtbot, annotate, "Stroma")
-    click(qtbot, annotate.new_layer_button)
-    shapes = annotate.annotation_layer()
-    viewer.reset_view()
-    qtbot.wait(100)
-    top, bottom = two_regions(state)
-    choose_class(qtbot, annotate, "Tumour")
-    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
-    choose_class(qtbot, annotate, "Stroma")
-    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    shapes = start_annotating(viewer, qtbot, annotate)
+    draw_two_classes(viewer, qtbot, annotate, shapes, state)
     with qtbot.waitSignal(annotate.jobs.finished, timeout=60_000):
         click(qtbot, annotate.train_button)
     assert annotate.session.classifiers.get("probe") is not None, annotate.status_label.text()

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from gpfm_helpers import TINY
+from mouse import draw_rectangle
 from plugin_docks import PLUGIN, add_dock, click, open_slide
 from qtpy.QtCore import Qt
 
 __all__ = ["PLUGIN", "add_class", "add_dock", "choose_class", "class_maps", "click", "compute",
-           "gpfm_dock", "new_window", "open_slide", "region", "snap", "tick", "two_regions",
-           "write_white_slide"]
+           "draw_two_classes", "gpfm_dock", "new_window", "open_slide", "region", "snap",
+           "start_annotating", "tick", "two_regions", "write_white_slide"]
 
 
 def new_window(make_napari_viewer):
@@ -132,3 +133,25 @@ def two_regions(state):
         raise AssertionError("no 2x2 block of patches")
 
     return block(order), block(order[::-1])
+
+
+def start_annotating(viewer, qtbot, annotate, classes=("Tumour", "Stroma")):
+    """The classes added in the Annotate dock, a new annotation layer from its button and the
+    view reset (so the slide fills the canvas); returns the Shapes layer."""
+    for name in classes:
+        add_class(qtbot, annotate, name)
+    click(qtbot, annotate.new_layer_button)
+    viewer.reset_view()
+    qtbot.wait(100)
+    return annotate.annotation_layer()
+
+
+def draw_two_classes(viewer, qtbot, annotate, shapes, state):
+    """With the mouse: a Tumour rectangle over a 2x2 block of patches at the top of the tissue
+    and a Stroma one at the bottom; returns the two blocks' patch indices."""
+    top, bottom = two_regions(state)
+    choose_class(qtbot, annotate, "Tumour")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, top))
+    choose_class(qtbot, annotate, "Stroma")
+    draw_rectangle(qtbot, viewer, shapes, *region(state, bottom))
+    return top, bottom
