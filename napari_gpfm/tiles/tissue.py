@@ -346,11 +346,12 @@ class TissueMask:
             h, w = self.mask.shape
             dtype = np.int32 if h * w < 2**31 else np.int64
             s = np.zeros((h + 1, w + 1), dtype=dtype)
-            # along rows first (contiguous), then one vectorised add per row: several times
-            # faster than numpy's cumsum over axis 0 of a C-ordered array
             np.cumsum(self.mask, axis=1, dtype=dtype, out=s[1:, 1:])
-            for r in range(2, h + 1):
-                np.add(s[r], s[r - 1], out=s[r])
+            if h * w < 1 << 20:
+                np.cumsum(s[1:, 1:], axis=0, out=s[1:, 1:])
+            else:  # one vectorised add per row: faster than numpy's cumsum over axis 0 there
+                for r in range(2, h + 1):
+                    np.add(s[r], s[r - 1], out=s[r])
             self._integral = s
         return self._integral
 
@@ -469,23 +470,31 @@ def _otsu_hist(hist: np.ndarray) -> tuple[int, float, float] | None:
     return k, float(m0[k]), float(m1[k])
 
 
-_SAT_LUT: list[np.ndarray] = []
+_SAT_TABLES: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
 
-def _saturation_lut() -> np.ndarray:
-    """float32 saturation of every ``(max << 8) | min`` key, computed exactly as
-    :func:`_max_and_saturation` computes it per pixel (the same float32 division), so a
-    lookup gives the same values bit for bit. Impossible keys (min > max) are 0."""
-    if not _SAT_LUT:
+def _saturation_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tables over every ``(max << 8) | min`` key (built once per process):
+
+    - float32 saturation, computed exactly as :func:`_max_and_saturation` computes it per
+      pixel (the same float32 division), so a lookup gives the same values bit for bit;
+      impossible keys (min > max) are 0;
+    - uint8 histogram bin of that saturation (as :func:`_auto_rule` bins it);
+    - bool "lit": max RGB at least ``ABSOLUTE_MIN_VALUE``.
+    """
+    if not _SAT_TABLES:
         keys = np.arange(1 << 16)
         mx, mn = (keys >> 8).astype(np.uint8), (keys & 0xFF).astype(np.uint8)
         num = np.subtract(mx, mn, dtype=np.float32)
         den = mx.astype(np.float32)
         lut = np.zeros(keys.shape, dtype=np.float32)
         np.divide(num, den, out=lut, where=(den > 0) & (mn <= mx))
-        lut.setflags(write=False)
-        _SAT_LUT.append(lut)
-    return _SAT_LUT[0]
+        bins = np.minimum((lut * _HIST_BINS).astype(np.intp), _HIST_BINS - 1).astype(np.uint8)
+        lit = mx >= ABSOLUTE_MIN_VALUE
+        for table in (lut, bins, lit):
+            table.setflags(write=False)
+        _SAT_TABLES.append((lut, bins, lit))
+    return _SAT_TABLES[0]
 
 
 def _max_min_keys(rgb: np.ndarray) -> np.ndarray:
@@ -500,16 +509,12 @@ def _max_min_keys(rgb: np.ndarray) -> np.ndarray:
 
 def _auto_rule_uint8(rgb: np.ndarray, params: TissueParams) -> tuple[np.ndarray, float, str, str]:
     """:func:`_auto_rule` for a uint8 image, through tables over the 65,536 (max, min) pairs:
-    the histogram is a bincount of pair keys folded into saturation bins, and the pixel rule
-    one boolean lookup per pixel. The same masks, thresholds and rules bit for bit, without a
+    the histogram is a bincount of each pixel's bin (one uint8 lookup), and the pixel rule one
+    boolean lookup per pixel. The same masks, thresholds and rules bit for bit, without a
     float image."""
     key = _max_min_keys(rgb)
-    lut = _saturation_lut()
-    counts = np.bincount(key.ravel(), minlength=1 << 16)
-    bins = np.minimum((lut * _HIST_BINS).astype(np.intp), _HIST_BINS - 1)
-    hist = np.bincount(bins, weights=counts, minlength=_HIST_BINS).astype(np.int64)
-    stats = _otsu_hist(hist)
-    lit = (np.arange(1 << 16) >> 8) >= ABSOLUTE_MIN_VALUE
+    lut, bins, lit = _saturation_tables()
+    stats = _otsu_hist(np.bincount(bins[key].ravel(), minlength=_HIST_BINS))
     if stats is not None:
         k, m0, m1 = stats
         if m0 < AUTO_GLASS_MAX_SATURATION and m1 - m0 >= AUTO_MIN_SEPARATION:
@@ -661,7 +666,7 @@ def clean_mask_auto(
     then drop components smaller than the minimum area (measured with their holes filled)."""
     from scipy import ndimage as ndi
 
-    mask = _close_open(raw.astype(bool), params)
+    mask = _close_open(np.asarray(raw, dtype=bool), params)
     if params.fill_holes and mask.any() and not mask.all():
         background, n = ndi.label(~mask)
         hole_px = _area_px(params.max_hole_area_um2, mpp, downsample)
