@@ -232,7 +232,7 @@ def test_full_resolution_exports_with_dialogs(make_napari_viewer, qtbot, sample_
     pred = annotate._predictions[state.uid]
     assert (quarter[cy // 4, cx // 4] == pred.labels + 1).all()
     rows = (tmp_path / "probe.csv").read_text().splitlines()
-    assert rows[0].startswith("x,y,class_index,class") and len(rows) == state.n + 1
+    assert rows[0].startswith("x,y,class,class_name,prob_") and len(rows) == state.n + 1
     assert (tmp_path / "probe.geojson").exists()
     # the annotations' GeoJSON defaults into the project folder too
     monkeypatch.setattr(QFileDialog, "getSaveFileName", save_as("shapes.geojson"))
