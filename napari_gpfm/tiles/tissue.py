@@ -115,6 +115,8 @@ DEFAULT_MASK_MPP = 4.0
 METHOD_DEFAULT = "method default"
 
 _HIST_BINS = 256
+# TissueMask.integral: masks of at least this many pixels sum over rows with one add per row.
+_ROW_LOOP_PIXELS = 1 << 20
 # TissueMask.fraction_grid: at most this many float64 entries in its row table (32 MB).
 _FRACTION_TABLE_ENTRIES = 4_000_000
 
@@ -347,7 +349,7 @@ class TissueMask:
             dtype = np.int32 if h * w < 2**31 else np.int64
             s = np.zeros((h + 1, w + 1), dtype=dtype)
             np.cumsum(self.mask, axis=1, dtype=dtype, out=s[1:, 1:])
-            if h * w < 1 << 20:
+            if h * w < _ROW_LOOP_PIXELS:
                 np.cumsum(s[1:, 1:], axis=0, out=s[1:, 1:])
             else:  # one vectorised add per row: faster than numpy's cumsum over axis 0 there
                 for r in range(2, h + 1):

@@ -73,7 +73,12 @@ def test_table_pixel_rule_is_the_float_rule_bit_for_bit():
         np.testing.assert_array_equal(raw2, raw)
 
 
-def test_integral_is_exact():
+@pytest.mark.parametrize("row_loop", [False, True], ids=["cumsum", "row-loop"])
+def test_integral_is_exact(monkeypatch, row_loop):
+    import napari_gpfm.tiles.tissue as tissue_mod
+
+    if row_loop:  # the path of masks with a million pixels or more
+        monkeypatch.setattr(tissue_mod, "_ROW_LOOP_PIXELS", 1)
     rng = np.random.default_rng(5)
     mask = rng.random((123, 77)) < 0.4
     tm = TissueMask(mask=mask, downsample=3.0)
