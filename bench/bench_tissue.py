@@ -17,7 +17,9 @@ grid" once as the first call of the process (lazy imports inside the tool count)
 ``--calls`` more times (a batch of slides: the median is the "steady" figure). Our tile cache
 is cleared before each call, and the peers reopen the slide on each call, so no call reuses a
 thumbnail. Tools run interleaved (A B, B A, ...) ``--repeats`` times; the table gives medians
-and the ratio to napari-gpfm from the same run, with the machine's load average.
+and the ratio to napari-gpfm from the same run, with the machine's load average. The steady
+calls' CPU time (``time.process_time``, all threads of the process) is given too: on a
+loaded machine it says more than wall time about what each tool costs.
 
 Agreement: on (a) and (b) each tool's kept patches are rasterised at level 0 and compared with
 the hand-traced tissue of the sample (``tests/tiles/tiles_helpers.SAMPLE_HAND_TISSUE``):
@@ -68,22 +70,24 @@ import_s = time.perf_counter() - t0
 
 def run():
     shared_tile_cache().clear()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     slide = open_slide(slide_path)
     tissue = detect_tissue(slide, TissueParams())
     grid = make_grid(slide, GridSpec(target_mpp=TARGET_MPP, patch_size=PATCH, overlap=0,
                                      min_tissue=MIN_TISSUE), tissue)
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     slide.close()
-    return dt, grid
+    return dt, grid, dc
 
-first, grid = run()
-steady = [run()[0] for _ in range(calls)]
+first, grid, _ = run()
+again = [run() for _ in range(calls)]
+steady, steady_cpu = [r[0] for r in again], [r[2] for r in again]
 tm = detect_tissue(open_slide(slide_path), TissueParams())
 np.save(out_path, grid.coords)
 np.save(out_path + ".mask.npy", tm.mask)
 print(json.dumps({"import_s": import_s, "first_s": first, "steady_s": steady,
-                  "tiles": len(grid), "size0": int(grid.patch_size_level0), "how": tm.how}))
+                  "steady_cpu_s": steady_cpu, "tiles": len(grid),
+                  "size0": int(grid.patch_size_level0), "how": tm.how}))
 """
 
 WORKER_HS2P = WORKER_COMMON + r"""
@@ -98,19 +102,21 @@ tiling = TilingConfig(requested_spacing_um=TARGET_MPP, requested_tile_size_px=PA
                       tolerance=0.05, overlap=0.0, backend="openslide")
 
 def run():
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     r = tile_slide(SlideSpec(sample_id="s", image_path=Path(slide_path)), tiling=tiling,
                    segmentation=SegmentationConfig(method="hsv"), filtering=FilterConfig(),
                    num_workers=1, masks=masks)
-    return time.perf_counter() - t, r
+    return time.perf_counter() - t, r, time.process_time() - c
 
-first, r = run()
-steady = [run()[0] for _ in range(calls)]
+first, r, _ = run()
+again = [run() for _ in range(calls)]
+steady, steady_cpu = [a[0] for a in again], [a[2] for a in again]
 coords = np.stack([np.asarray(r.tiles.x), np.asarray(r.tiles.y)], 1).astype(np.int64)
 np.save(out_path, coords)
 np.save(out_path + ".mask.npy", np.asarray(r.tiles.tissue_mask) > 0)
 print(json.dumps({"import_s": import_s, "first_s": first, "steady_s": steady,
-                  "tiles": int(len(coords)), "size0": int(r.tiles.tile_size_lv0),
+                  "steady_cpu_s": steady_cpu, "tiles": int(len(coords)),
+                  "size0": int(r.tiles.tile_size_lv0),
                   "how": f"hsv, seg level {r.seg_level} (downsample {r.seg_downsample})"}))
 """
 
@@ -229,11 +235,13 @@ def main() -> int:
         ours = results["napari-gpfm"]
         ref_first = statistics.median(r["first_s"] for r in ours)
         ref_steady = statistics.median(s for r in ours for s in r["steady_s"])
+        ref_cpu = statistics.median(s for r in ours for s in r["steady_cpu_s"])
         ref_cov = None
         for name in names:
             rs = results[name]
             first = statistics.median(r["first_s"] for r in rs)
             steady = statistics.median(s for r in rs for s in r["steady_s"])
+            cpu = statistics.median(s for r in rs for s in r["steady_cpu_s"])
             last = rs[-1]
             if has_hand:
                 cov = covered(last["coords"], last["size0"], hand.shape)
@@ -257,7 +265,8 @@ def main() -> int:
                     agree_txt = f"Dice vs napari-gpfm {d:.3f}"
             cold = statistics.median(r["import_s"] + r["first_s"] for r in rs)
             rows.append((label, name, first, steady, first / ref_first, steady / ref_steady,
-                         last["tiles"], last["size0"], agree_txt, cold, last["how"]))
+                         cpu, cpu / ref_cpu, last["tiles"], last["size0"], agree_txt, cold,
+                         last["how"]))
         print(f"done {label}", file=sys.stderr)
 
     import psutil
@@ -266,12 +275,13 @@ def main() -> int:
           f"{MIN_TISSUE}; {psutil.cpu_count()} CPU cores, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end; medians of "
           f"{args.repeats} interleaved processes x (1 first call + {args.calls} steady calls)\n")
-    print("| input | tool | steady (s) | vs napari-gpfm | first call (s) | vs napari-gpfm | "
-          "import + first call (s) | tiles | agreement with the hand mask | detection |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
-    for (label, name, first, steady, rf, rs, n, size0, agree, cold, how) in rows:
-        print(f"| {label} | {name} | {steady:.3f} | {rs:.2f}x | {first:.3f} | {rf:.2f}x | "
-              f"{cold:.2f} | {n:,} ({size0} px) | {agree} | {how} |")
+    print("| input | tool | steady (s) | vs napari-gpfm | steady CPU (s) | vs napari-gpfm | "
+          "first call (s) | vs napari-gpfm | import + first call (s) | tiles | "
+          "agreement with the hand mask | detection |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for (label, name, first, steady, rf, rs, cpu, rc, n, size0, agree, cold, how) in rows:
+        print(f"| {label} | {name} | {steady:.3f} | {rs:.2f}x | {cpu:.4f} | {rc:.2f}x | "
+              f"{first:.3f} | {rf:.2f}x | {cold:.2f} | {n:,} ({size0} px) | {agree} | {how} |")
     return 0
 
 
