@@ -66,6 +66,24 @@ def _retitled(gen: Generator, message: str) -> Generator:
         gen.close()
 
 
+#: what tick labels and axis titles are made of (rendered once when the dock opens)
+GLYPHS = "UMAP PC 0123456789 .-−+e"
+
+
+def _share_glyphs(*axes: Any) -> None:
+    """One glyph atlas for every text of the plot's axes: vispy gives each text visual its own,
+    so each tick-label and title visual rendered (on the CPU) every glyph it met again, on the
+    main thread, the first time a plot showed it. The plot's visuals share one GL context, so
+    sharing is safe there."""
+    from vispy.visuals.text.text import FontManager
+
+    fonts = FontManager(method="cpu")
+    for axis in axes:
+        for text in (axis._text, axis._axis_label_vis):
+            text._font_manager = fonts
+            text._update_font()
+
+
 class EmbeddingPlotWidget(QWidget):
     """Dock widget; ``napari_viewer`` is injected by napari."""
 
@@ -122,6 +140,7 @@ class EmbeddingPlotWidget(QWidget):
         self.view.camera = scene.PanZoomCamera()  # fills the plot area (axes give the scale)
         self.xaxis.link_view(self.view)
         self.yaxis.link_view(self.view)
+        _share_glyphs(self.xaxis.axis, self.yaxis.axis)
         self._show_axes(False)  # nothing to draw before the first plot
         self.legend = SwatchLegend()
         self.legend.setToolTip("Point colours: clusters, as on the slide's cluster map.")
@@ -195,7 +214,8 @@ class EmbeddingPlotWidget(QWidget):
             return
         pts = np.array([[-1.5, -0.25], [0.75, 1.0]], np.float32)
         labels = self.axis_labels
-        self.xaxis.axis.axis_label, self.yaxis.axis.axis_label = "UMAP1 PC2", "UMAP2 PC1"
+        # every glyph axes can show, rendered once into the plot's shared glyph atlas
+        self.xaxis.axis.axis_label, self.yaxis.axis.axis_label = GLYPHS, "UMAP2 PC1"
         self._show_axes(True)
         for vis in (self.markers, self.selected, self.hover):
             vis.set_data(pts, face_color=(1, 1, 0, 1), edge_color="white", edge_width=1, size=6)
