@@ -72,6 +72,8 @@ def test_start_from_a_registry_model_or_a_file(widget, tmp_path):
 
     combo = widget.init_combo
     assert combo.itemText(0) == RANDOM_START and widget.init_value() is None
+    # a dock beside the canvas of a 1280x800 window: the model names do not widen it
+    assert combo.minimumSizeHint().width() <= 260, combo.minimumSizeHint()
     names = [combo.itemData(i) for i in range(combo.count())]
     assert "gpfm" in names and "uni" in names  # registry models a student can start from
     widget.set_init("gpfm")
