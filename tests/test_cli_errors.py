@@ -107,10 +107,7 @@ def test_missing_input_file_is_one_error_line_and_exit_2(name, tmp_path, capsys)
 
 # Known breaches of the rule, each failing its test today (strict: once fixed, the xfail fails and
 # the entry has to go). Owners: see the reason.
-KNOWN_GAPS = {
-    "models": "encoders/_cli.py catches EncoderError itself and returns exit code 1",
-    "demo": "_qt/gpfm_widget.set_model raises ValueError for an unknown model: a traceback",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [

@@ -366,6 +366,9 @@ class GPFMWidget(QWidget):
         return self.model_combo.currentData()
 
     def set_model(self, name: str) -> None:
+        from ..encoders import get_card
+
+        get_card(name)  # an unknown name raises UnknownModelError listing the known ones
         self.refresh_models()
         i = self.model_combo.findData(name)
         if i < 0:

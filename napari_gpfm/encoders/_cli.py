@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from napari_gpfm.errors import error_line
-
 from .card import ModelCard
-from .errors import EncoderError
 from .registry import list_cards
 
 _COLUMNS = (("name", "NAME"), ("gpfm", "GPFM"), ("embed_dim", "DIM"), ("weights", "WEIGHTS"),
@@ -32,14 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    """Print the model table (or JSON), or download one model's weights; returns the exit code."""
-    try:
-        if args.download:
-            return _download(args.download, args.json)
-        rows = [card_row(card) for card in list_cards()]
-    except EncoderError as exc:
-        print(error_line(exc), file=sys.stderr)
-        return 1
+    """Print the model table (or JSON), or download one model's weights; returns the exit code.
+    An unknown model, a bad card or a failed download raise their ``EncoderError``, which the
+    ``napari-gpfm`` dispatcher shows as one ``error:`` line with exit code 2."""
+    if args.download:
+        return _download(args.download, args.json)
+    rows = [card_row(card) for card in list_cards()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

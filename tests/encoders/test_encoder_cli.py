@@ -55,7 +55,9 @@ def test_json_output(capsys):
 
 
 def test_download_unknown_model_fails_with_known_names(capsys):
-    assert run(["models", "--download", "gpfn"]) == 1
+    from napari_gpfm.cli import main
+
+    assert main(["models", "--download", "gpfn"]) == 2  # one error line, like every command
     err = capsys.readouterr().err
     assert "unknown model 'gpfn'" in err and "gpfm" in err
 
@@ -65,7 +67,9 @@ def test_download_failure_is_reported(monkeypatch, capsys):
         raise OSError("no route to host")
 
     monkeypatch.setattr(download_module, "hf_hub_download", offline)
-    assert run(["models", "--download", "gpfm"]) == 1
+    from napari_gpfm.cli import main
+
+    assert main(["models", "--download", "gpfm"]) == 2
     err = capsys.readouterr().err
     assert "could not download the weights of 'gpfm'" in err and "no route to host" in err
     assert "GPFM_WEIGHTS" in err
