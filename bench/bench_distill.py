@@ -126,11 +126,13 @@ def run_case(case: dict[str, Any], steps: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def run_isolated(index: int, cpu_only: bool, steps: int) -> dict[str, Any]:
+def run_isolated(index: int, cpu_only: bool, steps: int, threads: int | None = None
+                 ) -> dict[str, Any]:
     """One case in a fresh process (its own peak memory)."""
     done = subprocess.run(
         [sys.executable, __file__, "--one", str(index), "--steps", str(steps)]
-        + (["--cpu-only"] if cpu_only else []), capture_output=True, text=True, check=False)
+        + (["--cpu-only"] if cpu_only else []) + (["--threads", str(threads)] if threads else []),
+        capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"case {index} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -217,16 +219,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case")
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--estimate-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per case (1 avoids OpenMP spinning on a "
+                             "loaded machine)")
+    parser.add_argument("--only", default=None, help="run the cases whose name holds this")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one is not None:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(run_case(cases(args.cpu_only)[args.one], args.steps, Path(tmp))))
         return
     if not args.estimate_only:
         rows = []
-        for index in range(len(cases(args.cpu_only))):
-            rows.append(run_isolated(index, args.cpu_only, args.steps))
+        for index, case in enumerate(cases(args.cpu_only)):
+            if args.only and args.only not in case["name"]:
+                continue
+            rows.append(run_isolated(index, args.cpu_only, args.steps, args.threads))
             print(f"done: {rows[-1]['case']} ({rows[-1]['images/s']:.3g} images/s)", flush=True)
         print(markdown(rows))
     print()
