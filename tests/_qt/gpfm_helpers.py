@@ -24,16 +24,22 @@ def add_slide(viewer, path, mpp=None):
     return viewer.add_image(data, **kwargs)
 
 
-def make_widget(viewer, out_dir: Path, patch_size: int = 112, batch_size: int = 16):
-    """The dock on the tiny model, custom 112 px patches at 0.5 µm/px, output in ``out_dir``."""
-    from napari_gpfm._qt.gpfm_widget import GPFMWidget
-
-    w = GPFMWidget(viewer, allow_random=True)
+def use_tiny_model(w, out_dir: Path, patch_size: int = 112, batch_size: int = 16):
+    """Set a GPFM dock to the tiny model, custom ``patch_size`` px patches at 0.5 µm/px and
+    output in ``out_dir`` (confirmed, as with Enter in the folder field); returns the dock."""
     w.set_model(TINY)
     w.preset_combo.setCurrentText("custom")
     w.mpp_spin.setValue(0.5)
     w.size_spin.setValue(patch_size)
     w.out_edit.setText(str(out_dir))
-    w.session.set_out_dir(out_dir)  # as when the user confirms the folder (editingFinished)
+    w.out_edit.editingFinished.emit()
     w.batch_size = batch_size
     return w
+
+
+def make_widget(viewer, out_dir: Path, patch_size: int = 112, batch_size: int = 16):
+    """The dock built directly on ``viewer`` with random weights allowed, on the tiny model
+    (:func:`use_tiny_model`)."""
+    from napari_gpfm._qt.gpfm_widget import GPFMWidget
+
+    return use_tiny_model(GPFMWidget(viewer, allow_random=True), out_dir, patch_size, batch_size)

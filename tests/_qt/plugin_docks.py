@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gpfm_helpers import TINY, write_tiny_card
+from gpfm_helpers import TINY, use_tiny_model, write_tiny_card
 
 PLUGIN = "napari-gpfm"
 
@@ -60,9 +60,10 @@ def click(qtbot: Any, button: Any) -> None:
     from qtpy.QtCore import Qt
 
     assert button.isEnabled(), f"{button.text()!r} is disabled"
-    window = button.window()
-    visible = button.isVisible() if window.isVisible() else button.isVisibleTo(window)
-    assert visible, f"{button.text()!r} is not visible"
+    if button.window().isVisible():
+        assert button.isVisible(), f"{button.text()!r} is not visible"
+    else:
+        assert button.isVisibleTo(button.window()), f"{button.text()!r} is hidden"
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
@@ -73,13 +74,7 @@ def setup_gpfm(viewer: Any, out_dir: str | Path, patch_size: int = 112,
     output in ``out_dir``."""
     w = add_dock(viewer, "gpfm")
     w.random_check.setChecked(True)
-    w.set_model(TINY)
-    w.preset_combo.setCurrentText("custom")
-    w.mpp_spin.setValue(0.5)
-    w.size_spin.setValue(patch_size)
-    w.out_edit.setText(str(out_dir))
-    w.out_edit.editingFinished.emit()
-    w.batch_size = batch_size
+    use_tiny_model(w, out_dir, patch_size, batch_size)
     w.num_workers = 0
     return w
 
