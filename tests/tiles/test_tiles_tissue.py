@@ -96,3 +96,6 @@ def test_params_validation_names_the_field():
         TissueParams(method="magic")
     with pytest.raises(ValueError, match="min_saturation"):
         TissueParams(min_saturation=2.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "fine"):
+        with pytest.raises(ValueError, match="mask_mpp"):
+            TissueParams(mask_mpp=bad)
