@@ -13,6 +13,7 @@ stalling it. On the CPU the depth is 0: launching is computing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import deque
@@ -132,6 +133,24 @@ def compile_available(device: torch.device) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def strict_fp32(device: torch.device, precision: str):
+    """fp32 on CUDA means fp32: TF32 (10-bit mantissa) matmuls and convolutions are switched off
+    for the duration (cuDNN allows TF32 convolutions by default, which the patch embedding
+    would use), and restored after. Other precisions and devices: unchanged."""
+    if device.type != "cuda" or precision != "fp32":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = conv
+
+
 @dataclass
 class _Pending:
     out: torch.Tensor  # features on the host (pinned on CUDA), maybe still being copied
@@ -175,7 +194,7 @@ class BatchForward:
 
     def _launch(self, patches: torch.Tensor) -> _Pending:
         dev = self.device
-        with torch.inference_mode():
+        with torch.inference_mode(), strict_fp32(dev, self.precision):
             x = patches.to(dev, non_blocking=True)
             n = int(x.shape[0])
             with autocast(dev, precision=self.precision):

@@ -172,3 +172,19 @@ def test_no_warning_when_compile_is_not_asked(encoder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BatchForward(encoder, CPU, "fp32", compiled=False).submit(patches(1))
+
+
+def test_fp32_on_cuda_switches_tf32_off_and_restores_it():
+    from napari_gpfm.embeddings.pipeline import strict_fp32
+
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (mm.allow_tf32, conv.allow_tf32)
+    try:
+        mm.allow_tf32, conv.allow_tf32 = True, True
+        with strict_fp32(torch.device("cuda"), "fp32"):
+            assert (mm.allow_tf32, conv.allow_tf32) == (False, False)
+        assert (mm.allow_tf32, conv.allow_tf32) == (True, True)
+        with strict_fp32(torch.device("cuda"), "fp16"), strict_fp32(CPU, "fp32"):
+            assert (mm.allow_tf32, conv.allow_tf32) == (True, True)  # not fp32 on CUDA
+    finally:
+        mm.allow_tf32, conv.allow_tf32 = before
