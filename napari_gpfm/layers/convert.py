@@ -459,6 +459,19 @@ def _same_label_colours(current: Any, new: Any) -> bool:
         return False
 
 
+def _same_features(current: Any, new: Any) -> bool:
+    """Whether a layer's features table (a DataFrame) already holds ``new`` (dict or table)."""
+    try:
+        import pandas as pd
+
+        table = new if isinstance(new, pd.DataFrame) else pd.DataFrame(new)
+        return list(current.columns) == list(table.columns) and len(current) == len(table) \
+            and all(np.array_equal(np.asarray(current[c]), np.asarray(table[c]))
+                    for c in table.columns)  # fmt: skip
+    except Exception:  # noqa: BLE001 - not comparable: set them
+        return False
+
+
 def _differs(a: Any, b: Any) -> bool:
     try:
         if isinstance(a, str) or isinstance(b, str):
@@ -512,6 +525,8 @@ def _update_in_place(layer: Any, data: Any, kwargs: dict, kind: str) -> None:
             layer.colormap = cmap
     if kind != "points":
         layer.data = data
+    if "features" in rest and _same_features(layer.features, rest["features"]):
+        rest.pop("features")  # setting them again makes napari rebuild the layer's table
     for key, value in rest.items():  # contrast limits, opacity, blending, size, ...
         if _differs(getattr(layer, key), value):
             setattr(layer, key, value)

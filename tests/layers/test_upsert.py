@@ -217,3 +217,20 @@ def test_colour_bar_waits_for_the_next_tick_and_for_a_hidden_map_to_be_shown():
         convert.set_deferrer(None)
     later = convert.upsert_layer(vm, _heat("headless"))  # no deferrer: at once
     assert later.colorbar.visible
+
+
+def test_an_unchanged_features_table_is_not_set_again():
+    vm = ViewerModel()
+    data = _classes("c")
+    data[1]["features"] = {"index": np.arange(4), "class": ["none", "a", "b", "c"]}
+    layer = convert.upsert_layer(vm, data)
+    sets = []
+    layer.events.features.connect(lambda e: sets.append(e))
+    again = _classes("c")
+    again[1]["features"] = {"index": np.arange(4), "class": ["none", "a", "b", "c"]}
+    assert convert.upsert_layer(vm, again) is layer
+    assert len(sets) == 1  # napari's own, from the new data; the same table is not set again
+    renamed = _classes("c")
+    renamed[1]["features"] = {"index": np.arange(4), "class": ["none", "a", "b", "d"]}
+    convert.upsert_layer(vm, renamed)
+    assert len(sets) == 3 and list(layer.features["class"]) == ["none", "a", "b", "d"]
