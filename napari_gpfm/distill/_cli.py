@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     handler.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
-        cfg = load_config(args.config, config_overrides(args.overrides, args.init))
+        init = getattr(args, "init", None)  # callers may build the Namespace themselves
+        cfg = load_config(args.config, config_overrides(args.overrides, init))
         result = run_distillation(cfg)
     except (NapariGpfmError, OSError, NonFiniteLossError) as exc:
         print(error_line(exc), file=sys.stderr)

@@ -22,7 +22,7 @@ TINY: dict[str, Any] = {
     "dino": {"n_prototypes": 64, "hidden_dim": 64, "bottleneck_dim": 32},
     "crops": {"global_size": 56, "local_size": 28, "local_number": 2},
     "optim": {"lr": 1.0e-3, "lr_scaling": "none"},
-    "schedules": {"warmup_steps": 2, "freeze_last_layer_steps": 8},  # 8: one pass, 32 tiles / 4
+    "schedules": {"warmup_steps": 2, "freeze_last_layer_steps": 1},
     "train": {"steps": 6, "batch_size": 4, "precision": "fp32", "progress": False,
               "tensorboard": False, "checkpoint_every": 1000},
     "data": {"tiles": [str(TILES)], "num_workers": 0},

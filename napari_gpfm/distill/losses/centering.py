@@ -73,7 +73,8 @@ class CenteredTeacherLoss(nn.Module):
                  centering: str = "centering") -> None:
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', not {centering!r}")
+            raise ValueError(
+                f"centering must be 'centering' or 'sinkhorn_knopp', not {centering!r}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.centering = centering
