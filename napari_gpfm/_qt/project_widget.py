@@ -46,7 +46,14 @@ from qtpy.QtWidgets import (
 
 from ..layers import project as proj
 from ..layers.session import session_for
-from ._tiling import DEVICES, apply_preset, build_tiling_controls, mark_custom, spec_of
+from ._tiling import (
+    DEVICES,
+    apply_preset,
+    build_tiling_controls,
+    mark_custom,
+    show_card_tiling,
+    spec_of,
+)
 from ._jobs import JobPanel, scrolling_layout, settle_width, tap
 from .reader_choice import ReaderChoicePanel, prefer_folders
 
@@ -211,6 +218,7 @@ class ProjectWidget(QWidget):
         form.addRow("Patch size", self.size_spin)
         form.addRow("Overlap", self.overlap_spin)
         form.addRow("Device", self.device_combo)
+        form.addRow("Precision", self.precision_combo)
         sl = QHBoxLayout(self.settings_box)
         sl.addWidget(self._settings_inner)
 
@@ -271,8 +279,9 @@ class ProjectWidget(QWidget):
         self.preset_combo.currentTextChanged.connect(self.set_preset)
         for spin in (self.mpp_spin, self.size_spin, self.overlap_spin):
             spin.valueChanged.connect(self._spec_edited)
-        for w in (self.preset_combo, self.model_combo, self.device_combo):
+        for w in (self.preset_combo, self.model_combo, self.device_combo, self.precision_combo):
             w.currentIndexChanged.connect(lambda _: self._settings_title())
+        self.model_combo.currentIndexChanged.connect(lambda _: self._model_changed())
         self.random_check.toggled.connect(lambda _: self.refresh_models())
         self.jobs.finished.connect(self._job_finished)
         self.scan_jobs.finished.connect(self._scan_finished)
@@ -314,6 +323,16 @@ class ProjectWidget(QWidget):
         self.settings_box.setTitle(f"Embedding settings: {model}, {spec.patch_size} px at "
                                    f"{spec.target_mpp:g} µm/px")  # fmt: skip
 
+    def _model_changed(self) -> None:
+        """Another model: show its card's recommended tiling (GPFM: its authors' 128 µm field),
+        as the GPFM dock does; the user may then change it."""
+        from ..encoders import get_card
+
+        name = self.model_combo.currentData()
+        if name:
+            show_card_tiling(self, get_card(name))
+            self._settings_title()
+
     def refresh_models(self) -> None:
         from ..encoders import default_model_name, list_cards
         from .gpfm_widget import model_label
@@ -327,6 +346,8 @@ class ProjectWidget(QWidget):
         i = self.model_combo.findData(preferred) if preferred else -1
         self.model_combo.setCurrentIndex(max(i, 0))
         self.model_combo.blockSignals(False)
+        if self.model_combo.currentData() != current:  # first fill, or the model went away
+            self._model_changed()
 
     def set_preset(self, name: str) -> None:
         apply_preset(self, name)
@@ -345,7 +366,8 @@ class ProjectWidget(QWidget):
                 "allow_random": self.random_check.isChecked(),
                 "preset": self.preset_combo.currentText(), "target_mpp": self.mpp_spin.value(),
                 "patch_size": self.size_spin.value(), "overlap": self.overlap_spin.value(),
-                "device": self.device_combo.currentText()}  # fmt: skip
+                "device": self.device_combo.currentText(),
+                "precision": self.precision_combo.currentText()}  # fmt: skip
 
     def apply_settings(self, s: dict) -> None:
         if not s:
@@ -367,6 +389,8 @@ class ProjectWidget(QWidget):
                 spin.blockSignals(False)
         if s.get("device") in DEVICES:
             self.device_combo.setCurrentText(s["device"])
+        if self.precision_combo.findText(str(s.get("precision"))) >= 0:
+            self.precision_combo.setCurrentText(s["precision"])
 
     # ================================================================== the list
     def _open_states(self) -> dict[str, Any]:
@@ -772,6 +796,7 @@ class ProjectWidget(QWidget):
         template = EmbedRequest(
             slide=None, model=model, spec=self.spec(), tissue_params=TissueParams(),
             out_dir=self.session.out_dir, device=self.device_combo.currentText(),
+            precision=self.precision_combo.currentText(),
             allow_random=self.random_check.isChecked(), batch_size=self.batch_size,
             num_workers=self.num_workers,
         )  # fmt: skip

@@ -99,6 +99,7 @@ def test_embed_all_over_open_and_listed_slides(make_napari_viewer, qtbot, sample
     assert cell(dock, 1, SLIDE).endswith("cannot read")
     assert not dock.table.item(2, SLIDE).icon().isNull()  # a thumbnail
     assert cell(dock, 0, EMBEDDED) == cell(dock, 2, EMBEDDED) == "–"
+    dock.precision_combo.setCurrentText("bf16")
 
     assert run(qtbot, dock, dock.embed_button) == "done"
     steps = {s.name: s for s in dock.last_steps}
@@ -109,7 +110,12 @@ def test_embed_all_over_open_and_listed_slides(make_napari_viewer, qtbot, sample
     # the open slide has its store in the session; the listed one its file in the project
     state = dock.session.slide(layer)
     assert state.store is not None and state.model == TINY
-    assert list(user_env.glob(f"*/features_{TINY}/second.h5"))
+    stores = list(user_env.glob(f"*/features_{TINY}/second.h5"))
+    assert stores
+    import h5py
+
+    with h5py.File(stores[0], "r") as f:  # the dock's precision is the store's
+        assert f.attrs["gpfm_precision"] == "bf16"
     assert TINY in cell(dock, 0, EMBEDDED) and TINY in cell(dock, 2, EMBEDDED)
     assert cell(dock, 1, EMBEDDED) == "failed"
     assert dock.table.item(1, EMBEDDED).toolTip() == steps["broken"].error
@@ -222,3 +228,15 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     assert dock2.table.rowCount() == 1 and cell(dock2, 0, ANNOTATED) == "2\nStroma, Tumour"
     assert not dock2.problems.text(), dock2.problems.text()
     snap(viewer2, "project_reopened")
+
+
+def test_choosing_gpfm_shows_the_authors_field(make_napari_viewer, qtbot):
+    """As in the GPFM dock, picking GPFM shows its card's tiling: the authors' 128 µm field
+    (512 px at 0.25 µm/px resized to 224), not TRIDENT's 224 px at 0.5 µm/px."""
+    viewer = new_window(make_napari_viewer)
+    dock = add_dock(viewer, PROJECT)
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData(TINY))
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("gpfm"))
+    assert dock.preset_combo.currentText() == "gpfm-40x-512to224"
+    assert dock.size_spin.value() * dock.mpp_spin.value() == pytest.approx(128.0)
+    assert "gpfm" in dock.settings_box.title()
