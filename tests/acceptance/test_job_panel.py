@@ -43,3 +43,19 @@ def test_a_job_runs_without_full_collections_and_repaints_its_progress_sparingly
     assert panel.last_progress.done == N
     assert shown[-1] == "item 300" and panel.bar.value() == N
     assert len(shown) < N // 10, len(shown)
+
+
+def test_preload_imports_in_the_background_and_restores_collections(qtbot):
+    """A dock's preload imports its job modules off the main thread (the first click then
+    imports nothing), holding full collections only while it runs."""
+    import sys
+
+    from napari_gpfm._qt._jobs import preload
+
+    name = "mailbox"  # a stdlib module nothing here imports
+    sys.modules.pop(name, None)
+    before = gc.get_threshold()
+    preload((name,))
+    assert gc.get_threshold()[2] == JobGc.HELD_THRESHOLD
+    qtbot.waitUntil(lambda: name in sys.modules and JobGc.running == 0, timeout=10_000)
+    assert gc.get_threshold() == before
