@@ -83,6 +83,7 @@ from ..layers.annotation_layers import (
     class_colormap,
     labels_from_paint_layer,
     paint_layer_data,
+    relative_to_slide,
     set_class_of,
 )
 from ..jobs.pathotune import quiet_gc
@@ -359,32 +360,6 @@ def _swatch(rgb: tuple[int, int, int]) -> QIcon:
     pix = QPixmap(14, 14)
     pix.fill(QColor(*rgb))
     return QIcon(pix)
-
-
-class _Shifted:
-    """A layer seen with another ``translate`` (every other attribute is the layer's)."""
-
-    def __init__(self, layer: Any, translate: np.ndarray):
-        self._layer = layer
-        self.translate = translate
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._layer, name)
-
-
-def relative_to_slide(layer: Any, offset: tuple[float, float]) -> Any:
-    """``layer`` as the annotation readers expect it: placed relative to its slide layer.
-
-    The readers (:func:`annotations_from_layer`, :func:`labels_from_paint_layer`) take world
-    ``(0, 0)`` as the slide's level-0 origin; a slide layer moved to ``offset`` (its
-    ``translate``, world y x) is taken into account by subtracting it from the layer's own
-    ``translate``."""
-    off = np.asarray(offset, dtype=float)
-    if not np.any(off):
-        return layer
-    t = np.array(layer.translate, dtype=float)
-    t[-2:] -= off
-    return _Shifted(layer, t)
 
 
 def _is_paint(layer: Any) -> bool:

@@ -35,6 +35,7 @@ from .reader import layer_slide
 
 __all__ = [
     "FACE_ALPHA",
+    "relative_to_slide",
     "layer_frame",
     "slide_mpp",
     "is_annotation_layer",
@@ -534,3 +535,29 @@ def prediction_layer_data(
     out.append(uncertainty_layer_data(rasters["entropy"], f"{prefix} uncertainty", prefix,
                                       offset=off))
     return out
+
+
+class _Shifted:
+    """A layer seen with another ``translate`` (every other attribute is the layer's)."""
+
+    def __init__(self, layer: Any, translate: np.ndarray):
+        self._layer = layer
+        self.translate = translate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._layer, name)
+
+
+def relative_to_slide(layer: Any, offset: tuple[float, float]) -> Any:
+    """``layer`` as the annotation readers expect it: placed relative to its slide layer.
+
+    The readers (:func:`annotations_from_layer`, ``labels_from_paint_layer``) take world
+    ``(0, 0)`` as the slide's level-0 origin; a slide layer moved to ``offset`` (its
+    ``translate``, world y x) is taken into account by subtracting it from the layer's own
+    ``translate``."""
+    off = np.asarray(offset, dtype=float)
+    if not np.any(off):
+        return layer
+    t = np.array(layer.translate, dtype=float)
+    t[-2:] -= off
+    return _Shifted(layer, t)

@@ -419,35 +419,13 @@ def annotation_layers(session: Any, uid: int) -> list[Any]:
 
 def slide_annotations(session: Any, uid: int) -> list[Any]:
     """The annotations (level-0 px) of a slide's annotation layers."""
-    from .annotation_layers import annotations_from_layer
+    from .annotation_layers import annotations_from_layer, relative_to_slide
 
     s = session.slides[uid]
     anns: list[Any] = []
     for la in annotation_layers(session, uid):
-        anns += annotations_from_layer(_relative(la, s.offset), s.mpp, session.palette)
+        anns += annotations_from_layer(relative_to_slide(la, s.offset), s.mpp, session.palette)
     return anns
-
-
-class _Shifted:
-    """A layer seen with another ``translate`` (every other attribute is the layer's)."""
-
-    def __init__(self, layer: Any, translate: np.ndarray):
-        self._layer = layer
-        self.translate = translate
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._layer, name)
-
-
-def _relative(layer: Any, offset: tuple[float, float]) -> Any:
-    """``layer`` placed relative to its slide (the annotation readers take world (0, 0) as the
-    slide's level-0 origin)."""
-    off = np.asarray(offset, dtype=float)
-    if not np.any(off):
-        return layer
-    t = np.array(layer.translate, dtype=float)
-    t[-2:] -= off
-    return _Shifted(layer, t)
 
 
 # ------------------------------------------------------------------------------ files
