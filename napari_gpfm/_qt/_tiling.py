@@ -13,6 +13,8 @@ __all__ = [
     "PRECISIONS",
     "apply_preset",
     "build_tiling_controls",
+    "fill_model_combo",
+    "model_label",
     "mark_custom",
     "show_card_tiling",
     "spec_of",
@@ -68,6 +70,31 @@ def apply_preset(dock: Any, name: str) -> bool:
         spin.setValue(v)
         spin.blockSignals(False)
     return True
+
+
+def model_label(card: Any) -> str:
+    """Combo text: name, display name, whether weights are present, GPFM or not."""
+    flag = "" if card.is_gpfm else " (not GPFM)"
+    weights = "weights found" if card.status().found else "weights missing"
+    return f"{card.name}{flag} — {card.display_name} [{weights}]"
+
+
+def fill_model_combo(combo: Any) -> bool:
+    """Fill a dock's model combo with the registry's cards (no signals), keeping the current
+    choice, else the default model; returns whether the choice changed (a first fill, or the
+    chosen model went away), when the dock shows the new card's tiling."""
+    from ..encoders import default_model_name, list_cards
+
+    current = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for card in list_cards():
+        combo.addItem(model_label(card), card.name)
+    preferred = current or default_model_name()
+    i = combo.findData(preferred) if preferred else -1
+    combo.setCurrentIndex(max(i, 0))
+    combo.blockSignals(False)
+    return combo.currentData() != current
 
 
 def show_card_tiling(dock: Any, card: Any) -> None:

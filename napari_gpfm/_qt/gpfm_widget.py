@@ -49,7 +49,14 @@ from ..layers import convert
 from ..layers.gallery import exemplar_tiles, hit_tiles
 from ..layers.session import HEATMAP_LABELS, session_for
 from ._jobs import JobPanel, fit_width, preload, settle_width, wrap_in_scroll
-from ._tiling import apply_preset, build_tiling_controls, mark_custom, show_card_tiling, spec_of
+from ._tiling import (
+    apply_preset,
+    build_tiling_controls,
+    fill_model_combo,
+    mark_custom,
+    show_card_tiling,
+    spec_of,
+)
 from .gallery import ColourBarLegend, TileGallery, centre_on_patch
 
 TISSUE_CHOICES = (("Auto", "auto"), ("Whole image", "none"), ("Otsu (older stores)", "otsu"))
@@ -59,13 +66,6 @@ MISSING_MPP = (
     "exact magnification. Set it in the 'Slide info' panel (Plugins > napari-gpfm > Slide "
     "info), then compute again."
 )
-
-
-def model_label(card: Any) -> str:
-    """Combo text: name, display name, whether weights are present, GPFM or not."""
-    flag = "" if card.is_gpfm else " (not GPFM)"
-    weights = "weights found" if card.status().found else "weights missing"
-    return f"{card.name}{flag} — {card.display_name} [{weights}]"
 
 
 def _detacher(viewer, drag_cb, move_cb):
@@ -349,18 +349,7 @@ class GPFMWidget(QWidget):
 
     # ================================================================== inputs
     def refresh_models(self) -> None:
-        from ..encoders import default_model_name, list_cards
-
-        current = self.model_name()
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for card in list_cards():
-            self.model_combo.addItem(model_label(card), card.name)
-        preferred = current or default_model_name()
-        i = self.model_combo.findData(preferred) if preferred else -1
-        self.model_combo.setCurrentIndex(max(i, 0))
-        self.model_combo.blockSignals(False)
-        if self.model_name() != current:  # a first or another model: its tiling
+        if fill_model_combo(self.model_combo):  # a first or another model: its tiling
             self._model_changed()
 
     def model_name(self) -> str | None:

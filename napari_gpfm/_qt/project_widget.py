@@ -50,6 +50,7 @@ from ._tiling import (
     DEVICES,
     apply_preset,
     build_tiling_controls,
+    fill_model_combo,
     mark_custom,
     show_card_tiling,
     spec_of,
@@ -334,19 +335,7 @@ class ProjectWidget(QWidget):
             self._settings_title()
 
     def refresh_models(self) -> None:
-        from ..encoders import default_model_name, list_cards
-        from .gpfm_widget import model_label
-
-        current = self.model_combo.currentData()
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for card in list_cards():
-            self.model_combo.addItem(model_label(card), card.name)
-        preferred = current or default_model_name()
-        i = self.model_combo.findData(preferred) if preferred else -1
-        self.model_combo.setCurrentIndex(max(i, 0))
-        self.model_combo.blockSignals(False)
-        if self.model_combo.currentData() != current:  # first fill, or the model went away
+        if fill_model_combo(self.model_combo):  # first fill, or the model went away
             self._model_changed()
 
     def set_preset(self, name: str) -> None:
