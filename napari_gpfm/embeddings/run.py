@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,80 +264,91 @@ def embed_slide(
     t_start = time.perf_counter()
     slide = _open(slide_or_path, mpp, opener)
     owns_slide = isinstance(slide_or_path, (str, Path))
+    opts = EmbedOptions(
+        tissue_params=tissue_params or TissueParams(), batch_size=batch_size,
+        num_workers=num_workers, device=device, overwrite=overwrite, opener=opener,
+        torch_threads=torch_threads, max_patches=max_patches, precision=precision,
+        compile=compile, pipeline_depth=pipeline_depth,
+    )  # fmt: skip
     try:
-        return (
-            yield from _embed_open_slide(
-                slide, encoder, spec, Path(out_dir), t_start,
-                tissue_params=tissue_params, batch_size=batch_size, num_workers=num_workers,
-                device=device, overwrite=overwrite, opener=opener, torch_threads=torch_threads,
-                max_patches=max_patches, precision=precision, compile=compile,
-                pipeline_depth=pipeline_depth,
-            )
-        )
+        return (yield from _embed_open_slide(slide, encoder, spec, Path(out_dir), t_start, opts))
     finally:
         if owns_slide and hasattr(slide, "close"):
             slide.close()
 
 
-def _embed_open_slide(
-    slide: Any,
-    encoder: Any,
-    spec: GridSpec | None,
-    out_dir: Path,
-    t_start: float,
-    *,
-    tissue_params: TissueParams | None,
-    batch_size: int | str,
-    num_workers: int | None,
-    device: str | torch.device,
-    overwrite: bool,
-    opener: Callable[..., Any] | None,
-    torch_threads: int | None,
-    max_patches: int | None = DEFAULT_MAX_PATCHES,
-    precision: str | None = "auto",
-    compile: bool = False,
-    pipeline_depth: int | None = None,
-) -> Generator[EmbedProgress, None, Path]:
-    """Body of :func:`embed_slide` once the slide is open."""
-    spec = spec_for_slide(spec or default_spec(encoder), slide)
-    tissue_params = tissue_params or TissueParams()
-    dev = resolve_device(device)
-    recipe = make_recipe(encoder, slide, spec, tissue_params, precision=precision, device=dev)
-    final = recipe_store_path(out_dir, recipe, slide.name)
-    fingerprint = slide_fingerprint(slide)
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How :func:`embed_slide` runs, apart from the slide, the model, the tiling and the output
+    folder (the keyword arguments of :func:`embed_slide`, documented there)."""
 
-    if final.exists() and not overwrite:
+    tissue_params: TissueParams = field(default_factory=TissueParams)
+    batch_size: int | str = DEFAULT_BATCH_SIZE
+    num_workers: int | None = None
+    device: str | torch.device = "auto"
+    overwrite: bool = False
+    opener: Callable[..., Any] | None = None
+    torch_threads: int | None = None
+    max_patches: int | None = DEFAULT_MAX_PATCHES
+    precision: str | None = "auto"
+    compile: bool = False
+    pipeline_depth: int | None = None
+
+
+def _embed_open_slide(slide: Any, encoder: Any, spec: GridSpec | None, out_dir: Path,
+                      t_start: float, opts: EmbedOptions) -> Generator[EmbedProgress, None, Path]:
+    """Body of :func:`embed_slide` once the slide is open: the recipe and its store path, a
+    finished store skipped, else tissue and grid, the store resumed or created, and the run."""
+    spec = spec_for_slide(spec or default_spec(encoder), slide)
+    dev = resolve_device(opts.device)
+    recipe = make_recipe(encoder, slide, spec, opts.tissue_params, precision=opts.precision,
+                         device=dev)  # fmt: skip
+    final = recipe_store_path(out_dir, recipe, slide.name)
+
+    if final.exists() and not opts.overwrite:
         existing = find_store(out_dir, slide, recipe)
         assert existing is not None
         n = existing.n_patches
         yield EmbedProgress(slide.name, n, n, 0.0, 0.0, 0.0, "skipped", final)
         return final
 
-    tissue = detect_tissue(slide, tissue_params)
-    if tissue.is_empty:
-        raise NoTissueError(no_tissue_message(slide.path, tissue_params))
-    grid = make_grid(slide, spec, tissue, encoder_input=_encoder_input_size(encoder),
-                     max_patches=max_patches)
-    if len(grid) == 0:
-        raise NoTissueError(
-            no_tissue_message(
-                slide.path,
-                tissue_params,
-                f"tissue covers {tissue.tissue_fraction:.1%} of the thumbnail but no "
-                f"{grid.patch_size_level0} px patch reaches min_tissue={spec.min_tissue}",
-            )
-        )
-
+    grid = _tissue_grid(slide, spec, encoder, opts)
     model = getattr(encoder, "model", None)
     if isinstance(model, torch.nn.Module):
         if _model_device(encoder) not in (None, dev):
             model.to(dev)
         model.eval()
-    embed_dim = int(encoder.embed_dim)
+    writer = _open_writer(final, recipe, grid, int(encoder.embed_dim), slide, opts.overwrite)
+    return (yield from _run(slide, encoder, grid, writer, recipe, dev, t_start, opts))
 
-    # A partial file with the same recipe holds exactly the features this run would compute,
-    # so it is resumed even under ``overwrite``; one of another recipe is started afresh. One of
-    # another slide file is refused (``SlideMismatchError``), or started afresh under overwrite.
+
+def _tissue_grid(slide: Any, spec: GridSpec, encoder: Any, opts: EmbedOptions) -> Any:
+    """The patch grid over the slide's tissue; :class:`NoTissueError` when there is none."""
+    tissue = detect_tissue(slide, opts.tissue_params)
+    if tissue.is_empty:
+        raise NoTissueError(no_tissue_message(slide.path, opts.tissue_params))
+    grid = make_grid(slide, spec, tissue, encoder_input=_encoder_input_size(encoder),
+                     max_patches=opts.max_patches)  # fmt: skip
+    if len(grid) == 0:
+        raise NoTissueError(
+            no_tissue_message(
+                slide.path,
+                opts.tissue_params,
+                f"tissue covers {tissue.tissue_fraction:.1%} of the thumbnail but no "
+                f"{grid.patch_size_level0} px patch reaches min_tissue={spec.min_tissue}",
+            )
+        )
+    return grid
+
+
+def _open_writer(final: Path, recipe: Any, grid: Any, embed_dim: int, slide: Any,
+                 overwrite: bool) -> StoreWriter:  # fmt: skip
+    """The store's writer: a partial file with the same recipe resumed, else a new one.
+
+    A partial file with the same recipe holds exactly the features this run would compute, so
+    it is resumed even under ``overwrite``; one of another recipe is started afresh. One of
+    another slide file or precision is refused, or started afresh under ``overwrite``."""
+    fingerprint = slide_fingerprint(slide)
     try:
         writer = StoreWriter.resume(final, recipe=recipe, coords=grid.coords,
                                     embed_dim=embed_dim, slide_fingerprint=fingerprint)
@@ -362,10 +373,19 @@ def _embed_open_slide(
             tissue_fraction=grid.tissue_fraction,
             slide_fingerprint=fingerprint,
         )
+    return writer
+
+
+def _run(slide: Any, encoder: Any, grid: Any, writer: StoreWriter, recipe: Any,
+         dev: torch.device, t_start: float,
+         opts: EmbedOptions) -> Generator[EmbedProgress, None, Path]:  # fmt: skip
+    """Read the patches not yet in the store (loader workers), embed them (the device pipeline)
+    and write them; the store is finished, or closed with what it holds on any error."""
+    final = writer.final_path
     total = len(grid)
     start = writer.n_done
-    workers = default_num_workers(dev) if num_workers is None else int(num_workers)
-    batch = resolve_batch_size(batch_size, encoder, dev, recipe.precision or "fp32")
+    workers = default_num_workers(dev) if opts.num_workers is None else int(opts.num_workers)
+    batch = resolve_batch_size(opts.batch_size, encoder, dev, recipe.precision or "fp32")
     user_mpp = slide.mpp if getattr(slide, "mpp_source", None) == "user" else None
     dataset = PatchDataset(
         slide.path,
@@ -373,10 +393,10 @@ def _embed_open_slide(
         grid.patch_size_level0,
         grid.out_size,
         mpp=user_mpp,
-        opener=opener,
+        opener=opts.opener,
         slide=slide if workers == 0 else None,
     )
-    threads = torch_threads
+    threads = opts.torch_threads
     if threads is None and dev.type == "cpu":
         threads = cpu_threads_for(workers)
     # Fork the loader workers while the store is closed, so that no worker inherits the HDF5
@@ -395,8 +415,8 @@ def _embed_open_slide(
     done = start
     forward = None
     try:
-        forward = BatchForward(encoder, dev, recipe.precision or "fp32", depth=pipeline_depth,
-                               compiled=compile)  # fmt: skip
+        forward = BatchForward(encoder, dev, recipe.precision or "fp32",
+                               depth=opts.pipeline_depth, compiled=opts.compile)  # fmt: skip
         yield EmbedProgress(slide.name, done, total, 0.0, None, t_run - t_start, "started", final)
         with _torch_threads(threads):
             for patches, _ in batches:
