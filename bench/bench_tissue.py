@@ -195,6 +195,9 @@ def main() -> int:
     ap.add_argument("--slide", type=Path, action="append", default=[],
                     help="another real slide to add to (b)")
     ap.add_argument("--no-large", action="store_true", help="skip the 100,000² pyramid")
+    ap.add_argument("--inputs", default="abc",
+                    help="which inputs to run, as letters: a (sample SVS), b (real pyramid and "
+                         "--slide), c (100,000² pyramid); default abc")  # fmt: skip
     args = ap.parse_args()
 
     from napari_gpfm._resources import sample_slide_path
@@ -206,16 +209,19 @@ def main() -> int:
     else:
         tools["hs2p"] = args.peers_python
 
-    inputs: list[tuple[str, Path, bool]] = [("(a) sample SVS", Path(sample_slide_path()), True)]
+    inputs: list[tuple[str, Path, bool]] = []
+    if "a" in args.inputs:
+        inputs.append(("(a) sample SVS", Path(sample_slide_path()), True))
     pyr = SHARED / "wsi" / "CMU-1-Small-Region.pyramid.tif"
-    if pyr.exists():
+    if "b" in args.inputs and pyr.exists():
         inputs.append(("(b) real 4-level pyramid", pyr, True))
-    else:
+    elif "b" in args.inputs:
         print(f"note: {pyr} not found, (b) skipped")
-    inputs += [(f"(b) {p.name}", p, False) for p in args.slide]
+    if "b" in args.inputs:
+        inputs += [(f"(b) {p.name}", p, False) for p in args.slide]
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_tissue_"))
-    if not args.no_large:
+    if not args.no_large and "c" in args.inputs:
         sys.path.insert(0, str(REPO / "tests"))
         from synthetic_slides import make_large_pyramid  # tests/ is not a package
 
@@ -280,7 +286,7 @@ def main() -> int:
           "agreement with the hand mask | detection |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for (label, name, first, steady, rf, rs, cpu, rc, n, size0, agree, cold, how) in rows:
-        print(f"| {label} | {name} | {steady:.3f} | {rs:.2f}x | {cpu:.4f} | {rc:.2f}x | "
+        print(f"| {label} | {name} | {steady:.4f} | {rs:.2f}x | {cpu:.4f} | {rc:.2f}x | "
               f"{first:.3f} | {rf:.2f}x | {cold:.2f} | {n:,} ({size0} px) | {agree} | {how} |")
     return 0
 

@@ -172,3 +172,62 @@ def test_fraction_grid_is_area_exact_on_the_lattice(monkeypatch):
     monkeypatch.setattr(tissue_mod, "_FRACTION_TABLE_ENTRIES", 300)  # 2 rows per chunk
     np.testing.assert_allclose(tm.fraction_grid(xs, ys, 29.0), ref, rtol=0, atol=1e-9)
     assert tm.fraction_grid([], ys, 29.0).shape == (len(ys), 0)
+
+
+# ------------------------------------------------------------------ clean-up and lattice paths
+@pytest.mark.parametrize("close_r", [0, 1, 2, 3])
+@pytest.mark.parametrize("open_r", [0, 1, 2, 3])
+def test_fused_close_open_matches_scipy(close_r, open_r):
+    """The clean-up's closing (padded so tissue is not glued to the border) then opening, done
+    in one flat buffer for radii up to 2, gives scipy's pixels."""
+    from napari_gpfm.tiles.tissue import _close_open
+
+    params = TissueParams(close_radius=close_r, open_radius=open_r)
+    for m in _random_masks():
+        ref = m
+        if close_r and ref.any():
+            ref = ndi.binary_closing(np.pad(ref, close_r), structure=_disk(close_r))
+            ref = ref[close_r:-close_r, close_r:-close_r]
+        if open_r and ref.any():
+            ref = ndi.binary_opening(ref, structure=_disk(open_r))
+        np.testing.assert_array_equal(_close_open(m, params), ref,
+                                      err_msg=f"close {close_r} open {open_r}")  # fmt: skip
+
+
+def test_byte_histogram_is_bincount():
+    from napari_gpfm.tiles.tissue import _byte_histogram
+
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 7, 20_000, 20_001, 100_003):
+        v = rng.integers(0, 256, n, dtype=np.uint8)
+        v[: n // 3] = 17  # long runs of one value too
+        np.testing.assert_array_equal(_byte_histogram(v), np.bincount(v, minlength=256))
+    img = rng.integers(0, 256, (201, 157), dtype=np.uint8)  # 2-D, odd size
+    np.testing.assert_array_equal(_byte_histogram(img), np.bincount(img.ravel(), minlength=256))
+
+
+def test_component_sizes_are_bincount():
+    from napari_gpfm.tiles.tissue import _component_sizes
+
+    rng = np.random.default_rng(4)
+    blobs = ndi.gaussian_filter(rng.random((300, 260)), 3) > 0.5  # long runs
+    noise = rng.random((300, 260)) < 0.5  # short runs
+    for mask in (blobs, ~blobs, noise, np.ones((70, 90), bool), np.zeros((70, 90), bool)):
+        labels, n = ndi.label(mask)
+        np.testing.assert_array_equal(_component_sizes(labels, n),
+                                      np.bincount(labels.ravel(), minlength=n + 1))  # fmt: skip
+
+
+def test_fraction_grid_without_the_table_equals_with_it():
+    """``fraction_grid`` reads only the summed-area rows it needs when the table is not
+    cached: the same values, bit for bit, as from the whole cached table."""
+    rng = np.random.default_rng(8)
+    mask = ndi.gaussian_filter(rng.random((211, 173)), 2) > 0.5
+    xs, ys = np.arange(-30, 700, 41), np.arange(-5, 900, 37)
+    lazy = TissueMask(mask=mask, downsample=4.3).fraction_grid(xs, ys, 53.0)
+    full = TissueMask(mask=mask, downsample=4.3)
+    full.integral()
+    np.testing.assert_array_equal(lazy, full.fraction_grid(xs, ys, 53.0))
+    rows = np.array([0, 1, 5, 6, 100, 211])
+    np.testing.assert_array_equal(TissueMask(mask=mask, downsample=1.0)._integral_rows(rows),
+                                  full.integral()[rows])  # fmt: skip

@@ -106,8 +106,18 @@ class TiffBackend(SlideBackend):
         tif = self._ts.ts_tifffile
         try:
             n_pages = len(tif.pages)
-            last = tif.pages[n_pages - 1]
-            nxt = _next_ifd_offset(self._fd, tif, int(last.offset))
+            # The last page's offset by following the same next-page pointers tifffile
+            # followed (two small reads a page), not by parsing the page again: tifffile does
+            # not keep its pages, and parsing one costs more than the rest of this check.
+            offset = int(tif.pages.first.offset) if n_pages <= 64 else None
+            for _ in range(n_pages - 1 if offset is not None else 0):
+                offset = _next_ifd_offset(self._fd, tif, offset)
+                if not 0 < offset < file_size:
+                    offset = None
+                    break
+            if offset is None:  # many pages, or a chain that is not what tifffile read
+                offset = int(tif.pages[n_pages - 1].offset)
+            nxt = _next_ifd_offset(self._fd, tif, offset)
         except Exception:  # the check must never stop a readable slide from opening
             return
         if nxt == 0 or nxt < file_size:
