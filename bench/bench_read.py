@@ -9,8 +9,13 @@ fastslide (not a dependency) runs in ``--peers-python`` (default ``/work/peers-v
 skipped with a note when it lacks fastslide), one subprocess per round, reading the same
 coordinates (its pixels are compared with ours first). Rounds alternate the order of the
 readers; the table gives medians and the ratio to OpenSlide's rate from the same run, with the
-load average. Then opens a 100,000 x 100,000 px synthetic pyramid (tiled from the real sample)
-and reports time and memory. Prints markdown tables.
+load average. Then reads at 1.0 µm/px from a 0.5 µm/px pyramid (``--pyramid``, default the
+real 4-level pyramid of the sample in ``../shared/data/wsi``): 224 px patches of a 1.0 µm/px
+field (449 level-0 px at 0.499 µm/px) on a grid and at random, each library reading the level
+its own rule picks (OpenSlide's ``get_best_level_for_downsample``, fastslide the same level,
+napari-gpfm ``read_patch``) and resizing to 224 px where that level is not exactly 2x. Then
+opens a 100,000 x 100,000 px synthetic pyramid (tiled from the real sample) and reports time and
+memory. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from PIL import Image
 
 from napari_gpfm._resources import sample_slide_path
 from napari_gpfm.slide import open_slide, shared_tile_cache
@@ -35,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic_slides import make_large_pyramid  # noqa: E402 - tests/ is not a package
 
 PATCH = 224
+SHARED_PYRAMID = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
+                  / "CMU-1-Small-Region.pyramid.tif")  # fmt: skip
+DOWNSAMPLED_MPP = 1.0
 
 
 def grid_coords(w: int, h: int) -> np.ndarray:
@@ -57,14 +66,27 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import fastslide
 slide_path, coords_path, patch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+level = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+side = int(sys.argv[5]) if len(sys.argv) > 5 else patch
 data = np.load(coords_path)
 sl = fastslide.FastSlide.from_file_path(slide_path)
 check = data["check"]
-pixels = sl.read_region((int(check[0]), int(check[1])), 0, (patch, patch)).numpy()[..., :3]
+
+def native(xy):  # fastslide takes the level's own coordinates
+    if level == 0:
+        return int(xy[0]), int(xy[1])
+    return tuple(int(v) for v in sl.convert_level0_to_level_native(int(xy[0]), int(xy[1]), level))
+
+pixels = sl.read_region(native(check), level, (side, side)).numpy()[..., :3]
 out = {"check": pixels.tolist()}
+if side != patch:
+    from PIL import Image
 
 def one(xy):
-    return sl.read_region((int(xy[0]), int(xy[1])), 0, (patch, patch)).numpy()
+    region = sl.read_region(native(xy), level, (side, side)).numpy()
+    if side != patch:
+        region = np.asarray(Image.fromarray(region[..., :3]).resize((patch, patch), Image.BICUBIC))
+    return region
 
 for label in ("grid", "random"):
     coords = data[label]
@@ -94,13 +116,128 @@ def fastslide_python(python: str | None) -> str | None:
     return python
 
 
+def run_fastslide(peers: str, slide: Path, coords_file: Path, level: int = 0,
+                  side: int = PATCH) -> dict:  # fmt: skip
+    r = subprocess.run([peers, "-c", FASTSLIDE_WORKER, str(slide), str(coords_file), str(PATCH),
+                        str(level), str(side)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=""))  # fmt: skip
+    if r.returncode != 0:
+        raise SystemExit(f"fastslide worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def downsampled_reads(path: Path, repeats: int, peers: str | None) -> None:
+    """224 px patches of a 1.0 µm/px field from a pyramid scanned at about 0.5 µm/px: each
+    reader on its own best level, on the same grid and random coordinates, interleaved."""
+    import openslide
+
+    if not path.exists():
+        print(f"\nnote: reads at {DOWNSAMPLED_MPP} µm/px skipped ({path} not found)")
+        return
+    slide = open_slide(path)
+    mpp = slide.require_mpp()
+    size0 = max(1, round(PATCH * DOWNSAMPLED_MPP / mpp))
+    w, h = slide.dimensions
+    ys, xs = np.mgrid[0 : h - size0 + 1 : size0, 0 : w - size0 + 1 : size0]
+    grid = np.stack([xs.ravel(), ys.ravel()], 1)
+    rng = np.random.default_rng(1)
+    n_random = max(len(grid), 100)
+    rand = np.stack([rng.integers(0, w - size0, n_random),
+                     rng.integers(0, h - size0, n_random)], 1)  # fmt: skip
+    counts = {"grid": len(grid), "random": n_random}
+    osr = openslide.OpenSlide(str(path))
+    level = osr.get_best_level_for_downsample(size0 / PATCH)
+    side = max(1, round(size0 / osr.level_downsamples[level]))
+
+    def openslide_one(x, y, osr=osr):
+        region = osr.read_region((int(x), int(y)), level, (side, side)).convert("RGB")
+        if side != PATCH:
+            region = region.resize((PATCH, PATCH), Image.Resampling.BICUBIC)
+        return np.asarray(region)
+
+    def openslide_loop(coords):
+        fresh = openslide.OpenSlide(str(path))  # its own tile cache starts empty, as ours
+        for x, y in coords:
+            openslide_one(x, y, fresh)
+        fresh.close()
+
+    def ours_loop(coords):
+        for x, y in coords:
+            slide.read_patch(int(x), int(y), size0, PATCH)
+
+    def ours_threads(coords):
+        slide.read_patches(coords, size0, PATCH, threads=2)
+
+    x, y = grid[len(grid) // 2]
+    ref = openslide_one(x, y)
+    np.testing.assert_array_equal(slide.read_patch(int(x), int(y), size0, PATCH), ref)
+    tmpdir = Path(tempfile.mkdtemp(prefix="bench_read_ds_"))
+    coords_file = tmpdir / "coords.npz"
+    np.savez(coords_file, grid=grid, random=rand, check=np.array([x, y]))
+    readers = [
+        ("openslide-python read_region, 1 thread", openslide_loop),
+        ("napari-gpfm read_patch, 1 thread", ours_loop),
+        ("napari-gpfm read_patches, 2 threads", ours_threads),
+    ]
+    times: dict[tuple[str, str], list[float]] = {}
+    same_pixels = None
+    for rep in range(repeats):
+        order = readers if rep % 2 == 0 else readers[::-1]
+        if peers:
+            order = [("fastslide", None), *order] if rep % 2 else [*order, ("fastslide", None)]
+        for name, fn in order:
+            if fn is None:
+                out = run_fastslide(peers, path, coords_file, level, side)
+                check = np.asarray(out["check"], np.int16)
+                if side == PATCH:
+                    d = np.abs(check - ref.astype(np.int16))
+                    same_pixels = (int(d.max()), float(d.mean()))
+                for label in ("grid", "random"):
+                    for threads in (1, 2):
+                        key = (label, f"fastslide read_region + tile cache, {threads} thread"
+                                      f"{'s' if threads > 1 else ''}")  # fmt: skip
+                        times.setdefault(key, []).append(out[f"{label}/{threads}"])
+                continue
+            for label, coords in (("grid", grid), ("random", rand)):
+                times.setdefault((label, name), []).append(timed(lambda: fn(coords)))
+
+    print(f"\nReads at {DOWNSAMPLED_MPP} µm/px from {path.name} ({w}x{h} at {mpp:g} µm/px, "
+          f"{slide.level_count} levels): {len(grid)} grid and {n_random} random patches of "
+          f"{PATCH} px = {size0} level-0 px, "
+          f"read from level {level} (downsample {osr.level_downsamples[level]:.4f}, {side} px"
+          f"{', resized' if side != PATCH else ', no resize'}); load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, medians of {repeats} rounds\n")
+    if same_pixels is not None:
+        print(f"fastslide's pixels differ from ours (= OpenSlide's) by at most {same_pixels[0]} "
+              f"grey levels (mean {same_pixels[1]:.2f}) on the check patch: it reads the level at "
+              "whole level pixels, OpenSlide and napari-gpfm interpolate the fractional "
+              "position\n")
+    print("| reads at 1.0 µm/px | reader | patches/s | vs openslide |")
+    print("|---|---|---:|---:|")
+    for label in ("grid", "random"):
+        base = statistics.median(times[(label, readers[0][0])])
+        for (lab, name), ts in times.items():
+            if lab == label:
+                t = statistics.median(ts)
+                print(f"| {label} | {name} | {counts[label] / t:,.0f} | {base / t:.2f}x |")
+    slide.close()
+    osr.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", type=Path, default=sample_slide_path())
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians)")
     ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
                     help="interpreter with fastslide (skipped with a note when missing)")
+    ap.add_argument("--pyramid", type=Path, default=SHARED_PYRAMID,
+                    help="0.5 µm/px pyramid for the reads at 1.0 µm/px (skipped when missing)")
+    ap.add_argument("--only-downsampled", action="store_true",
+                    help="run only the reads at 1.0 µm/px")
     args = ap.parse_args()
+    if args.only_downsampled:
+        downsampled_reads(args.pyramid, args.repeats, fastslide_python(args.peers_python))
+        return
 
     import openslide
     import tiffslide
@@ -189,6 +326,8 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for label, name, rate, ratio in rows:
         print(f"| {label} | {name} | {rate:,.0f} | {ratio:.2f}x |")
+
+    downsampled_reads(args.pyramid, args.repeats, peers)
 
     with tempfile.TemporaryDirectory() as tmp:
         big = make_large_pyramid(Path(tmp) / "large.tif", 100_000, 100_000)
