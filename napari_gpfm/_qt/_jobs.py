@@ -70,14 +70,11 @@ class JobGc:
             cls._saved = None
 
 
-_PRELOADS: set[QTimer] = set()
-
-
 def preload(modules: Sequence[str]) -> None:
     """Import ``modules`` in a background thread now (when a dock opens), so that the first
     click does not import them on the main thread (hundreds of ms for torch, scikit-learn or the
-    jobs). Full garbage collections are held meanwhile (:class:`JobGc`). An import that fails
-    here is not reported: it fails again, with its message, where the dock imports it."""
+    jobs). An import that fails here is not reported: it fails again, with its message, where
+    the dock imports it."""
     import importlib
     import sys
     import threading
@@ -85,30 +82,14 @@ def preload(modules: Sequence[str]) -> None:
     missing = [m for m in modules if m not in sys.modules]
     if not missing:
         return
-    done = threading.Event()
 
     def work() -> None:
-        try:
-            for m in missing:
+        for m in missing:
+            try:
                 importlib.import_module(m)
-        except Exception:  # noqa: BLE001 - reported where the dock imports it (see above)
-            pass
-        finally:
-            done.set()
+            except Exception:  # noqa: BLE001 - reported where the dock imports it (see above)
+                return
 
-    JobGc.enter()
-    timer = QTimer()
-    timer.setInterval(50)
-
-    def check() -> None:
-        if done.is_set():
-            timer.stop()
-            _PRELOADS.discard(timer)
-            JobGc.leave()
-
-    timer.timeout.connect(check)
-    _PRELOADS.add(timer)
-    timer.start()
     threading.Thread(target=work, daemon=True, name="napari-gpfm preload").start()
 
 
