@@ -3,8 +3,9 @@
 Bundled cards live in ``models/`` (inside the installed package as ``napari_gpfm/models``, at the
 repository root in a source checkout). Trained students are written to the user models dir
 (``$NAPARI_GPFM_MODELS_DIR``, default ``~/.local/share/napari-gpfm/models``); a user card with the
-name of a bundled one replaces it. Cards are re-read on every call, so new files and changed
-environment variables are seen at once.
+name of a bundled one replaces it. The folders are listed on every call, so new files and changed
+environment variables are seen at once; a card file is parsed again only when its modification
+time or size changed (docks list the cards on the main thread whenever a model is added).
 """
 
 from __future__ import annotations
@@ -82,12 +83,28 @@ def default_model_name() -> str:
     )
 
 
+#: Parsed cards by file: ((mtime_ns, size), card).
+_PARSED: dict[Path, tuple[tuple[int, int], ModelCard]] = {}
+
+
+def _card_from(path: Path) -> ModelCard:
+    """``ModelCard.from_yaml(path)``, parsed again only when the file changed."""
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _PARSED.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    card = ModelCard.from_yaml(path)
+    _PARSED[path] = (stamp, card)
+    return card
+
+
 def _read_dir(directory: Path, strict: bool) -> dict[str, ModelCard]:
     """Cards of one directory by name; two files with one name are an error naming both."""
     cards: dict[str, ModelCard] = {}
     for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
         try:
-            card = ModelCard.from_yaml(path)
+            card = _card_from(path)
         except ModelCardError as exc:
             if strict:
                 raise

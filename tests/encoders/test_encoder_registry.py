@@ -128,3 +128,29 @@ def test_no_default_explains_how_to_get_gpfm(tmp_path: Path, monkeypatch):
                    str(Path("~/.cache/napari-gpfm/weights/GPFM.pth").expanduser()),
                    "napari-gpfm models --download gpfm"):
         assert needle in message
+
+
+def test_cards_are_parsed_again_only_when_their_file_changes(isolated_env: Path, monkeypatch):
+    """Docks list the cards on the main thread whenever a model appears: an unchanged file is
+    not parsed again, an edited one is (its new values seen at once)."""
+    import os
+
+    from napari_gpfm.encoders.card import ModelCard
+
+    path = write_card(isolated_env, card_dict("student", is_gpfm=False, license="first"))
+    assert get_card("student").license == "first"
+    parsed: list[Path] = []
+    real = ModelCard.from_yaml.__func__
+
+    def spy(cls, p, *a, **k):
+        parsed.append(Path(p))
+        return real(cls, p, *a, **k)
+
+    monkeypatch.setattr(ModelCard, "from_yaml", classmethod(spy))
+    list_cards()
+    assert parsed == []  # nothing changed: no card parsed again
+    st = path.stat()
+    write_card(isolated_env, card_dict("student", is_gpfm=False, license="second-licence"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert get_card("student").license == "second-licence"
+    assert parsed == [path]
