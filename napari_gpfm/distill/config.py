@@ -573,9 +573,25 @@ def _check_timm_expert(key: str, spec: Mapping[str, Any]) -> None:
         raise bad_value(f"{key}.timm.name", name, "a timm ViT (patch and CLS tokens)")
 
 
+#: Meta models already built, by (arch, build kwargs): validation only reads them, and docks
+#: validate a config on the main thread (building one costs 0.1–0.2 s).
+_META_MODELS: dict[str, Any] = {}
+
+
 def _meta_model(arch_key: str, arch: str, kwargs_key: str, kwargs: Mapping[str, Any],
                 build: dict[str, Any]) -> Any:
-    """``timm.create_model(arch, **build)`` on the meta device (no memory), errors named."""
+    """``timm.create_model(arch, **build)`` on the meta device (no memory), errors named; the
+    model is cached (callers only read it)."""
+    key = repr((arch, sorted((k, repr(v)) for k, v in build.items())))
+    if key not in _META_MODELS:
+        if len(_META_MODELS) >= 16:
+            _META_MODELS.clear()
+        _META_MODELS[key] = _build_meta_model(arch_key, arch, kwargs_key, kwargs, build)
+    return _META_MODELS[key]
+
+
+def _build_meta_model(arch_key: str, arch: str, kwargs_key: str, kwargs: Mapping[str, Any],
+                      build: dict[str, Any]) -> Any:
     import timm
     import torch
 
