@@ -70,11 +70,19 @@ class JobGc:
             cls._saved = None
 
 
+def _release(hold: list[bool]) -> None:
+    """Give a panel's garbage-collection hold back, once."""
+    if hold[0]:
+        hold[0] = False
+        JobGc.leave()
+
+
 def preload(modules: Sequence[str]) -> None:
     """Import ``modules`` in a background thread now (when a dock opens), so that the first
     click does not import them on the main thread (hundreds of ms for torch, scikit-learn or the
     jobs). An import that fails here is not reported: it fails again, with its message, where
-    the dock imports it."""
+    the dock imports it. :meth:`JobPanel.run` waits for preloads still running
+    (:func:`join_preloads`)."""
     import importlib
     import sys
     import threading
@@ -90,7 +98,20 @@ def preload(modules: Sequence[str]) -> None:
             except Exception:  # noqa: BLE001 - reported where the dock imports it (see above)
                 return
 
-    threading.Thread(target=work, daemon=True, name="napari-gpfm preload").start()
+    thread = threading.Thread(target=work, daemon=True, name="napari-gpfm preload")
+    _PRELOADS.append(thread)
+    thread.start()
+
+
+_PRELOADS: list[Any] = []
+
+
+def join_preloads() -> None:
+    """Wait for the preloads still importing (at once when the user clicks seconds after a dock
+    opened). A job may fork loader processes, and a process forked while another thread is
+    half-way through an import inherits the half-built module and fails on it."""
+    while _PRELOADS:
+        _PRELOADS.pop().join()
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -136,7 +157,11 @@ class JobPanel(QWidget):
         self.cancel_latency_s: float | None = None
         self._cancel_t: float | None = None
         self._token: int | None = None
-        self._gc_held = False
+        self._gc_hold = [False]  # shared with the destroyed slot below
+        hold = self._gc_hold
+        # a panel deleted while its job runs (its dock closed) never sees ``finished``: give the
+        # garbage-collection hold back then, or full collections stay off for the session
+        self.destroyed.connect(lambda *_: _release(hold))
         self._pending: Any = None  # the newest record not shown yet
         self._painted_t = 0.0
         self._paint_timer = QTimer(self)
@@ -184,6 +209,7 @@ class JobPanel(QWidget):
         ``slide`` (uid/layer) ties the job to a slide: removing it cancels the job."""
         if self.worker is not None:
             return None
+        join_preloads()  # no job forks loader processes while a module is half imported
         gen = job() if callable(job) else job
         self._on_result, self._on_error = on_result, on_error
         self.last_progress, self.last_error, self.outcome = None, None, None
@@ -198,7 +224,7 @@ class JobPanel(QWidget):
             self._token = self.session.register_job(slide, self.cancel)
         self._set_running(True)
         JobGc.enter()
-        self._gc_held = True
+        self._gc_hold[0] = True
         self.bar.setRange(0, 0)  # busy until the first record with a total
         self.say(message or f"{self.title}…")
         self.worker.start()
@@ -291,10 +317,10 @@ class JobPanel(QWidget):
     def _finished(self) -> None:
         if self.outcome is None:
             self._show_pending()  # cancelled: the last record (what was kept) is shown below
+        self._pending = None
+        self._paint_timer.stop()  # a record still waiting must not paint over the last word
         self.worker = None
-        if self._gc_held:
-            self._gc_held = False
-            JobGc.leave()
+        _release(self._gc_hold)
         if self._token is not None and self.session is not None:
             self.session.job_done(self._token)
         self._token = None

@@ -6,6 +6,7 @@ window), and a burst of progress records repaints the panel a few times, not onc
 from __future__ import annotations
 
 import gc
+import time
 
 from napari_gpfm._qt._jobs import JobGc, JobPanel
 from napari_gpfm.jobs.progress import Progress
@@ -67,3 +68,36 @@ def test_preload_imports_in_the_background(qtbot, monkeypatch):
     preload((name,))
     qtbot.waitUntil(lambda: name in sys.modules, timeout=10_000)
     assert importers and threading.get_ident() not in importers
+
+
+def _endless():
+    i = 0
+    while True:
+        i += 1
+        yield Progress("test", "counting", i, 10**9, unit="items")
+
+
+def test_cancel_has_the_last_word_and_a_closed_panel_gives_collections_back(qtbot):
+    """After Cancel, no progress record still waiting paints over "Cancelled"; a panel deleted
+    while its job runs (its dock closed) gives back the hold on full garbage collections."""
+    panel = JobPanel("Test job")
+    qtbot.addWidget(panel)
+    panel.show()
+    with qtbot.waitSignal(panel.finished, timeout=30_000):
+        panel.run(_endless())
+        qtbot.waitUntil(lambda: panel.last_progress is not None, timeout=10_000)
+        panel.cancel()
+    qtbot.wait(2 * int(1000 * JobPanel.MIN_PAINT_S) + 100)  # a pending repaint would land now
+    assert panel.status.text().startswith("Cancelled")
+
+    def one_second():
+        for i in range(20):
+            time.sleep(0.05)
+            yield Progress("test", "counting", i + 1, 20, unit="items")
+
+    running = JobGc.running
+    other = JobPanel("Closed mid-job")
+    other.run(one_second())
+    assert JobGc.running == running + 1
+    other.deleteLater()
+    qtbot.waitUntil(lambda: JobGc.running == running, timeout=10_000)
