@@ -77,43 +77,6 @@ def _release(hold: list[bool]) -> None:
         JobGc.leave()
 
 
-def preload(modules: Sequence[str]) -> None:
-    """Import ``modules`` in a background thread now (when a dock opens), so that the first
-    click does not import them on the main thread (hundreds of ms for torch, scikit-learn or the
-    jobs). An import that fails here is not reported: it fails again, with its message, where
-    the dock imports it. :meth:`JobPanel.run` waits for preloads still running
-    (:func:`join_preloads`)."""
-    import importlib
-    import sys
-    import threading
-
-    missing = [m for m in modules if m not in sys.modules]
-    if not missing:
-        return
-
-    def work() -> None:
-        for m in missing:
-            try:
-                importlib.import_module(m)
-            except Exception:  # noqa: BLE001 - reported where the dock imports it (see above)
-                return
-
-    thread = threading.Thread(target=work, daemon=True, name="napari-gpfm preload")
-    _PRELOADS.append(thread)
-    thread.start()
-
-
-_PRELOADS: list[Any] = []
-
-
-def join_preloads() -> None:
-    """Wait for the preloads still importing (at once when the user clicks seconds after a dock
-    opened). A job may fork loader processes, and a process forked while another thread is
-    half-way through an import inherits the half-built module and fails on it."""
-    while _PRELOADS:
-        _PRELOADS.pop().join()
-
-
 def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "…"
@@ -209,7 +172,6 @@ class JobPanel(QWidget):
         ``slide`` (uid/layer) ties the job to a slide: removing it cancels the job."""
         if self.worker is not None:
             return None
-        join_preloads()  # no job forks loader processes while a module is half imported
         gen = job() if callable(job) else job
         self._on_result, self._on_error = on_result, on_error
         self.last_progress, self.last_error, self.outcome = None, None, None

@@ -89,7 +89,7 @@ from ..layers.annotation_layers import (
 from ..jobs.pathotune import quiet_gc
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import JobPanel, preload, scrolling_layout, settle_width, tap
+from ._jobs import JobPanel, scrolling_layout, settle_width, tap
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["AnnotateWidget", "ask_downsample", "files_job", "map_export_job",
@@ -408,7 +408,6 @@ class AnnotateWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        preload(("napari_gpfm.analyses.classify", "napari_gpfm.jobs.probe", *PROBE_IMPORTS))
         self.palette: ClassPalette = self.session.palette
         self.probe = None
         self.report = None

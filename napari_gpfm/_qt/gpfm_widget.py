@@ -48,7 +48,7 @@ from ..jobs.progress import Progress
 from ..layers import convert
 from ..layers.gallery import exemplar_tiles, hit_tiles
 from ..layers.session import HEATMAP_LABELS, session_for
-from ._jobs import JobPanel, fit_width, preload, settle_width, wrap_in_scroll
+from ._jobs import JobPanel, fit_width, settle_width, wrap_in_scroll
 from ._tiling import (
     apply_preset,
     build_tiling_controls,
@@ -127,7 +127,6 @@ class GPFMWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        preload(("napari_gpfm.jobs.embed",))  # its first click does not import it
         self.last_result: Any = None
         self.batch_size: int | None = None
         self.num_workers: int | None = None

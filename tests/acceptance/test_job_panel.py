@@ -46,30 +46,6 @@ def test_a_job_runs_without_full_collections_and_repaints_its_progress_sparingly
     assert len(shown) < N // 10, len(shown)
 
 
-def test_preload_imports_in_the_background(qtbot, monkeypatch):
-    """A dock's preload imports its job modules off the main thread (the first click then
-    imports nothing there)."""
-    import importlib
-    import sys
-    import threading
-
-    from napari_gpfm._qt._jobs import preload
-
-    name = "mailbox"  # a stdlib module nothing here imports
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    importers: list[int] = []
-    real = importlib.import_module
-
-    def spy(mod, *a, **k):
-        importers.append(threading.get_ident())
-        return real(mod, *a, **k)
-
-    monkeypatch.setattr(importlib, "import_module", spy)
-    preload((name,))
-    qtbot.waitUntil(lambda: name in sys.modules, timeout=10_000)
-    assert importers and threading.get_ident() not in importers
-
-
 def _endless():
     i = 0
     while True:
