@@ -22,6 +22,16 @@ if not os.environ.get("DISPLAY"):
 import numpy as np
 import pytest
 import tifffile
+import torch.utils.data._utils.signal_handling as _torch_sigchld
+
+# torch installs a process-wide SIGCHLD handler the first time a DataLoader with workers is
+# iterated on the main thread (here: test helpers that embed directly). In napari the docks' jobs
+# build their loaders on worker threads, where torch installs none. Left installed, the handler
+# raises inside Qt's event loop of whatever later test is running when any loader worker of any
+# earlier test exits non-zero during its shutdown. Tests therefore run as the product does; a
+# worker that dies while a job reads from it is still an error in that job (torch's loader
+# checks its workers when it waits for a batch).
+_torch_sigchld._SIGCHLD_handler_set = True
 
 from napari_gpfm._resources import sample_slide_path
 
