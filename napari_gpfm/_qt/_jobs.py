@@ -13,11 +13,20 @@ imports torch or builds a model triggers several, the window froze for that long
 ``bench/bench_stalls.py --trace``). Young collections go on; what is alive when the first job
 starts and when the last one ends is frozen (``gc.freeze``), so later full collections skip
 napari's, Qt's and torch's long-lived objects.
+
+Every job first makes sure napari can paint a Labels layer without freezing the window
+(:func:`warm_label_painting`, once per process, in the job's worker thread): with numba
+installed (``umap-learn`` brings it), napari compiles its label-colour kernels the first time a
+Labels layer with a direct colormap is shown, 1.5-2 s on the main thread, and the first Labels
+layer also imports pandas, scikit-image and SciPy's linear algebra.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
+import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
@@ -32,7 +41,77 @@ from . import _workers
 # colour bars of new result layers are built one event-loop turn after the layer (see convert)
 convert.set_deferrer(lambda fn: QTimer.singleShot(0, fn))
 
-__all__ = ["JobGc", "JobPanel", "fmt_time"]
+__all__ = ["JobGc", "JobPanel", "fmt_time", "start_warming", "warm_label_painting", "warmed"]
+
+
+#: Modules napari imports when it adds its first Labels layer (0.3 s on the main thread).
+LABELS_IMPORTS = ("pandas", "scipy.linalg", "skimage.color", "skimage.util")
+
+_WARM_LOCK = threading.Lock()
+_WARMED: list[bool] = []
+
+
+def warm_label_painting() -> None:
+    """Compile napari's numba kernels that turn labels into texture values and build vispy's
+    line dash patterns (the first Labels layer of a process otherwise freezes the window for
+    seconds, the cost landing on the main thread), here in the calling (worker) thread; once per
+    process, later calls return at once. Failures are ignored: napari then does it on first
+    use, as without this."""
+    with _WARM_LOCK:
+        if _WARMED:
+            return
+        try:
+            from ..jobs.pathotune import quiet_gc
+
+            with quiet_gc():
+                import numpy as np
+                from napari.utils.colormaps import DirectLabelColormap, label_colormap
+
+                for module in LABELS_IMPORTS:
+                    importlib.import_module(module)
+                colours = {None: np.zeros(4), 0: np.zeros(4)}
+                colours.update({i: np.array([1.0, 0.0, 0.0, 1.0]) for i in (1, 2, 3)})
+                # result maps are uint8/uint16 (convert.labels_layer_data), paint layers uint8,
+                # a user's own Labels int32: the texture values and the thumbnail colours of each
+                for dtype in (np.uint8, np.uint16, np.int32):
+                    data = np.zeros((4, 4), dtype)
+                    data[0, :3] = (1, 2, 3)
+                    for cmap in (label_colormap(49), DirectLabelColormap(color_dict=colours)):
+                        cmap._data_to_texture(data)
+                        cmap.map(data)
+                from vispy.visuals.line.dash_atlas import DashAtlas
+
+                DashAtlas()  # its patterns (cached per process) are built for every first line
+        except Exception:  # noqa: BLE001 - an optimisation only
+            pass
+        _WARMED.append(True)
+
+
+def warmed(job: Generator, name: str, imports: Sequence[str] = ()) -> Generator:
+    """``job`` after :func:`warm_label_painting` (in the job's worker thread, saying so while
+    it waits for it: the first time in a process only) and after importing ``imports`` without
+    garbage collections (:func:`quiet_gc`)."""
+    if not _WARMED:
+        from ..jobs.progress import Progress
+
+        yield Progress(name, "preparing", status="note",
+                       message="preparing napari's class-map colours (once per session)…")
+        warm_label_painting()
+    missing = [m for m in imports if m not in sys.modules]
+    if missing:
+        from ..jobs.pathotune import quiet_gc
+
+        with quiet_gc():
+            for module in missing:
+                importlib.import_module(module)
+    return (yield from job)
+
+
+def start_warming() -> None:
+    """:func:`warm_label_painting` in a daemon thread (when a dock opens)."""
+    if not _WARMED:
+        threading.Thread(target=warm_label_painting, name="napari-gpfm warm-up",
+                         daemon=True).start()
 
 
 class JobGc:
@@ -172,7 +251,7 @@ class JobPanel(QWidget):
         ``slide`` (uid/layer) ties the job to a slide: removing it cancels the job."""
         if self.worker is not None:
             return None
-        gen = job() if callable(job) else job
+        gen = warmed(job() if callable(job) else job, self.title)
         self._on_result, self._on_error = on_result, on_error
         self.last_progress, self.last_error, self.outcome = None, None, None
         self._cancel_t = None

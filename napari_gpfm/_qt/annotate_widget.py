@@ -89,7 +89,15 @@ from ..layers.annotation_layers import (
 from ..jobs.pathotune import quiet_gc
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import JobPanel, scrolling_layout, settle_width, tap
+from ._jobs import (  # noqa: F401 - warm_label_painting is this module's API too
+    JobPanel,
+    scrolling_layout,
+    settle_width,
+    start_warming,
+    tap,
+    warm_label_painting,
+    warmed,
+)
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["AnnotateWidget", "ask_downsample", "files_job", "map_export_job",
@@ -172,65 +180,6 @@ def small_table() -> QTableWidget:
 
 
 # ====================================================================== stall-free painting
-_WARM_LOCK = threading.Lock()
-_WARMED: list[bool] = []
-
-
-def warm_label_painting() -> None:
-    """Compile napari's numba kernels that turn labels into texture values and build vispy's
-    line dash patterns (the first Labels layer of a process otherwise freezes the window for
-    seconds, the cost landing on the main thread), here in the calling (worker) thread; once per
-    process, later calls return at once. Failures are ignored: napari then does it on first
-    use, as without this."""
-    with _WARM_LOCK:
-        if _WARMED:
-            return
-        try:
-            with quiet_gc():
-                from napari.utils.colormaps import DirectLabelColormap, label_colormap
-
-                data = np.zeros((4, 4), np.int32)
-                data[0, :3] = (1, 2, 3)
-                label_colormap(49)._data_to_texture(data)  # a Labels layer's default colours
-                colours = {None: np.zeros(4), 0: np.zeros(4)}
-                colours.update({i: np.array([1.0, 0.0, 0.0, 1.0]) for i in (1, 2, 3)})
-                DirectLabelColormap(color_dict=colours)._data_to_texture(data)  # class maps
-                from vispy.visuals.line.dash_atlas import DashAtlas
-
-                DashAtlas()  # its patterns (cached per process) are built for every first line
-        except Exception:  # noqa: BLE001 - an optimisation only
-            pass
-        _WARMED.append(True)
-
-
-def warmed(job: Generator, name: str, imports: Sequence[str] = ()) -> Generator:
-    """``job`` after :func:`warm_label_painting` (in the job's worker thread, saying so while
-    it waits for it: the first time in a process only) and after importing ``imports`` without
-    garbage collections (:func:`quiet_gc`)."""
-    import importlib
-    import sys
-
-    if not _WARMED:
-        from ..jobs.progress import Progress
-
-        yield Progress(name, "preparing", status="note",
-                       message="preparing napari's class-map colours (once per session)…")
-        warm_label_painting()
-    missing = [m for m in imports if m not in sys.modules]
-    if missing:
-        with quiet_gc():
-            for module in missing:
-                importlib.import_module(module)
-    return (yield from job)
-
-
-def start_warming() -> None:
-    """:func:`warm_label_painting` in a daemon thread (when a dock opens)."""
-    if not _WARMED:
-        threading.Thread(target=warm_label_painting, name="napari-gpfm warm-up",
-                         daemon=True).start()
-
-
 def paint_predictions(session: Any, predictions: Sequence[tuple], done: Callable | None = None
                       ) -> None:  # fmt: skip
     """Paint classifiers' predictions as :meth:`ViewerSession.set_prediction` does (class map,

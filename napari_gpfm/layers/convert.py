@@ -252,8 +252,17 @@ def labels_layer_data(
 
     ``colours`` (k, 3|4) give label ``i`` (painted ``i + 1``) its colour; default: the cluster
     palette for as many labels as the raster holds.
+
+    The data are the smallest unsigned integers that hold the labels (uint8 up to 255 labels):
+    napari shows (u)int8/16 labels as they are, while int32 labels go through a numba-compiled
+    mapping whose first use froze the window for 1.5–2 s (the first class or cluster map).
     """
-    data = np.asarray(raster.data, dtype=np.int32)
+    data = np.asarray(raster.data)
+    top = int(data.max(initial=0))
+    if data.size and int(data.min()) < 0:
+        raise ValueError(f"labels raster {name!r} holds negative values (background is 0)")
+    data = data.astype(np.uint8 if top <= 0xFF else np.uint16 if top <= 0xFFFF else np.uint32,
+                       copy=False)
     if colours is None:
         colours = cluster_colours(max(int(data.max()), 1))
     kwargs = {

@@ -77,3 +77,47 @@ def test_cancel_has_the_last_word_and_a_closed_panel_gives_collections_back(qtbo
     assert JobGc.running == running + 1
     other.deleteLater()
     qtbot.waitUntil(lambda: JobGc.running == running, timeout=10_000)
+
+
+WARM_CHECK = r"""
+import numpy as np
+from napari.components import ViewerModel
+from napari.utils.colormaps import _accelerated_cmap as acc
+
+from napari_gpfm._qt._jobs import JobPanel, warm_label_painting  # noqa: F401
+from napari_gpfm.analyses.heatmap import labels_raster
+from napari_gpfm.layers import convert
+
+loop = acc._labels_raw_to_texture_direct_inner_loop
+warm_label_painting()
+warmed = set(loop.signatures)
+coords = np.array([[x, y] for y in range(0, 640, 64) for x in range(0, 640, 64)])
+model = ViewerModel()
+for k in (3, 300):  # a class map (uint8) and a big cluster map (uint16)
+    raster = labels_raster(np.arange(len(coords)) % k, coords, 64, 0.5)
+    data, kwargs, kind = convert.labels_layer_data(raster, f"map {k}")
+    model.add_labels(data, **kwargs)
+print("NEW", len(set(loop.signatures) - warmed), "WARMED", len(warmed))
+"""
+
+
+def test_the_first_class_map_of_a_session_compiles_nothing_on_the_main_thread(tmp_path):
+    """With numba installed (umap-learn brings it) napari compiles its label-colour kernels the
+    first time it shows a Labels layer: 1.5–2 s of frozen window at the first class or cluster
+    map. Every job warms them first in its worker thread; afterwards adding our result maps
+    (uint8 and uint16 data) compiles nothing more. In a fresh process: earlier tests of this
+    one have compiled them already."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("numba")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}  # no compiled code from earlier runs
+    out = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(s for s in out.stdout.splitlines() if s.startswith("NEW"))
+    new, warmed = int(line.split()[1]), int(line.split()[3])
+    assert warmed >= 1 and new == 0, line

@@ -84,13 +84,28 @@ def test_labels_layer_colours_and_geometry():
     raster = labels_raster(labels, coords, 64, MPP)
     data, kwargs, kind = convert.labels_layer_data(raster, "c", colours=convert.cluster_colours(3))
     layer = ViewerModel().add_labels(data, **kwargs)
-    assert kind == "labels" and layer.data.dtype == np.int32
+    # napari maps (u)int8/16 labels as they are; int32 ones through a numba mapping compiled
+    # on first use (1.5–2 s with the window frozen)
+    assert kind == "labels" and layer.data.dtype == np.uint8
     np.testing.assert_allclose(layer.scale, raster.scale)
     np.testing.assert_allclose(layer.translate, raster.translate)
     for lab in range(3):
         np.testing.assert_allclose(layer.colormap.map(lab + 1)[:3], convert.CLUSTER_COLOURS[lab],
                                    atol=1e-6)  # fmt: skip
     assert layer.colormap.map(0)[3] == 0
+
+
+def test_labels_layers_use_the_smallest_unsigned_dtype():
+    coords = _grid_coords()
+    for k, dtype in ((3, np.uint8), (255, np.uint8), (256, np.uint16)):
+        labels = np.arange(len(coords)) % k
+        labels[0] = k - 1
+        data, _, _ = convert.labels_layer_data(labels_raster(labels, coords, 64, MPP), "c")
+        assert data.dtype == dtype and int(data.max()) == k
+    bad = labels_raster(np.zeros(len(coords), int), coords, 64, MPP)
+    bad.data[0, 0] = -3
+    with pytest.raises(ValueError, match="negative"):
+        convert.labels_layer_data(bad, "c")
 
 
 def test_tissue_layer_aligns_mask_pixels_with_level0():
