@@ -1129,29 +1129,52 @@ class AnnotateWidget(QWidget):
     def load_classifier(self, path: str | Path) -> Any:
         """Load a classifier file of either kind (a linear probe or PathoTune, through
         :func:`napari_gpfm.jobs.classifiers.load_classifier`) and apply it to the current slide
-        (refused when the slide's patches are not of the classifier's recipe)."""
+        (refused when the slide's patches are not of the classifier's recipe), as a background
+        job of the Apply panel: a PathoTune file loads its backbone and runs it over the slide's
+        patches (seconds to minutes). Returns the job's worker (``None`` while another apply
+        job runs); the classifier is :attr:`probe` once the job has ended."""
         from ..errors import NapariGpfmError
         from ..jobs.classifiers import load_classifier
+        from ..jobs.probe import apply_job
+        from ..jobs.progress import Progress
 
-        try:
-            probe = load_classifier(path)
-            store = self.store()
-            if store is not None:
-                probe.check_store(store, source=path)
-        except (*USER_ERRORS, NapariGpfmError) as exc:
-            self._error(str(exc))
+        if self.apply_jobs.busy:
+            self._error("A classifier is being applied: wait for it (or Cancel) first.")
             return None
-        self.probe = probe
-        for i, n in enumerate(probe.class_names):
-            colour = None if probe.colours is None else probe.colours[i]
-            self.palette.ensure(n, colour)
-        self.session.set_classifier(SOURCE, probe)
-        self.say(f"Loaded {Path(path).name}: classes {', '.join(probe.class_names)}.")
+        path = Path(path)
         s = self.slide_state()
-        if s is not None and s.store is not None:
-            ok, message = self.apply_to_slide(s.uid)
-            self.say(message, error=not ok)
-        return probe
+        store = self.store()
+        targets = self._targets([s.uid]) if s is not None and store is not None else []
+
+        def job() -> Generator:
+            yield Progress("load classifier", "loading", status="started",
+                           message=f"reading {path.name}…")
+            clf = load_classifier(path)
+            if store is not None:
+                clf.check_store(store, source=path)
+            results = (yield from apply_job(clf, targets)) if targets else []
+            return clf, results
+
+        def loaded(value: tuple) -> None:
+            clf, results = value
+            self.probe = clf
+            for i, n in enumerate(clf.class_names):
+                self.palette.ensure(n, None if clf.colours is None else clf.colours[i])
+            self.session.set_classifier(SOURCE, clf)
+            self.say(f"Loaded {path.name}: classes {', '.join(clf.class_names)}.")
+            self.apply_jobs.say(f"Loaded {path.name}.")
+            for r in results:
+                self.say(r.message, error=not self._paint(r))
+
+        def failed(exc: BaseException) -> bool | None:
+            if isinstance(exc, (*USER_ERRORS, NapariGpfmError)):
+                self._error(str(exc))
+                self.apply_jobs.say(str(exc), error=True)
+                return True
+            return None
+
+        return self.apply_jobs.run(job, on_result=loaded, on_error=failed,
+                                   message=f"Loading {path.name}…")
 
     def _targets(self, keys: list[Any]) -> list[tuple[Any, str, Any]]:
         """(uid, name, store or None) of these slides; the session finds the stores."""
@@ -1174,19 +1197,6 @@ class AnnotateWidget(QWidget):
         paint_predictions(self.session, [(int(r.key), SOURCE, pred.rasters(), pred.class_names,
                                           pred.colours, None)])  # fmt: skip
         return True
-
-    def apply_to_slide(self, key: Any) -> tuple[bool, str]:
-        """Paint the classifier's prediction on one slide now: (done, a line saying what
-        happened)."""
-        from ..jobs.probe import apply_job
-
-        gen = apply_job(self.probe, self._targets([key]))
-        try:
-            while True:
-                next(gen)
-        except StopIteration as stop:
-            (r,) = stop.value
-        return self._paint(r), r.message
 
     def apply_to_open_slides(self) -> Any:
         """Apply the classifier to every open slide in the background, one slide after the

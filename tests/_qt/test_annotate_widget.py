@@ -252,8 +252,9 @@ def test_geojson_classifier_files_and_apply_to_open_slides(make_napari_viewer, q
     # loading the saved classifier for the other slide paints it with the file's classes
     viewer.layers.remove("other · probe classes")
     w.select_slide(other)
-    assert w.load_classifier(clf) is not None
-    assert "other · probe classes" in viewer.layers
+    with qtbot.waitSignal(w.apply_jobs.finished, timeout=30_000):
+        assert w.load_classifier(clf) is not None  # a background job: the window stays live
+    assert "other · probe classes" in viewer.layers and w.probe is not None
 
     # a classifier of another recipe is refused with an error notification
     from napari_gpfm.analyses.probe import load_probe
@@ -261,7 +262,9 @@ def test_geojson_classifier_files_and_apply_to_open_slides(make_napari_viewer, q
     bad = load_probe(clf)
     bad.recipe = dict(bad.recipe, model="gpfm", weights_sha256="f" * 64)
     bad.save(tmp_path / "bad.npz")
-    assert w.load_classifier(tmp_path / "bad.npz") is None
+    with qtbot.waitSignal(w.apply_jobs.finished, timeout=30_000):
+        w.load_classifier(tmp_path / "bad.npz")
+    assert w.apply_jobs.outcome == "error"
     assert errors and "another model or recipe" in errors[-1] and "gpfm" in errors[-1]
     assert "another model or recipe" in w.status_label.text()
 
@@ -284,11 +287,14 @@ def test_a_pathotune_file_loads_and_paints_in_the_annotate_dock(make_napari_view
     clf.info["tiles"] = {"patch_size_level0": store.patch_size_level0, "mpp": store.mpp,
                          "recipe": store_recipe(store)}
     path = clf.save(tmp_path / "tumour")
-    assert w.load_classifier(path) is not None and w.probe.kind == "pathotune"
+    with qtbot.waitSignal(w.apply_jobs.finished, timeout=60_000):
+        w.load_classifier(path)
+    assert w.probe.kind == "pathotune"
     classes = viewer.layers[f"{slide.name} · probe classes"]
     assert (np.asarray(classes.data) > 0).sum() == store.n_patches and not errors
 
     junk = tmp_path / "notes.npz"
     junk.write_text("not a classifier")
-    assert w.load_classifier(junk) is None
+    with qtbot.waitSignal(w.apply_jobs.finished, timeout=30_000):
+        w.load_classifier(junk)
     assert errors and str(junk) in errors[-1] and "not a classifier file" in errors[-1]
