@@ -15,6 +15,9 @@ As a QuPath project, the **project folder** (the session's output folder,
                                            project.json)
     <project>/predictions/<slide>.geojson  "Apply classifier to all" outputs (+ _patches.csv)
 
+``project.json`` also keeps the last similarity query (query slide and patches, the ranked hits
+by slide path): its top-hits outlines come back with the similarity heatmaps.
+
 :func:`save_project` writes the session's plain data there; :func:`restore_project` opens a
 project in a viewer (slides reopened with napari-gpfm's reader, stores attached, clusters,
 classes, annotation and class-paint layers, heatmaps, the current classifiers and their
@@ -580,6 +583,7 @@ def save_project(session: Any, slides: Iterable[str | os.PathLike] = (),
     data = {
         "format": FORMAT,
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "similarity": _similarity_entry(session),
         "slides": list(entries.values()),
         "classes": "classes.json" if len(session.palette) else old.get("classes"),
         "classifiers": classifiers or old.get("classifiers", {}),
@@ -588,6 +592,37 @@ def save_project(session: Any, slides: Iterable[str | os.PathLike] = (),
     path = folder / PROJECT_FILE
     _write_json(path, data)
     return path
+
+
+def _similarity_entry(session: Any) -> dict | None:
+    """The last similarity query, slides by path: ``{"query_slide", "query", "hits"}``."""
+    result = getattr(session, "last_similarity", None)
+    if result is None or result.query_slide not in session.slides:
+        return None
+    path = {uid: same_path(s.slide.path) for uid, s in session.slides.items()}
+    return {"query_slide": path[result.query_slide],
+            "query": [int(i) for i in result.query],
+            "hits": [[path[u], int(i), float(sc)] for u, i, sc in result.hits if u in path]}
+
+
+def _similarity_result(session: Any, entry: Any, reads: Sequence[Any]) -> Any:
+    """The saved query as a ``SimilarityResult`` over the reopened slides whose similarity
+    values came back (``None`` when the query's slide did not)."""
+    from .session import SimilarityResult
+
+    if not isinstance(entry, dict):
+        return None
+    uid_of = {same_path(r.entry["path"]): r.uid for r in reads
+              if r.uid in session.slides and "similarity" in session.slides[r.uid].values}
+    query_uid = uid_of.get(same_path(str(entry.get("query_slide", ""))))
+    if query_uid is None:
+        return None
+    hits = [(uid_of[same_path(p)], int(i), float(sc)) for p, i, sc in entry.get("hits") or []
+            if same_path(p) in uid_of]
+    scores = {uid: np.asarray(session.slides[uid].values["similarity"]) for uid in uid_of.values()}
+    names = {uid: session.slides[uid].name for uid in uid_of.values()}
+    return SimilarityResult(query_uid, np.asarray(entry.get("query") or [], dtype=np.int64),
+                            scores, hits, names)
 
 
 def _slide_layers(session: Any, uid: int, kind: str) -> list[Any]:
@@ -658,6 +693,7 @@ class RestoreReport:
     annotations: int = 0
     paint: int = 0
     heatmaps: int = 0
+    hits: int = 0
     classifiers: list[str] = field(default_factory=list)
     predictions: int = 0
     settings: dict = field(default_factory=dict)
@@ -670,6 +706,8 @@ class RestoreReport:
             parts.append(f"{self.paint} class-paint layer(s)")
         if self.heatmaps:
             parts.append(f"{self.heatmaps} heatmap(s)")
+        if self.hits:
+            parts.append(f"top hits on {self.hits} slide(s)")
         if self.classifiers:
             parts.append("classifier " + ", ".join(self.classifiers))
         if self.predictions:
@@ -746,7 +784,8 @@ def restore_job(session: Any, folder: str | os.PathLike
     entries = [e for e in data.get("slides", []) if isinstance(e, dict) and e.get("path")]
     report.slides = [same_path(e["path"]) for e in entries]
     wanted = [e for e in entries if e.get("open")]
-    total = 2 + 3 * len(wanted) + len(data.get("classifiers") or {})
+    total = (2 + 3 * len(wanted) + len(data.get("classifiers") or {})
+             + (1 + len(wanted) if data.get("similarity") else 0))
     done = [0]
 
     def step(what: str, fn: Any) -> Generator[Progress, None, Any]:
@@ -818,6 +857,16 @@ def restore_job(session: Any, folder: str | os.PathLike
             yield from step(f"{r.name}: heatmap {m['value']}", lambda r=r, m=m: _show_map(
                 session, r, m, report))
 
+    # --- the last similarity query: its top hits outlined again (heatmaps came back above) ---
+    sim = data.get("similarity")
+    if sim:
+        result = yield from step("similarity query", lambda: _restore_similarity(
+            session, sim, reads))
+        for uid in sorted(set(result.scores) if result is not None else ()):
+            name = session.slides[uid].name if uid in session.slides else str(uid)
+            yield from step(f"{name}: top hits", lambda u=uid, res=result: (
+                session.show_top_hits(res, u), _count_hits(report)))
+
     # --- classifiers (loaded here: PathoTune builds its backbone) and their predictions ---
     loaded: dict[str, Any] = {}
     for source, rel in (data.get("classifiers") or {}).items():
@@ -854,6 +903,19 @@ def restore_job(session: Any, folder: str | os.PathLike
     yield Progress("project", "restoring", total, total, status="done", unit="steps",
                    message=report.summary())  # fmt: skip
     return report
+
+
+def _restore_similarity(session: Any, entry: Any, reads: Sequence[Any]) -> Any:
+    """Main thread: the saved query becomes the session's last similarity result again."""
+    result = _similarity_result(session, entry, reads)
+    if result is None:
+        raise ValueError("its slide or its similarity values did not come back")
+    session.last_similarity = result
+    return result
+
+
+def _count_hits(report: RestoreReport) -> None:
+    report.hits += 1
 
 
 def _reopen(session: Any, path: str, e: dict) -> int | None:

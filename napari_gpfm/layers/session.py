@@ -673,24 +673,33 @@ class ViewerSession:
         for uid in result.scores:
             if uid not in self.slides:
                 continue  # removed since the query
-            s = self.slides[uid]
             layers.append(self.show_heatmap(uid, "similarity", colormap=colormap,
                                             opacity=opacity,
                                             contrast_limits=(lo, hi if hi > lo else lo + 1)))
-            mine = [(i, sc) for u, i, sc in result.hits if u == uid]
-            idx = np.array([i for i, _ in mine], dtype=np.int64)
-            q = result.query if uid == result.query_slide else np.empty(0, np.int64)
-            name = result_name(s.name, "top hits")
-            if len(idx) or len(q):
-                ld = convert.top_hits_layer_data(
-                    s.boxes(idx), np.array([sc for _, sc in mine]), name,
-                    query_boxes=s.boxes(q) if len(q) else None, slide=s.name,
-                    units=convert.MICROMETRE if s.mpp is not None else convert.PIXEL,
-                )
-                layers.append(self._upsert(self._meta(s, ld)))
-            elif name in self.viewer.layers:
-                self.viewer.layers.remove(name)
+            hits = self.show_top_hits(result, uid)
+            if hits is not None:
+                layers.append(hits)
         return layers
+
+    def show_top_hits(self, result: SimilarityResult, key: Any) -> Any:
+        """The query's best hits on one slide outlined and ranked (the query patches in cyan
+        on the query's slide); the layer, or ``None`` (an old one removed) when the slide holds
+        neither."""
+        s = self.get(key)
+        mine = [(i, sc) for u, i, sc in result.hits if u == s.uid]
+        idx = np.array([i for i, _ in mine], dtype=np.int64)
+        q = result.query if s.uid == result.query_slide else np.empty(0, np.int64)
+        name = result_name(s.name, "top hits")
+        if len(idx) or len(q):
+            ld = convert.top_hits_layer_data(
+                s.boxes(idx), np.array([sc for _, sc in mine]), name,
+                query_boxes=s.boxes(q) if len(q) else None, slide=s.name,
+                units=convert.MICROMETRE if s.mpp is not None else convert.PIXEL,
+            )
+            return self._upsert(self._meta(s, ld))
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        return None
 
     def show_selection(self, key: Any) -> Any:
         s = self.get(key)

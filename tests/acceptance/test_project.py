@@ -174,6 +174,16 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     heat = viewer.layers[f"{layer.name} · distance to centre"]
     heat.contrast_limits = (0.0, 2.5)
     distances = state.values["distance_to_centre"].copy()
+    # a similarity query by a click on patch 5: heatmap and ranked top hits
+    from mouse import click as canvas_click
+
+    viewer.reset_view()
+    viewer.layers.selection.active = layer
+    qtbot.wait(50)
+    canvas_click(qtbot, viewer, state.centre(5))
+    qtbot.waitUntil(lambda: gpfm.last_result is not None, timeout=10_000)
+    hits_before = np.asarray(viewer.layers[f"{layer.name} · top hits"].data).copy()
+    ranked = [(i, round(sc, 5)) for _, i, sc in gpfm.last_result.hits]
     shapes, paint = annotate_and_train(viewer, qtbot, state)
     painted = np.asarray(paint.data).copy()
     assert (painted > 0).sum() == 3
@@ -225,6 +235,13 @@ def test_a_saved_project_reopens_in_a_new_window(make_napari_viewer, qtbot, samp
     assert np.array_equal(np.asarray(paint2.data), painted)
     assert np.allclose(paint2.scale, placed[0]) and np.allclose(paint2.translate, placed[1])
     assert "class-paint" in dock2.jobs.status.text() or "class paint" in dock2.jobs.status.text()
+    # the similarity query: its heatmap and its ranked top hits, outlined where they were
+    assert f"{s2.name} · similarity" in viewer2.layers
+    np.testing.assert_allclose(np.asarray(viewer2.layers[f"{s2.name} · top hits"].data),
+                               hits_before)
+    assert [(i, round(sc, 5)) for _, i, sc in session.last_similarity.hits] == ranked
+    assert session.last_similarity.query.tolist() == [5]
+    assert "top hits on 1 slide(s)" in dock2.jobs.status.text()
     assert dock2.table.rowCount() == 1 and cell(dock2, 0, ANNOTATED) == "2\nStroma, Tumour"
     assert not dock2.problems.text(), dock2.problems.text()
     snap(viewer2, "project_reopened")
