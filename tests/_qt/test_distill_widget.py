@@ -1,12 +1,14 @@
-"""The finetune dock runs a real (tiny) distillation in the background, shows loss, and stops."""
+"""The finetune dock runs a real (tiny) distillation in the background, shows loss, and stops.
+The dock is added as the Plugins menu adds it (``add_plugin_dock_widget``)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from plugin_docks import add_dock, click, open_slide
 
-from napari_gpfm._qt.distill_widget import DistillWidget, run_overrides
+from napari_gpfm._qt.distill_widget import run_overrides
 
 
 def test_overrides_carry_the_users_choices():
@@ -23,8 +25,8 @@ def test_overrides_carry_the_users_choices():
 def widget(make_napari_viewer, sample_svs, tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_GPFM_MODELS_DIR", str(tmp_path / "models"))
     viewer = make_napari_viewer()
-    viewer.open(str(sample_svs), plugin="napari-gpfm")
-    w = DistillWidget(viewer)
+    open_slide(viewer, sample_svs)
+    w = add_dock(viewer, "distill")
     w.config_combo.setCurrentText("tiny_cpu")
     w.out_edit.setText(str(tmp_path / "run"))
     w.extra_edit.setText("train.progress=false data.num_workers=0 train.batch_size=4 crops.local_number=2")
@@ -115,3 +117,31 @@ def test_the_dock_shows_the_teacher_information_and_the_collapse_warning(widget,
     assert not any(e for t, e in steps if t.startswith("step 1/3"))
     assert widget.collapse_warning.startswith("collapse guard")
     assert widget.result.finished
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    import napari.utils.notifications as notifications
+
+    seen: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", seen.append)
+    return seen
+
+
+def test_a_bad_config_value_ends_the_job_naming_the_key(widget, qtbot, errors):
+    """A config is validated in the job's worker (that builds the student's meta model, too
+    slow for the main thread): a bad value ends the run at once, named in the dock and in a
+    notification, and nothing is trained. A misspelt key is refused before any job."""
+    widget.steps_spin.setValue(3)
+    widget.extra_edit.setText("train.stepz=3")
+    click(qtbot, widget.start_button)
+    assert not widget.jobs.busy
+    assert "unknown config key 'train.stepz' (did you mean 'train.steps'?)" in widget.status.text()
+
+    widget.extra_edit.setText("student.arch=vit_smal_patch14_dinov2 data.num_workers=0")
+    with qtbot.waitSignal(widget.jobs.finished, timeout=60_000):
+        click(qtbot, widget.start_button)
+    text = widget.status.text()
+    assert "Config 'tiny_cpu'" in text and "vit_smal_patch14_dinov2" in text, text
+    assert errors and "student.arch" in errors[-1], errors
+    assert widget.result is None and widget.plot.values == []
