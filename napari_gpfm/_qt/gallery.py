@@ -301,17 +301,21 @@ class _GradientBar(QWidget):
 
 
 class SwatchLegend(QLabel):
-    """Class or cluster colours and names as coloured squares (wrapping)."""
+    """Class or cluster colours and names as coloured squares (wrapping).
+
+    Always shown, one line tall at least, empty until it has entries: showing or hiding it
+    relaid the dock out and resized the OpenGL plot beside it at once (a synchronous redraw,
+    0.1 s on a 2-core machine, in the event-loop turn that delivered the results)."""
 
     def __init__(self):
         super().__init__()
         self.entries: list[tuple[str, np.ndarray]] = []
         self.setWordWrap(True)
         self.setTextFormat(Qt.TextFormat.RichText)
+        self.setMinimumHeight(self.fontMetrics().height() + 6)
 
     def set_entries(self, entries: Sequence[tuple[str, Sequence[float]]]) -> None:
         self.entries = [(str(n), np.asarray(c, float)) for n, c in entries]
         self.setText("&nbsp;&nbsp; ".join(
             f'<span style="color:{_rgb_hex(c)}; font-size:large">■</span>&nbsp;{n}'
             for n, c in self.entries))  # fmt: skip
-        self.setVisible(bool(self.entries))

@@ -176,7 +176,6 @@ class EmbeddingPlotWidget(QWidget):
         lay.addWidget(self.gallery)
         lay.addWidget(self.jobs)
         self.gallery_label.setVisible(False)
-        self.legend.setVisible(False)
 
         self.plot_button.clicked.connect(lambda: self.compute())
         self.jobs.finished.connect(self._after_job)

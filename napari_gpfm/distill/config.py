@@ -348,6 +348,7 @@ def _head(prefix: str) -> dict[str, Spec]:
         f"{prefix}.n_layers": Int(1),
         f"{prefix}.student_temp": POSITIVE,
         f"{prefix}.center_momentum": MOMENTUM,
+        f"{prefix}.learn_prototype_gain": BOOL,
     }
 
 

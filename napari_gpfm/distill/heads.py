@@ -1,7 +1,9 @@
 """Projection heads: the DINO/iBOT prototype head and the per-expert projection head.
 
 * :class:`DINOHead` (Caron et al. 2021, §3.1): MLP (GELU) → bottleneck → L2-normalise →
-  weight-normalised linear layer onto K prototypes (65,536 for ViT-L) with unit norm fixed.
+  weight-normalised linear layer onto K prototypes (65,536 for ViT-L); as in DINOv2 and GPFM
+  each prototype's gain (``weight_g``) starts at 1 and is trained, or stays 1 (DINO v1's
+  ``norm_last_layer``) with ``learn_gain=False``.
 * :class:`ExpertHead` (GPFM): Linear(D → 256) → L2-normalise → weight-normalised
   Linear(256 → expert dim, no bias), applied to CLS and patch tokens alike.
 """
@@ -47,7 +49,8 @@ class DINOHead(nn.Module):
     """``n_layers``-layer MLP to a bottleneck, L2-normalised, onto ``n_prototypes`` prototypes."""
 
     def __init__(
-        self, in_dim: int, n_prototypes: int, hidden_dim: int, bottleneck_dim: int, n_layers: int
+        self, in_dim: int, n_prototypes: int, hidden_dim: int, bottleneck_dim: int, n_layers: int,
+        learn_gain: bool = True,
     ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
@@ -58,7 +61,7 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(_init_linear)
-        self.last_layer = NormedLinear(bottleneck_dim, n_prototypes, learn_gain=False)
+        self.last_layer = NormedLinear(bottleneck_dim, n_prototypes, learn_gain=learn_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, eps=NORM_EPS))

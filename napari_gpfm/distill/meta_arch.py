@@ -48,7 +48,8 @@ def is_last_layer(name: str, cfg: Config) -> bool:
 def _prototype_head(cfg: Config, section: str, embed_dim: int) -> DINOHead:
     s = cfg[section]
     return DINOHead(
-        embed_dim, s["n_prototypes"], s["hidden_dim"], s["bottleneck_dim"], s["n_layers"]
+        embed_dim, s["n_prototypes"], s["hidden_dim"], s["bottleneck_dim"], s["n_layers"],
+        learn_gain=s["learn_prototype_gain"],
     )
 
 

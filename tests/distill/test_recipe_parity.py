@@ -205,3 +205,36 @@ def test_conch_target_is_the_512d_normalised_pooled_embedding_at_crop_size():
     trunk = RegistryExpert("conch", None, torch.device("cpu"), True, 0, cls_target="cls_token")
     assert trunk.cls_dim == 768
     assert math.isclose(float(trunk.tokens(crops)[0].shape[-1]), 768)
+
+
+def test_prototype_gains_are_trained_as_dinov2s_weight_g(tiny_config):
+    """DINOv2's (and GPFM's) DINOHead: ``weight_norm(Linear(bottleneck, K, bias=False))`` with
+    ``weight_g`` filled with 1 and left trainable; ``get_params_groups_with_decay`` decays it
+    (its name has no "bias", "norm" or "gamma") and freezes it with the last layer."""
+    from napari_gpfm.distill.heads import DINOHead
+
+    torch.manual_seed(0)
+    ours = DINOHead(16, n_prototypes=12, hidden_dim=32, bottleneck_dim=8, n_layers=3)
+    import warnings
+
+    with warnings.catch_warnings():  # the parametrizations API names it differently
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = nn.utils.weight_norm(nn.Linear(8, 12, bias=False))
+    ref.weight_g.data.fill_(1)
+    with torch.no_grad():
+        ref.weight_v.copy_(ours.last_layer.weight)
+        gains = torch.rand(12, 1) + 0.5  # after some training
+        ref.weight_g.copy_(gains)
+        ours.last_layer.gain.copy_(gains)
+    x = torch.randn(5, 16)
+    z = F.normalize(ours.mlp(x), dim=-1)
+    torch.testing.assert_close(ours(x), ref(z), rtol=1e-5, atol=1e-6)
+    assert ours.last_layer.gain.requires_grad and ours.last_layer.gain.shape == ref.weight_g.shape
+
+    cfg, meta = _meta(tiny_config)
+    assert cfg["dino"]["learn_prototype_gain"] is True  # the default: DINOv2's and GPFM's
+    group = next(g for g in param_groups(meta.student, cfg, 2)
+                 if any(p is meta.student["dino_head"].last_layer.gain for p in g["params"]))
+    assert group["is_last_layer"] and group["wd_multiplier"] == 1.0
+    cfg, meta = _meta(tiny_config, **{"dino.learn_prototype_gain": False})
+    assert meta.student["dino_head"].last_layer.gain is None  # DINO v1's norm_last_layer
