@@ -364,7 +364,7 @@ def layer_floor(viewer, monitor: StallMonitor) -> dict:
 
     colours = {None: np.zeros(4), 0: np.zeros(4), 1: np.array([1.0, 0, 0, 1]),
                2: np.array([0, 1.0, 0, 1])}  # fmt: skip
-    data = np.random.default_rng(0).integers(0, 3, (26, 20)).astype(np.int32)
+    data = np.random.default_rng(0).integers(0, 3, (26, 20)).astype(np.uint8)  # as our maps
     first = viewer.add_labels(data, colormap=DirectLabelColormap(color_dict=colours))
     run_event_loop(0.5)
     worst = {}
