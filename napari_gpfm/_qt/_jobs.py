@@ -71,12 +71,16 @@ def warm_label_painting() -> None:
                     importlib.import_module(module)
                 colours = {None: np.zeros(4), 0: np.zeros(4)}
                 colours.update({i: np.array([1.0, 0.0, 0.0, 1.0]) for i in (1, 2, 3)})
-                # result maps are uint8/uint16 (convert.labels_layer_data), paint layers uint8,
-                # a user's own Labels int32: the texture values and the thumbnail colours of each
-                for dtype in (np.uint8, np.uint16, np.int32):
+                # result maps (up to 255 labels) and paint layers are uint8 with direct colours
+                # (1-2 s to compile: numba does not cache its typed dicts on disk); a new Labels
+                # layer of napari's is int32 with cyclic colours (cached on disk after the first
+                # time). Maps of over 255 labels (uint16) still compile when first shown.
+                for dtype, cmaps in ((np.uint8, (label_colormap(49),
+                                                 DirectLabelColormap(color_dict=colours))),
+                                     (np.int32, (label_colormap(49),))):
                     data = np.zeros((4, 4), dtype)
                     data[0, :3] = (1, 2, 3)
-                    for cmap in (label_colormap(49), DirectLabelColormap(color_dict=colours)):
+                    for cmap in cmaps:
                         cmap._data_to_texture(data)
                         cmap.map(data)
                 from vispy.visuals.line.dash_atlas import DashAtlas

@@ -93,7 +93,7 @@ warm_label_painting()
 warmed = set(loop.signatures)
 coords = np.array([[x, y] for y in range(0, 640, 64) for x in range(0, 640, 64)])
 model = ViewerModel()
-for k in (3, 300):  # a class map (uint8) and a big cluster map (uint16)
+for k in (3, 255):  # a class map and the largest uint8 map
     raster = labels_raster(np.arange(len(coords)) % k, coords, 64, 0.5)
     data, kwargs, kind = convert.labels_layer_data(raster, f"map {k}")
     model.add_labels(data, **kwargs)
@@ -105,7 +105,7 @@ def test_the_first_class_map_of_a_session_compiles_nothing_on_the_main_thread(tm
     """With numba installed (umap-learn brings it) napari compiles its label-colour kernels the
     first time it shows a Labels layer: 1.5–2 s of frozen window at the first class or cluster
     map. Every job warms them first in its worker thread; afterwards adding our result maps
-    (uint8 and uint16 data) compiles nothing more. In a fresh process: earlier tests of this
+    (uint8 data, up to 255 labels) compiles nothing more. In a fresh process: earlier tests of this
     one have compiled them already."""
     import os
     import subprocess
