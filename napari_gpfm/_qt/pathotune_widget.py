@@ -518,26 +518,43 @@ class PathoTuneWidget(QWidget):
 
     def load(self, path: str | Path) -> Any:
         """Read a classifier file with the one loader
-        (:func:`napari_gpfm.jobs.classifiers.load_classifier`); this dock predicts pixels, so a
-        linear probe is refused, pointing to the Annotate dock."""
+        (:func:`napari_gpfm.jobs.classifiers.load_classifier`) as a background job (a PathoTune
+        file builds its backbone: seconds); this dock predicts pixels, so a linear probe is
+        refused, pointing to the Annotate dock. Returns the job's worker (``None`` while a job
+        runs); the classifier is :attr:`classifier` once it has ended."""
         from ..jobs.classifiers import load_classifier
+        from ..jobs.progress import Progress
 
-        try:
-            clf = load_classifier(path)
-        except USER_ERRORS as exc:  # the message names the file and the problem
-            self.jobs.say(str(exc), error=True)
+        if self.jobs.busy:
             return None
-        if clf.kind != "pathotune":
-            self.jobs.say(f"{path}: a {clf.kind} classifier (on stored embeddings), not a "
-                          "PathoTune one: apply it in the Annotate dock.", error=True)
+        path = Path(path)
+
+        def job() -> Any:
+            yield Progress("load classifier", "loading", status="started",
+                           message=f"reading {path.name} and building its backbone…")
+            return load_classifier(path)
+
+        def loaded(clf: Any) -> None:
+            if clf.kind != "pathotune":
+                self.jobs.say(f"{path}: a {clf.kind} classifier (on stored embeddings), not a "
+                              "PathoTune one: apply it in the Annotate dock.", error=True)
+                return
+            self.classifier = clf
+            for i, n in enumerate(clf.class_names):
+                self.session.palette.ensure(n, None if clf.colours is None else clf.colours[i])
+            self.session.set_classifier(SOURCE, clf)
+            self.scores.setText(f"loaded {path.name}: {clf.config.label} on "
+                                f"{clf.encoder.card.name}, classes {', '.join(clf.class_names)}")
+            self.jobs.say(f"Loaded {path.name}.")
+
+        def failed(exc: BaseException) -> bool | None:
+            if isinstance(exc, USER_ERRORS):  # the message names the file and the problem
+                self.jobs.say(str(exc), error=True)
+                return True
             return None
-        self.classifier = clf
-        for i, n in enumerate(clf.class_names):
-            self.session.palette.ensure(n, None if clf.colours is None else clf.colours[i])
-        self.session.set_classifier(SOURCE, clf)
-        self.scores.setText(f"loaded {Path(path).name}: {clf.config.label} on "
-                            f"{clf.encoder.card.name}, classes {', '.join(clf.class_names)}")
-        return clf
+
+        return self.jobs.run(job, on_result=loaded, on_error=failed,
+                             message=f"Loading {path.name}…")
 
     def _save_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save PathoTune classifier", "",

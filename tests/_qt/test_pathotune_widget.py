@@ -146,14 +146,18 @@ def test_trains_on_the_embedded_grid_beside_the_probe(make_napari_viewer, qtbot,
     assert f"{slide.name} · PathoTune classes" in viewer.layers
 
     path = pt.save(tmp_path / "clf")
-    assert path.exists() and pt.load(path) is not None
+    assert path.exists()
+    with qtbot.waitSignal(pt.jobs.finished, timeout=60_000):  # a job: the backbone is built
+        assert pt.load(path) is not None
     assert "loaded clf.safetensors" in pt.scores.text()
     # the one loader reads a linear probe too, but this dock predicts pixels: refused, pointed on
     from napari_gpfm.analyses.probe import fit_probe
 
     probe = fit_probe(np.eye(4, dtype=np.float32), [0, 1, 0, 1], ["a", "b"]).save(
         tmp_path / "probe.npz")
-    assert pt.load(probe) is None and "Annotate dock" in pt.status.text()
+    with qtbot.waitSignal(pt.jobs.finished, timeout=60_000):
+        pt.load(probe)
+    assert "Annotate dock" in pt.status.text()
     assert pt.classifier is not None and pt.classifier.kind == "pathotune"
 
 
