@@ -82,8 +82,11 @@ def export_student(
         },
         "license": cfg["output"]["license"],
         "gated": False,
+        # the tiles the student learned from: data.patch_size px read at data.target_mpp (its
+        # global crops cover part of them, resized to the input size), as GPFM's card says
+        # 512 px at 0.25 µm/px for its 224 px input
         "recommended_tiles": {
-            "target_mpp": cfg["data"]["target_mpp"], "patch_size": crops["global_size"]
+            "target_mpp": cfg["data"]["target_mpp"], "patch_size": cfg["data"]["patch_size"]
         },
         "provenance": {**provenance, "config_sha256": config_hash(cfg)},
     }

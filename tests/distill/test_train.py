@@ -39,6 +39,11 @@ def test_twenty_steps_lower_the_loss_and_export_a_loadable_student(tiny_config, 
     card = yaml.safe_load(result.card_path.read_text())
     assert card["checkpoint_layout"] == "timm" and card["provenance"]["steps"] == 20
     assert card["weights"]["file"] == result.weights_path.name
+    # tiled as it learned: data.patch_size px at data.target_mpp, resized to the input size
+    cfg = tiny_config(**{"train.steps": 20})
+    assert card["recommended_tiles"] == {"target_mpp": cfg["data"]["target_mpp"],
+                                         "patch_size": cfg["data"]["patch_size"]}
+    assert card["input"]["size"] == cfg["crops"]["global_size"]
     if importlib.util.find_spec("napari_gpfm.encoders.encoder") is None:
         pytest.skip("napari_gpfm.encoders.load_encoder is not available")
     from napari_gpfm.encoders import load_encoder
