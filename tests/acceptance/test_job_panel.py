@@ -121,3 +121,47 @@ def test_the_first_class_map_of_a_session_compiles_nothing_on_the_main_thread(tm
     line = next(s for s in out.stdout.splitlines() if s.startswith("NEW"))
     new, warmed = int(line.split()[1]), int(line.split()[3])
     assert warmed >= 1 and new == 0, line
+
+
+LIBS_CHECK = r"""
+import sys
+from napari_gpfm._qt._jobs import prefetch_torch_libraries
+
+done = prefetch_torch_libraries() if sys.argv[1] == "prefetch" else None
+import torch
+
+assert float(torch.ones(3).sum()) == 3.0
+libs = sorted({line.split()[-1] for line in open("/proc/self/maps")
+               if "/torch/" in line or "/nvidia/" in line})
+print("DONE", done)
+print("\n".join(libs))
+"""
+
+
+def test_torch_libraries_prefetched_without_the_gil_are_the_ones_torch_loads(tmp_path):
+    """Jobs load torch's native libraries with the GIL released before the first
+    ``import torch`` (whose own loading froze the window 0.25-0.8 s): the same files end up
+    loaded as when torch loads them itself, and with LD_LIBRARY_PATH set (where torch's own
+    order decides which CUDA wins) nothing is prefetched."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the prefetch is for Linux")
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+
+    def run(mode: str, extra: dict | None = None) -> tuple[str, list[str]]:
+        out = subprocess.run([sys.executable, "-c", LIBS_CHECK, mode], capture_output=True,
+                             text=True, env={**env, **(extra or {})}, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        first, *libs = out.stdout.strip().splitlines()
+        return first, libs
+
+    done, prefetched = run("prefetch")
+    plain_done, plain = run("plain")
+    assert done == "DONE True" and plain_done == "DONE None"
+    assert prefetched == plain and any("libtorch_cpu" in p for p in plain)
+    assert run("prefetch", {"LD_LIBRARY_PATH": str(tmp_path)})[0] == "DONE False"
