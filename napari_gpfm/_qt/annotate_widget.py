@@ -1005,13 +1005,18 @@ class AnnotateWidget(QWidget):
         if len(names) < 2:
             self.say("Add at least two classes to train (Classes > Add).")
             return None
-        from ..analyses.classify import ProbeRequest
-        from ..jobs.probe import probe_job
-
         self._generation += 1
         generation, uid = self._generation, s.uid
-        job = probe_job(ProbeRequest(anns, store, names, colours, self.min_fraction.value(),
-                                     extra, CV_FOLDS))
+        fraction = self.min_fraction.value()
+
+        def train() -> Generator:  # its modules (scikit-learn's) import in the worker
+            from ..analyses.classify import ProbeRequest
+            from ..jobs.probe import probe_job
+
+            return (yield from probe_job(ProbeRequest(anns, store, names, colours, fraction,
+                                                      extra, CV_FOLDS)))
+
+        job = train()
         relay = _Relay()  # (generation, slide uid, Progress) from the worker thread
         relay.record.connect(self._on_record)
         self._notes = notes

@@ -351,10 +351,9 @@ class PathoTuneWidget(QWidget):
         return names, palette.colours(names)
 
     def _job(self, classifier: Any = None) -> Any:
-        """The job's inputs (raises the package's errors with a message for the user)."""
-        from ..pathotune import TrainConfig
-        from ..jobs.pathotune import PathoTuneJob
-
+        """The job's inputs read from the dock, as a function building the ``PathoTuneJob``
+        (called in the worker: the PathoTune modules import there, 0.1 s that froze the
+        window at the click); raises the package's errors with a message for the user."""
         s = self.slide_state()
         if s is None:
             raise LookupError("Open a whole-slide image first (File > Open, or the sample).")
@@ -369,16 +368,28 @@ class PathoTuneWidget(QWidget):
                                                  self.session.palette)  # fmt: skip
             names, colours = self._classes(annotations)
         store = self._store(s)
-        return PathoTuneJob(
+        fields = dict(
             slide_path=str(s.slide.path), mpp=s.mpp, model=self.model_combo.currentText(),
             allow_random=self.random_check.isChecked(), annotations=annotations,
             class_names=names, colours=colours,
             store_path=None if store is None else str(store.path),
-            prompt_config=self.prompt_config(), template=self.template(),
-            train_config=TrainConfig(epochs=self.epochs_spin.value(),
-                                     val_fraction=self.val_spin.value()),
             text_encoder=self.text_encoder, classifier=classifier,
         )  # fmt: skip
+        prompt = dict(tvp=self.tvp_check.isChecked(), n_tvp=self.n_spin.value(),
+                      ttp=self.ttp_check.isChecked(), ivp=self.ivp_check.isChecked())
+        words = (self.template_edit.text(), self.stain_edit.text(), self.tissue_edit.text(),
+                 self.task_edit.text())
+        epochs, val = self.epochs_spin.value(), self.val_spin.value()
+
+        def build() -> Any:
+            from ..jobs.pathotune import PathoTuneJob
+            from ..pathotune import PromptConfig, TextTemplate, TrainConfig
+
+            return PathoTuneJob(**fields, prompt_config=PromptConfig(**prompt),
+                                template=TextTemplate(*words),
+                                train_config=TrainConfig(epochs=epochs, val_fraction=val))
+
+        return build
 
     # ================================================================== runs
     def train(self) -> Any:
@@ -396,13 +407,18 @@ class PathoTuneWidget(QWidget):
         if self.jobs.busy:
             return None
         try:
-            job = self._job(classifier)
+            build = self._job(classifier)
         except USER_ERRORS as exc:
             self.jobs.say(str(exc), error=True)
             return None
-        from ..jobs.pathotune import pathotune_job
-
         self._stop = threading.Event()
+        stop = self._stop
+
+        def run() -> Any:  # in the worker, imports included
+            from ..jobs.pathotune import pathotune_job
+
+            return (yield from pathotune_job(build(), stop))
+
         uid = self.current_uid()
         s = self.session.slides[uid]
         what = "Predicting" if classifier is not None else "Training PathoTune on"
@@ -411,7 +427,7 @@ class PathoTuneWidget(QWidget):
         self.loading_steps = []
         relay = _Relay()  # records reach the dock from the first one on (no race with start)
         relay.record.connect(self._on_progress)
-        job = tap(warmed(pathotune_job(job, self._stop), "pathotune"), relay.record.emit)
+        job = tap(warmed(run(), "pathotune"), relay.record.emit)
         worker = self.jobs.run(job, slide=uid, on_result=lambda r: self._on_done(uid, r),
                                message=f"{what} {s.name}…")  # fmt: skip
         self._running.update(worker=worker, stop=self._stop, relay=relay)
