@@ -27,12 +27,13 @@ import ctypes
 import gc
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 from napari.utils.notifications import show_error
@@ -51,6 +52,7 @@ __all__ = ["JobGc", "JobPanel", "fmt_time", "start_warming", "warm_label_paintin
 #: Modules napari imports when it adds its first Labels layer (0.3 s on the main thread).
 LABELS_IMPORTS = ("pandas", "scipy.linalg", "skimage.color", "skimage.util")
 
+_log = logging.getLogger(__name__)
 _WARM_LOCK = threading.Lock()
 _WARMED: list[bool] = []
 
@@ -100,7 +102,7 @@ def warm_label_painting() -> None:
         try:
             prefetch_torch_libraries()
         except Exception:  # noqa: BLE001 - an optimisation only: torch then loads them itself
-            pass
+            _log.debug("torch's libraries not prefetched", exc_info=True)
         try:
             from ..jobs.pathotune import quiet_gc
 
@@ -127,8 +129,8 @@ def warm_label_painting() -> None:
                 from vispy.visuals.line.dash_atlas import DashAtlas
 
                 DashAtlas()  # its patterns (cached per process) are built for every first line
-        except Exception:  # noqa: BLE001 - an optimisation only
-            pass
+        except Exception:  # noqa: BLE001 - an optimisation only: napari compiles on first use
+            _log.debug("napari's label kernels not warmed", exc_info=True)
         _WARMED.append(True)
 
 

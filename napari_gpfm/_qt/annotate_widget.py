@@ -86,10 +86,9 @@ from ..layers.annotation_layers import (
     relative_to_slide,
     set_class_of,
 )
-from ..jobs.pathotune import quiet_gc
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import (  # noqa: F401 - warm_label_painting is this module's API too
+from ._jobs import (
     JobPanel,
     scrolling_layout,
     settle_width,

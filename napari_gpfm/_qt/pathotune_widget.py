@@ -368,15 +368,16 @@ class PathoTuneWidget(QWidget):
                                                  self.session.palette)  # fmt: skip
             names, colours = self._classes(annotations)
         store = self._store(s)
-        fields = dict(
-            slide_path=str(s.slide.path), mpp=s.mpp, model=self.model_combo.currentText(),
-            allow_random=self.random_check.isChecked(), annotations=annotations,
-            class_names=names, colours=colours,
-            store_path=None if store is None else str(store.path),
-            text_encoder=self.text_encoder, classifier=classifier,
-        )  # fmt: skip
-        prompt = dict(tvp=self.tvp_check.isChecked(), n_tvp=self.n_spin.value(),
-                      ttp=self.ttp_check.isChecked(), ivp=self.ivp_check.isChecked())
+        fields = {
+            "slide_path": str(s.slide.path), "mpp": s.mpp,
+            "model": self.model_combo.currentText(),
+            "allow_random": self.random_check.isChecked(), "annotations": annotations,
+            "class_names": names, "colours": colours,
+            "store_path": None if store is None else str(store.path),
+            "text_encoder": self.text_encoder, "classifier": classifier,
+        }  # fmt: skip
+        prompt = {"tvp": self.tvp_check.isChecked(), "n_tvp": self.n_spin.value(),
+                  "ttp": self.ttp_check.isChecked(), "ivp": self.ivp_check.isChecked()}
         words = (self.template_edit.text(), self.stain_edit.text(), self.tissue_edit.text(),
                  self.task_edit.text())
         epochs, val = self.epochs_spin.value(), self.val_spin.value()

@@ -121,7 +121,7 @@ def test_the_dock_shows_the_teacher_information_and_the_collapse_warning(widget,
 
 @pytest.fixture
 def errors(monkeypatch):
-    import napari.utils.notifications as notifications
+    from napari.utils import notifications
 
     seen: list[str] = []
     monkeypatch.setattr(notifications, "show_error", seen.append)
