@@ -210,9 +210,11 @@ def test_cluster_legend_and_exemplars(embedded, qtbot, sample_svs):
 def test_plot_axes_legend_selection_gallery(embedded, qtbot, sample_svs):
     viewer, _, s, _ = embedded
     plot = add_dock(viewer, "Embedding plot")
+    snap(viewer, "plot_before")  # the legend's line is there, empty, before any plot
     with qtbot.waitSignal(plot.jobs.finished, timeout=30_000):
         click(qtbot, plot.plot_button)
     assert plot.axis_labels == ("PC1", "PC2")
+    snap(viewer, "plot_legend")
     # the colour legend: one entry per cluster, in the points' colours
     k = int(s.clusters.labels.max()) + 1
     names = [n for n, _ in plot.legend.entries]
