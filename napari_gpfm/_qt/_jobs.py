@@ -46,7 +46,8 @@ from . import _workers
 # colour bars of new result layers are built one event-loop turn after the layer (see convert)
 convert.set_deferrer(lambda fn: QTimer.singleShot(0, fn))
 
-__all__ = ["JobGc", "JobPanel", "fmt_time", "start_warming", "warm_label_painting", "warmed"]
+__all__ = ["JobGc", "JobPanel", "fmt_time", "prefetch_torch_libraries", "start_warming",
+           "warm_label_painting", "warmed"]
 
 
 #: Modules napari imports when it adds its first Labels layer (0.3 s on the main thread).
@@ -291,15 +292,16 @@ class JobPanel(QWidget):
     def run(self, job: Generator | Callable[[], Generator], *,
             on_result: Callable[[Any], None] | None = None,
             on_error: Callable[[BaseException], bool | None] | None = None,
-            slide: Any = None, message: str = "") -> Any:  # fmt: skip
-        """Start ``job`` (a generator, or a function returning one) unless one is running.
+            slide: Any = None, message: str = "", imports: Sequence[str] = ()) -> Any:  # fmt: skip
+        """Start ``job`` (a generator, or a function returning one) unless one is running,
+        in the worker after :func:`warmed` (the session's warm-up, then ``imports``).
 
         ``on_result(value)`` gets the generator's return value on the main thread;
         ``on_error(exc)`` may handle an error (return True to suppress the standard message).
         ``slide`` (uid/layer) ties the job to a slide: removing it cancels the job."""
         if self.worker is not None:
             return None
-        gen = warmed(job() if callable(job) else job, self.title)
+        gen = warmed(job() if callable(job) else job, self.title, imports)
         self._on_result, self._on_error = on_result, on_error
         self.last_progress, self.last_error, self.outcome = None, None, None
         self._cancel_t = None

@@ -34,8 +34,9 @@ level-0 size, or a resolution the user picks; :func:`ask_downsample`) with the p
 background (:func:`map_export_job`).
 
 The first class map a process paints makes napari compile its numba label-colour kernels
-(seconds); :func:`warm_label_painting` does that in a worker thread once per process (started
-when the dock opens), so the window never freezes for it.
+(seconds); :func:`~napari_gpfm._qt._jobs.warm_label_painting` does that in a worker thread
+once per process (started when the dock opens, and before every job), so the window never
+freezes for it.
 """
 
 from __future__ import annotations
@@ -88,19 +89,11 @@ from ..layers.annotation_layers import (
 )
 from ..layers.convert import META_KEY
 from ..layers.session import result_name, session_for
-from ._jobs import (
-    JobPanel,
-    scrolling_layout,
-    settle_width,
-    start_warming,
-    tap,
-    warm_label_painting,
-    warmed,
-)
+from ._jobs import JobPanel, scrolling_layout, settle_width, start_warming, tap
 from .gpfm_widget import fill_slide_combo
 
 __all__ = ["AnnotateWidget", "ask_downsample", "files_job", "map_export_job",
-           "paint_predictions", "relative_to_slide", "sample_warnings", "warm_label_painting"]
+           "paint_predictions", "relative_to_slide", "sample_warnings"]
 
 DEBOUNCE_MS = 300
 CV_FOLDS = 5
@@ -1020,9 +1013,8 @@ class AnnotateWidget(QWidget):
         relay.record.connect(self._on_record)
         self._notes = notes
         worker = self.jobs.run(
-            _tap(warmed(job, "probe", PROBE_IMPORTS),
-                 lambda p, painted: relay.record.emit((generation, uid, p, painted))),
-            slide=uid,
+            _tap(job, lambda p, painted: relay.record.emit((generation, uid, p, painted))),
+            slide=uid, imports=PROBE_IMPORTS,
             on_result=lambda r: self._on_result(generation, uid, r),
             message=f"Training a linear probe on {s.name}…",
         )  # fmt: skip

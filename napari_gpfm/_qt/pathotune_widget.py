@@ -54,7 +54,7 @@ from ..embeddings import StoreError
 from ..encoders.errors import EncoderError
 from ..layers.annotation_layers import annotations_from_layer, is_annotation_layer
 from ..layers.session import session_for
-from ._jobs import JobPanel, scrolling_layout, settle_width, tap
+from ._jobs import JobPanel, scrolling_layout, settle_width, start_warming, tap
 from .annotate_widget import (
     WARNING_STYLE,
     fill_table,
@@ -63,8 +63,6 @@ from .annotate_widget import (
     sample_warnings,
     show_warnings,
     small_table,
-    start_warming,
-    warmed,
 )
 from .gpfm_widget import fill_slide_combo
 
@@ -428,7 +426,7 @@ class PathoTuneWidget(QWidget):
         self.loading_steps = []
         relay = _Relay()  # records reach the dock from the first one on (no race with start)
         relay.record.connect(self._on_progress)
-        job = tap(warmed(run(), "pathotune"), relay.record.emit)
+        job = tap(run(), relay.record.emit)
         worker = self.jobs.run(job, slide=uid, on_result=lambda r: self._on_done(uid, r),
                                message=f"{what} {s.name}…")  # fmt: skip
         self._running.update(worker=worker, stop=self._stop, relay=relay)

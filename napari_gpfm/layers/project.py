@@ -864,8 +864,8 @@ def restore_job(session: Any, folder: str | os.PathLike
             session, sim, reads))
         for uid in sorted(set(result.scores) if result is not None else ()):
             name = session.slides[uid].name if uid in session.slides else str(uid)
-            yield from step(f"{name}: top hits", lambda u=uid, res=result: (
-                session.show_top_hits(res, u), _count_hits(report)))
+            yield from step(f"{name}: top hits", lambda u=uid, res=result: _show_hits(
+                session, res, u, report))
 
     # --- classifiers (loaded here: PathoTune builds its backbone) and their predictions ---
     loaded: dict[str, Any] = {}
@@ -914,8 +914,9 @@ def _restore_similarity(session: Any, entry: Any, reads: Sequence[Any]) -> Any:
     return result
 
 
-def _count_hits(report: RestoreReport) -> None:
-    report.hits += 1
+def _show_hits(session: Any, result: Any, uid: int, report: RestoreReport) -> None:
+    if session.show_top_hits(result, uid) is not None:
+        report.hits += 1
 
 
 def _reopen(session: Any, path: str, e: dict) -> int | None:
